@@ -1,0 +1,1 @@
+"""Reusable code for the gemma4-finetune notebooks."""

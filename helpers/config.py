@@ -1,0 +1,92 @@
+"""Every parameter of a run, validated once with clear errors. Taught in notebook 04.
+
+``RunConfig`` is what notebook 04's ``parameters`` cell, the papermill runner and the multi-GPU launcher
+all fill in; its defaults are the offline default (tiny Gemma 4 + digits on a CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from helpers.data import DIGITS
+
+OFFLINE_MODEL = "tiny"  # resolved to the tiny checkpoint folder, built on first use (helpers.tiny)
+SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+
+
+class ConfigError(ValueError):
+    """A run parameter has a bad value; the message names the parameter."""
+
+
+@dataclass
+class RunConfig:
+    model_id: str = OFFLINE_MODEL
+    dataset: str = DIGITS
+    train_size: int = 1000
+    eval_size: int = 300
+    image_soft_tokens: int | None = None  # None: the processor's own default (280 real, 70 tiny)
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    quantization: str = "none"  # "none" (bf16 on GPU, fp32 on CPU) or "4bit" (NF4, QLoRA)
+    learning_rate: float = 2e-3
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 16
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    output_dir: str = "runs/offline"
+    save_steps: int = 50
+    save_total_limit: int = 2
+    max_length: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ["train_size", "eval_size", "lora_r", "lora_alpha", "batch_size", "gradient_accumulation",
+                    "save_steps", "save_total_limit"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.epochs > 0 or self.max_steps > 0):
+            raise ConfigError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.quantization not in ("none", "4bit"):
+            raise ConfigError(f"quantization must be 'none' or '4bit', got {self.quantization!r}")
+        if self.image_soft_tokens is not None and self.image_soft_tokens not in SOFT_TOKEN_BUDGETS:
+            raise ConfigError(f"image_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {self.image_soft_tokens!r}")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ConfigError(f"max_length must be positive, got {self.max_length!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_params(cls, params: dict) -> "RunConfig":
+        """Build from a parameters dict (papermill / CLI); unknown names are an error, not a no-op."""
+        unknown = sorted(set(params) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {unknown}; known: {cls.field_names()}")
+        return cls(**params)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+
+
+def resolve_model_id(model_id: str) -> str:
+    """``"tiny"`` -> the tiny offline checkpoint folder (built once); anything else is returned as is."""
+    if model_id == OFFLINE_MODEL:
+        from helpers.tiny import ensure_tiny_gemma4
+
+        return str(ensure_tiny_gemma4())
+    return model_id

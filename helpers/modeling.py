@@ -1,0 +1,131 @@
+"""Loading Gemma 4 (bf16 or 4-bit NF4) and applying LoRA. Taught in notebooks 02 and 04.
+
+One loader serves the hub (``google/gemma-4-31b-it``), a bucket mount (``/mnt/gcs/gemma-4-31b-it/``) and
+the tiny offline checkpoint: they are all ``from_pretrained`` paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# bitsandbytes quantizes nn.Linear only. Passing llm_int8_skip_modules replaces transformers' default
+# skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16
+# (small, and precision-sensitive: the seed keeps them un-quantized as well).
+NF4_SKIP_MODULES = ["lm_head", "vision_tower", "audio_tower", "embed_vision", "embed_audio"]
+
+
+class ModelLoadError(ValueError):
+    """The model path or id cannot be loaded as a Gemma 4 checkpoint."""
+
+
+def check_model_source(model_id: str) -> None:
+    """Fail early, naming the path, when a local path is missing or is not a Gemma 4 checkpoint."""
+    looks_local = model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
+    if not looks_local:
+        return  # a hub id: from_pretrained gives its own error (network, token, name)
+    path = Path(model_id).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"model path {str(path)!r} has no config.json: it is not a model checkpoint")
+    import json
+
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "gemma4":
+        raise ModelLoadError(f"model path {str(path)!r} is a {model_type!r} checkpoint, not Gemma 4 ('gemma4')")
+
+
+def nf4_config(compute_dtype=torch.bfloat16):
+    """4-bit NF4 with double quantization and bf16 compute (the QLoRA recipe the seed uses)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=NF4_SKIP_MODULES,
+    )
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on a GPU; float32 on the CPU, where bf16 matmuls are slow and the tiny model is small."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def load_processor(model_id: str, max_soft_tokens: int | None = None):
+    """The model's processor; ``max_soft_tokens`` sets the image budget (70, 140, 280, 560 or 1120)."""
+    from transformers import AutoProcessor
+
+    check_model_source(model_id)
+    processor = AutoProcessor.from_pretrained(model_id)
+    if max_soft_tokens is not None:
+        from transformers.models.gemma4.image_processing_gemma4 import _SUPPORTED_SOFT_TOKENS
+
+        if max_soft_tokens not in _SUPPORTED_SOFT_TOKENS:
+            raise ValueError(f"image_soft_tokens must be one of {_SUPPORTED_SOFT_TOKENS}, got {max_soft_tokens}")
+        processor.image_processor.max_soft_tokens = max_soft_tokens
+        processor.image_seq_length = max_soft_tokens
+    return processor
+
+
+def load_model(model_id: str, quantization: str = "none", dtype: torch.dtype | None = None,
+               attn_implementation: str = "sdpa", device_map=None):
+    """``AutoModelForMultimodalLM.from_pretrained`` in bf16/float32 (``"none"``) or 4-bit NF4 (``"4bit"``).
+
+    SDPA, not FlashAttention 2: FA2 does not support Gemma 4's 512-wide global attention heads.
+    """
+    from transformers import AutoModelForMultimodalLM
+
+    check_model_source(model_id)
+    if quantization not in ("none", "4bit"):
+        raise ValueError(f"quantization must be 'none' or '4bit', got {quantization!r}")
+    dtype = dtype or default_dtype()
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if quantization == "4bit":
+        if not torch.cuda.is_available():
+            raise RuntimeError("quantization='4bit' needs a CUDA GPU (bitsandbytes NF4); use 'none' on the CPU")
+        kwargs["quantization_config"] = nf4_config(torch.bfloat16)
+        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return AutoModelForMultimodalLM.from_pretrained(model_id, **kwargs)
+    except (OSError, KeyError) as err:
+        raise ModelLoadError(f"could not load {model_id!r} as a Gemma 4 model: {err}") from err
+
+
+def lora_config(r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
+                modules_to_save=None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+
+
+def apply_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
+               modules_to_save=None, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with LoRA adapters; ``"all-linear"`` reaches inside ``Gemma4ClippableLinear``.
+
+    A short list such as ``["q_proj", "v_proj"]`` names the clamp wrappers in the vision tower, which
+    PEFT rejects (notebook 02 shows the error); ``"all-linear"`` wraps their inner ``.linear``.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = lora_config(r, alpha, dropout, target_modules, modules_to_save)
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

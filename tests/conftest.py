@@ -1,0 +1,29 @@
+"""Shared fixtures: the tiny offline Gemma 4 is built once per test session into a temp folder."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    from helpers.tiny import build_tiny_gemma4
+
+    return build_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4"))
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_path)
+
+
+@pytest.fixture()
+def tiny_model(tiny_path):
+    from transformers import AutoModelForMultimodalLM
+
+    return AutoModelForMultimodalLM.from_pretrained(tiny_path)
