@@ -1,0 +1,71 @@
+"""The loss only where labels are kept. Taught in notebook 04.
+
+Gemma 4's vocabulary has 262,144 entries. ``model(**batch, labels=...)`` materialises logits for every
+position (batch × sequence × 262,144, in float32 for the loss): for one 31B sample of ~300 tokens
+that is ~315 MB of logits, and more for their gradient, although only the answer's few tokens carry a
+label. Here the hidden states are gathered at the labelled positions first, then ``lm_head`` and
+Gemma 4's final logit softcap are applied to those rows only. The value is the same (tests check it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids",
+                "position_ids")
+
+
+def unwrap_gemma4(model):
+    """The ``Gemma4ForConditionalGeneration`` inside a PEFT / DDP / compiled wrapper."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_head`` then Gemma 4's final logit softcap (cap · tanh(logits / cap))."""
+    gemma = unwrap_gemma4(model)
+    logits = gemma.lm_head(hidden)
+    cap = gemma.config.get_text_config().final_logit_softcapping
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def labelled_hidden_states(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states that predict a labelled token, and those target tokens (already shifted)."""
+    gemma = unwrap_gemma4(model)
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    hidden = gemma.model(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def labelled_positions_loss(model, batch: dict, num_items_in_batch: int | None = None) -> torch.Tensor:
+    """Cross-entropy over labelled tokens only; a sum over ``num_items_in_batch`` when given.
+
+    With gradient accumulation, dividing each micro-batch's sum by the number of labelled tokens in the
+    whole accumulated batch gives exactly the mean over that batch (transformers' Trainer passes it).
+    """
+    hidden, targets = labelled_hidden_states(model, batch)
+    if targets.numel() == 0:
+        raise ValueError("no labelled tokens in this batch: every label is -100")
+    logits = softcapped_logits(model, hidden).float()
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
+
+
+def full_logits_loss(model, batch: dict) -> torch.Tensor:
+    """The reference: every position's logits, then transformers' own loss (used in tests only)."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    return model(**inputs, labels=batch["labels"], use_cache=False).loss
