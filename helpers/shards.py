@@ -1,0 +1,303 @@
+"""Sharded evaluation: split the test set across tasks, then merge their predictions into one metrics.json.
+
+Used by the Cloud Run evaluation job (``cloudrun/entrypoint.sh``, ``JOB_MODE=eval-shard``), where each of
+``--tasks N`` tasks reads ``CLOUD_RUN_TASK_INDEX`` / ``CLOUD_RUN_TASK_COUNT``, evaluates its shard of the
+test split and writes a shard file; the merge recombines the *per-example predictions* and computes every
+metric once, from all of them, so N shards merged give exactly what one unsharded evaluation gives
+(averaging per-shard accuracies or F1 scores would not: shards differ in size and class mix).
+
+Deliberately free of torch and numpy, so that it is quick to import and to test.
+
+Shard file (JSON), one per task::
+
+    {"format": "gemma4-finetune/shard-metrics/v1", "shard_index": 2, "shard_count": 8,
+     "n_total": 3669, "class_names": [...],
+     "examples": [{"index": 918, "label": "Abyssinian",
+                   "predictions": {"baseline": "Bengal", "finetuned": "Abyssinian"}}, ...],
+     "meta": {...}}
+
+``index`` is the example's position in the (ordered) evaluation split; a prediction of ``None`` means no
+class name could be read from the model's answer and counts as wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+FORMAT = "gemma4-finetune/shard-metrics/v1"
+SHARD_METRICS_FILE = "shard_metrics.json"  # the name each evaluation task writes in its own output folder
+DEFAULT_SYSTEM = "model"  # the system name used when predictions are given as a plain list
+STRATEGIES = ("contiguous", "strided")
+
+
+class ShardError(ValueError):
+    """Shard files that cannot be merged (missing, duplicated or inconsistent shards)."""
+
+
+def shard_indices(n: int, index: int, count: int, strategy: str = "contiguous") -> list[int]:
+    """The example indices (into ``range(n)``) that shard ``index`` of ``count`` evaluates.
+
+    ``contiguous``: balanced consecutive blocks (the first ``n % count`` shards get one more example);
+    ``strided``: ``index, index + count, ...``. Either way the shards are disjoint and together cover every
+    index exactly once; shards may be empty when ``count > n``.
+    """
+    for name, value in (("n", n), ("index", index), ("count", count)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(f"index must be in [0, {count}), got {index}")
+    if strategy == "strided":
+        return list(range(index, n, count))
+    if strategy != "contiguous":
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    stop = start + base + (1 if index < extra else 0)
+    return list(range(start, stop))
+
+
+def task_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(CLOUD_RUN_TASK_INDEX, CLOUD_RUN_TASK_COUNT)``; ``(0, 1)`` outside Cloud Run."""
+    env = os.environ if env is None else env
+    try:
+        index = int(env.get("CLOUD_RUN_TASK_INDEX", "0"))
+        count = int(env.get("CLOUD_RUN_TASK_COUNT", "1"))
+    except ValueError as err:
+        raise ValueError(f"CLOUD_RUN_TASK_INDEX / CLOUD_RUN_TASK_COUNT must be integers: {err}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"bad task: CLOUD_RUN_TASK_INDEX={index}, CLOUD_RUN_TASK_COUNT={count}")
+    return index, count
+
+
+def _as_systems(predictions, n: int) -> dict[str, list]:
+    if isinstance(predictions, Mapping):
+        systems = {str(k): list(v) for k, v in predictions.items()}
+    else:
+        systems = {DEFAULT_SYSTEM: list(predictions)}
+    if not systems:
+        raise ValueError("predictions: at least one system is needed")
+    for name, preds in systems.items():
+        if len(preds) != n:
+            raise ValueError(f"predictions[{name!r}] has {len(preds)} entries for {n} examples")
+    return systems
+
+
+def compute_metrics(labels: Sequence[str], predictions: Sequence[str | None],
+                    class_names: Sequence[str]) -> dict:
+    """Accuracy, per-class accuracy (= recall), precision, F1, macro-F1 and counts.
+
+    Macro-F1 averages F1 over the classes that occur in ``labels`` (a class that is never the answer has
+    no defined recall); this equals ``sklearn.metrics.f1_score(labels, predictions, average="macro",
+    labels=<classes present in labels>, zero_division=0)``. A ``None`` or unknown prediction is wrong.
+    """
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
+    known = set(class_names)
+    unknown_labels = sorted({lab for lab in labels if lab not in known})
+    if unknown_labels:
+        raise ValueError(f"labels not in class_names: {unknown_labels[:5]}")
+    support = {c: 0 for c in class_names}
+    predicted = {c: 0 for c in class_names}
+    true_pos = {c: 0 for c in class_names}
+    unparsed = 0
+    for lab, pred in zip(labels, predictions):
+        support[lab] += 1
+        if pred in known:
+            predicted[pred] += 1
+            if pred == lab:
+                true_pos[lab] += 1
+        else:
+            unparsed += 1
+    per_class = {}
+    f1s = []
+    for c in class_names:
+        recall = true_pos[c] / support[c] if support[c] else None
+        precision = true_pos[c] / predicted[c] if predicted[c] else 0.0
+        if recall is None:
+            f1 = None
+        else:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            f1s.append(f1)
+        per_class[c] = {"support": support[c], "correct": true_pos[c], "predicted": predicted[c],
+                        "accuracy": recall, "precision": precision, "f1": f1}
+    n = len(labels)
+    correct = sum(true_pos.values())
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else None,
+        "macro_f1": sum(f1s) / len(f1s) if f1s else None,
+        "unparsed": unparsed,
+        "per_class": per_class,
+    }
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_shard_metrics(path, indices: Sequence[int], labels: Sequence[str], predictions,
+                        class_names: Sequence[str], *, shard_index: int = 0, shard_count: int = 1,
+                        n_total: int | None = None, meta: dict | None = None) -> dict:
+    """Write one shard's per-example predictions (and, for a quick look, its own metrics) to ``path``.
+
+    ``predictions``: a list aligned with ``indices`` (one system, named ``"model"``) or a dict
+    ``{system: list}`` such as ``{"baseline": [...], "finetuned": [...]}``. ``n_total``: the size of the
+    whole split, so that the merge can check every example was evaluated. Returns the written payload.
+    """
+    indices = [int(i) for i in indices]
+    labels = list(labels)
+    if len(labels) != len(indices):
+        raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
+    if len(set(indices)) != len(indices):
+        raise ValueError("indices must be unique within a shard")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"bad shard {shard_index} of {shard_count}")
+    systems = _as_systems(predictions, len(indices))
+    examples = [
+        {"index": idx, "label": lab, "predictions": {name: preds[k] for name, preds in systems.items()}}
+        for k, (idx, lab) in enumerate(zip(indices, labels))
+    ]
+    payload = {
+        "format": FORMAT,
+        "shard_index": shard_index,
+        "shard_count": shard_count,
+        "n_total": n_total,
+        "class_names": list(class_names),
+        "systems": list(systems),
+        "examples": examples,
+        "shard_metrics": {name: compute_metrics(labels, preds, class_names) for name, preds in systems.items()},
+        "meta": meta or {},
+    }
+    _atomic_write_json(Path(path), payload)
+    return payload
+
+
+def _load(path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ShardError(f"shard file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ShardError(f"shard file {path} is not valid JSON ({err}); was its task killed mid-write?") from None
+    if data.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a shard file (format {data.get('format')!r}, expected {FORMAT!r})")
+    return data
+
+
+def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> dict:
+    """Recombine shard files into one metrics dict, computed from the merged per-example predictions.
+
+    Checks that the shards agree (class names, systems, shard count, split size), that each shard index
+    appears once, that no example is evaluated twice and, when the split size is known, that none is
+    missing. Returns ``{"n_examples", "n_shards", "class_names", "systems", "metrics": {system: ...},
+    "predictions": [...]}`` (predictions in index order).
+    """
+    paths = list(paths)
+    if not paths:
+        raise ShardError("no shard files to merge")
+    shards = [(str(p), _load(p)) for p in paths]
+    first_path, first = shards[0]
+    count = first["shard_count"]
+    if expected_count is not None and count != expected_count:
+        raise ShardError(f"{first_path}: shard_count {count}, expected {expected_count}")
+    seen_shards: dict[int, str] = {}
+    by_index: dict[int, dict] = {}
+    for path, data in shards:
+        for key in ("shard_count", "class_names", "systems", "n_total"):
+            if data.get(key) != first.get(key):
+                raise ShardError(f"{path}: {key} {data.get(key)!r} differs from {first_path}'s {first.get(key)!r}")
+        s = data["shard_index"]
+        if s in seen_shards:
+            raise ShardError(f"shard {s} given twice: {seen_shards[s]} and {path}")
+        seen_shards[s] = path
+        for ex in data["examples"]:
+            if ex["index"] in by_index:
+                raise ShardError(f"example {ex['index']} appears in more than one shard (again in {path})")
+            by_index[ex["index"]] = ex
+    missing_shards = sorted(set(range(count)) - set(seen_shards))
+    if missing_shards:
+        raise ShardError(f"missing shard(s) {missing_shards[:10]} of {count}")
+    n_total = first.get("n_total")
+    if n_total is not None:
+        missing = sorted(set(range(n_total)) - set(by_index))
+        extra = sorted(set(by_index) - set(range(n_total)))
+        if missing or extra:
+            raise ShardError(f"examples missing {missing[:10]} / out of range {extra[:10]} for n_total={n_total}")
+    ordered = [by_index[i] for i in sorted(by_index)]
+    labels = [ex["label"] for ex in ordered]
+    class_names = first["class_names"]
+    metrics = {
+        name: compute_metrics(labels, [ex["predictions"][name] for ex in ordered], class_names)
+        for name in first["systems"]
+    }
+    return {
+        "n_examples": len(ordered),
+        "n_shards": count,
+        "class_names": class_names,
+        "systems": first["systems"],
+        "metrics": metrics,
+        "predictions": ordered,
+    }
+
+
+def find_shard_files(root) -> list[Path]:
+    """Every ``shard_metrics.json`` below ``root`` (one per task folder), sorted."""
+    return sorted(Path(root).rglob(SHARD_METRICS_FILE))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.shards",
+                                     description="Merge sharded evaluation results into one metrics.json.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge shard files (or every shard file below folders)")
+    merge.add_argument("inputs", nargs="+", help=f"shard files, or folders searched for {SHARD_METRICS_FILE}")
+    merge.add_argument("--out", required=True, help="where to write the merged metrics.json")
+    merge.add_argument("--expect", type=int, default=None, help="the number of shards there must be")
+    merge.add_argument("--if-complete", action="store_true",
+                       help="exit 0 without writing while fewer than --expect shard files exist")
+    args = parser.parse_args(argv)
+
+    files: list[Path] = []
+    for item in args.inputs:
+        p = Path(item)
+        files.extend(find_shard_files(p) if p.is_dir() else [p])
+    if args.if_complete:
+        if args.expect is None:
+            parser.error("--if-complete needs --expect")
+        if len(files) < args.expect:
+            print(f"merge: {len(files)} of {args.expect} shard files so far; not merging yet")
+            return 0
+    try:
+        merged = merge_shard_metrics(files, expected_count=args.expect)
+    except ShardError as err:
+        print(f"merge failed: {err}", file=sys.stderr)
+        return 1
+    _atomic_write_json(Path(args.out), merged)
+    summary = ", ".join(f"{name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+                        for name, m in merged["metrics"].items() if m["accuracy"] is not None)
+    print(f"merged {merged['n_shards']} shards, {merged['n_examples']} examples -> {args.out} ({summary})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
