@@ -1,0 +1,148 @@
+"""How many bytes the weights take, in bf16 and in 4-bit NF4, and how many parameters LoRA adds.
+
+Taught in notebook 01. Everything is counted on a ``meta``-device model built from a preset
+(``helpers.presets``), module by module, so the numbers follow the real module tree.
+
+What bitsandbytes quantizes (modelled on transformers 5.23's ``replace_with_bnb_linear``): every module
+whose type is exactly ``nn.Linear`` and whose name is not matched by the skip list, matched with
+transformers' own ``should_convert_module``. Everything else keeps bf16: embeddings (``nn.Embedding``),
+norms, the 26B-A4B experts (3-D ``nn.Parameter`` tensors in ``Gemma4TextExperts``, not ``nn.Linear``),
+and the skipped modules (``helpers.modeling.NF4_SKIP_MODULES``: ``lm_head``, the towers, the projectors).
+
+NF4 bytes of one quantized weight of ``n`` elements (bitsandbytes 0.50 ``quantize_4bit``):
+- the 4-bit codes, two per byte: ``ceil(n / 2)`` bytes;
+- one absmax per block of 64 elements (``blocksize`` defaults to 64 for 4-bit). With double quantization
+  (``bnb_4bit_use_double_quant=True``, the seed's recipe) each absmax is itself quantized to one byte
+  (``quantize_blockwise(..., blocksize=256)``), plus one float32 absmax per 256 of those and one float32
+  offset; without it each absmax is a float32;
+- the 16-entry NF4 code table (float32) kept in each layer's quant state.
+So NF4 costs 4 + 8/64 + 32/(64*256) = 4.127 bits per weight with double quant (0.516 bytes), 4.5 bits
+without (0.5625 bytes). The 256-entry table of the second quantization is shared by all layers
+(bitsandbytes caches it in ``name2qmap``), so it is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from torch import nn
+
+from helpers.presets import TOWERS, build_meta_model, tower_of
+
+BF16_BYTES = 2
+NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block size
+NESTED_BLOCKSIZE = 256  # block size of the second (double) quantization of the absmax values
+NF4_CODE_BYTES = 16 * 4  # the NF4 code table, float32, one per quant state
+GB = 1e9  # decimal gigabytes, as GPU memory is quoted; GiB = 2**30 where said
+
+
+def nf4_weight_bytes(numel: int, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> int:
+    """Bytes bitsandbytes stores for one NF4-quantized weight of ``numel`` elements (see module docstring)."""
+    blocks = math.ceil(numel / blocksize)
+    packed = math.ceil(numel / 2)
+    if double_quant:
+        absmax = blocks * 1 + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + 4  # uint8 absmax, fp32 absmax2, offset
+    else:
+        absmax = blocks * 4
+    return packed + absmax + NF4_CODE_BYTES
+
+
+def default_skip_modules() -> list[str]:
+    from helpers.modeling import NF4_SKIP_MODULES
+
+    return list(NF4_SKIP_MODULES)
+
+
+def is_quantized_by_bnb(module_name: str, module: nn.Module, skip_modules: list[str]) -> bool:
+    """transformers' rule: exactly ``nn.Linear`` (not a subclass wrapper) and not matched by the skip list."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return type(module) is nn.Linear and should_convert_module(module_name, skip_modules)
+
+
+def quantized_linear_names(model, skip_modules: list[str] | None = None) -> list[str]:
+    """Names of the modules ``load_model(..., quantization="4bit")`` turns into ``bnb.nn.Linear4bit``."""
+    skip_modules = default_skip_modules() if skip_modules is None else skip_modules
+    return [name for name, module in model.named_modules() if is_quantized_by_bnb(name, module, skip_modules)]
+
+
+def empty_row() -> dict:
+    return {"params": 0, "nf4 params": 0, "bf16 params": 0, "bf16 bytes": 0, "nf4 bytes": 0}
+
+
+def nf4_breakdown_of_model(model, skip_modules: list[str] | None = None, double_quant: bool = True) -> dict:
+    """Per tower: parameters, how many are NF4-quantized, and the bytes in bf16 vs in the 4-bit load."""
+    skip_modules = default_skip_modules() if skip_modules is None else skip_modules
+    quantized = set(quantized_linear_names(model, skip_modules))
+    rows = OrderedDict((tower, empty_row()) for tower in TOWERS)
+    for name, parameter in model.named_parameters():  # the tied lm_head is listed once, as embed_tokens
+        module_name, _, _ = name.rpartition(".")
+        row = rows[tower_of(name)]
+        numel = parameter.numel()
+        row["params"] += numel
+        row["bf16 bytes"] += numel * BF16_BYTES
+        if module_name in quantized:
+            row["nf4 params"] += numel
+            row["nf4 bytes"] += nf4_weight_bytes(numel, double_quant)
+        else:
+            row["bf16 params"] += numel
+            row["nf4 bytes"] += numel * BF16_BYTES
+    return dict(rows)
+
+
+def nf4_breakdown(config, skip_modules: list[str] | None = None, double_quant: bool = True) -> dict:
+    """``nf4_breakdown_of_model`` for a config (a preset), instantiated on ``meta``. Taught in notebook 01."""
+    return nf4_breakdown_of_model(build_meta_model(config), skip_modules, double_quant)
+
+
+def weight_bytes(config, quantization: str = "none", skip_modules: list[str] | None = None) -> int:
+    """Bytes of all weights: ``"none"`` = bf16 everywhere, ``"4bit"`` = NF4 with double quant (the seed's)."""
+    if quantization not in ("none", "4bit"):
+        raise ValueError(f"quantization must be 'none' or '4bit', got {quantization!r}")
+    rows = nf4_breakdown(config, skip_modules).values()
+    key = "bf16 bytes" if quantization == "none" else "nf4 bytes"
+    return sum(row[key] for row in rows)
+
+
+def lora_target_linears(model) -> list[tuple[str, nn.Linear]]:
+    """The modules PEFT's ``target_modules="all-linear"`` wraps: every ``nn.Linear`` except the output layer.
+
+    That includes the inner ``.linear`` of each ``Gemma4ClippableLinear`` (the wrapper is not a Linear).
+    """
+    output_layer = model.get_output_embeddings()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not output_layer]
+
+
+def lora_parameters_by_tower(model, r: int) -> dict[str, int]:
+    """LoRA parameters ``r * (in + out)`` per wrapped Linear, summed per tower."""
+    counts = OrderedDict((tower, 0) for tower in TOWERS)
+    for name, linear in lora_target_linears(model):
+        counts[tower_of(f"{name}.weight")] += r * (linear.in_features + linear.out_features)
+    return dict(counts)
+
+
+def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
+    """Trainable LoRA parameters for ``target_modules="all-linear"`` at rank ``r``. Taught in notebook 01."""
+    if target != "all-linear":
+        raise ValueError("only target='all-linear' is modelled here; notebook 02 counts other targets with PEFT")
+    return sum(lora_parameters_by_tower(build_meta_model(config), r).values())
+
+
+def memory_table(configs: dict, ranks=(16, 64), skip_modules: list[str] | None = None) -> dict:
+    """``{size: {"params", "bf16 GB", "nf4 GB", "lora r16", ...}}``: one meta model per size."""
+    table = {}
+    for name, config in configs.items():
+        model = build_meta_model(config)
+        rows = nf4_breakdown_of_model(model, skip_modules).values()
+        entry = {
+            "params": sum(row["params"] for row in rows),
+            "bf16 GB": sum(row["bf16 bytes"] for row in rows) / GB,
+            "nf4 GB": sum(row["nf4 bytes"] for row in rows) / GB,
+            "nf4 params": sum(row["nf4 params"] for row in rows),
+        }
+        for r in ranks:
+            entry[f"lora r{r}"] = sum(lora_parameters_by_tower(model, r).values())
+        table[name] = entry
+    return table

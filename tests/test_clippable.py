@@ -1,0 +1,105 @@
+"""Gemma4ClippableLinear inspection, and what LoRA does around the clamps (notebook 02)."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers.clippable import (
+    TARGET_ALTERNATIVES,
+    clamp_check,
+    clip_bounds,
+    clippable_linears_by_tower,
+    enlarge_lora_update,
+    find_clippable_linears,
+    lora_wrapped_modules,
+    merged_layout_matches,
+    naive_lora_error,
+    saved_adapter_keys,
+    set_clip_bounds,
+    trainable_by_target,
+)
+from helpers.modeling import apply_lora
+from helpers.presets import build_meta_model, preset_config
+
+Q_PROJ = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
+
+
+def test_tiny_model_has_14_clipping_linears_in_vision(tiny_model):
+    # 2 vision layers x (q, k, v, o, gate, up, down); no audio tower in the tiny model
+    assert clippable_linears_by_tower(tiny_model) == {"vision": {"clippable linears": 14, "clipping on": 14}}
+    module = find_clippable_linears(tiny_model)[Q_PROJ]
+    assert isinstance(module.linear, torch.nn.Linear)
+    assert clip_bounds(module) == {"input_min": -float("inf"), "input_max": float("inf"),
+                                   "output_min": -float("inf"), "output_max": float("inf")}
+
+
+def test_only_small_presets_clip():
+    e2b = clippable_linears_by_tower(build_meta_model(preset_config("E2B")))
+    assert e2b["vision"] == {"clippable linears": 16 * 7, "clipping on": 16 * 7}
+    assert e2b["audio"]["clipping on"] == e2b["audio"]["clippable linears"] > 0
+    large = clippable_linears_by_tower(build_meta_model(preset_config("31B")))
+    assert large == {"vision": {"clippable linears": 27 * 7, "clipping on": 0}}
+
+
+def test_set_clip_bounds(tiny_model):
+    assert set_clip_bounds(tiny_model, input_bound=2.0, output_bound=0.5) == 14
+    assert clip_bounds(find_clippable_linears(tiny_model)[Q_PROJ]) == {
+        "input_min": -2.0, "input_max": 2.0, "output_min": -0.5, "output_max": 0.5}
+
+
+def test_naive_targets_raise_and_leave_the_model_alone(tiny_model):
+    before = {name: type(module) for name, module in tiny_model.named_modules()}
+    message = naive_lora_error(tiny_model)
+    assert message is not None and "Gemma4ClippableLinear" in message and "is not supported" in message
+    assert {name: type(module) for name, module in tiny_model.named_modules()} == before
+
+
+def test_all_linear_wraps_inner_linear_never_lm_head(tiny_model):
+    wrapped = lora_wrapped_modules(apply_lora(copy.deepcopy(tiny_model), r=4))
+    assert len(wrapped["vision"]) == 15  # 14 inner .linear + patch_embedder.input_proj
+    assert all(name.endswith(".linear") for name in wrapped["vision"] if "encoder" in name)
+    assert wrapped["projectors"] == ["model.embed_vision.embedding_projection"]
+    assert not any("lm_head" in name for names in wrapped.values() for name in names)
+
+
+def test_alternative_targets_counts(tiny_model):
+    results = trainable_by_target(tiny_model, r=16)
+    assert results["language model only (regex)"]["wrapped per tower"] == {"decoder": 14}
+    assert results["vision attention .linear only (list)"]["wrapped per tower"] == {"vision": 8}
+    combined = results["language model + every .linear (regex)"]["wrapped per tower"]
+    assert combined == {"decoder": 14, "vision": 14}
+    assert results["all-linear"]["trainable"] > results["language model + every .linear (regex)"]["trainable"]
+    assert set(results) == set(TARGET_ALTERNATIVES)
+
+
+def test_clamps_still_act_after_lora(tiny_model):
+    set_clip_bounds(tiny_model, input_bound=1.0, output_bound=0.5)
+    peft_model = apply_lora(tiny_model, r=4, alpha=4)
+    assert enlarge_lora_update(peft_model, 1.0) == 35 * 1  # one lora_B per wrapped module
+    torch.manual_seed(0)
+    clippable = find_clippable_linears(peft_model)[Q_PROJ]
+    check = clamp_check(clippable, torch.randn(2, 7, 64) * 3)
+    assert -0.5 <= check["wrapped module min"] and check["wrapped module max"] <= 0.5
+    assert check["inner .linear max"] > 0.5 or check["inner .linear min"] < -0.5
+
+
+def test_saved_keys_and_merge_keep_the_linear_layout(tiny_model):
+    original_keys = list(tiny_model.state_dict().keys())
+    peft_model = apply_lora(tiny_model, r=4, alpha=4)
+    keys = saved_adapter_keys(peft_model)
+    assert f"base_model.model.{Q_PROJ}.linear.lora_A.weight" in keys
+    assert not any("lm_head" in key for key in keys)
+    merged = peft_model.merge_and_unload()
+    assert merged_layout_matches(original_keys, merged)
+    assert f"{Q_PROJ}.linear.weight" in merged.state_dict()
+
+
+@pytest.mark.parametrize("bound", [0.25, 1.0])
+def test_merged_model_still_clamps(tiny_model, bound):
+    set_clip_bounds(tiny_model, input_bound=10.0, output_bound=bound)
+    peft_model = apply_lora(tiny_model, r=4, alpha=4)
+    enlarge_lora_update(peft_model, 1.0)
+    merged = peft_model.merge_and_unload()
+    output = find_clippable_linears(merged)[Q_PROJ](torch.randn(3, 64) * 5)
+    assert output.abs().max().item() <= bound

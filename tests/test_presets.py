@@ -1,0 +1,113 @@
+"""The presets against the published facts, and the meta-device counts against a closed-form count."""
+
+import pytest
+
+from helpers.presets import PRESET_NAMES, TOWERS, count_parameters_by_tower, describe_preset, preset_config
+
+VOCAB = 262_144
+SIZES = {  # name: (hidden, layers, heads, kv heads, global kv heads, intermediate, per-layer input, kv-shared)
+    "E2B": (1536, 35, 8, 1, 1, 6144, 256, 20),
+    "E4B": (2560, 42, 8, 2, 2, 10240, 256, 18),
+    "26B-A4B": (2816, 30, 16, 8, 2, 2112, 0, 0),
+    "31B": (5376, 60, 32, 16, 4, 21504, 0, 0),
+}
+VISION = {"E2B": (768, 16, 3072), "E4B": (768, 16, 3072), "26B-A4B": (1152, 27, 4304), "31B": (1152, 27, 4304)}
+# Published sizes (Google's Gemma 4 model card): E2B 2.3B effective / 5.1B with embeddings,
+# E4B 4.5B effective / 8B with embeddings, 26B-A4B 25.2B total (3.8B active), 31B 30.7B.
+
+
+def expected_text_decoder(name: str) -> int:
+    """Decoder parameters written out from the architecture, independently of transformers' modules."""
+    hidden, layers, heads, kv_heads, global_kv, inter, per_layer, shared = SIZES[name]
+    text = preset_config(name).text_config
+    total = hidden  # final norm
+    for index, layer_type in enumerate(text.layer_types):
+        full = layer_type == "full_attention"
+        head_dim = 512 if full else 256
+        kv = global_kv if full else kv_heads
+        is_shared = index >= layers - shared
+        total += 2 * hidden * heads * head_dim + head_dim  # q, o, q_norm
+        if not is_shared:
+            k_eq_v = text.attention_k_eq_v and full
+            total += hidden * kv * head_dim * (1 if k_eq_v else 2) + head_dim  # k (+ v), k_norm
+        wide = 2 if (text.use_double_wide_mlp and is_shared) else 1
+        total += 3 * hidden * inter * wide + 4 * hidden  # gate/up/down, four norms
+        if per_layer:
+            total += 2 * hidden * per_layer + hidden  # gate, projection, norm
+        if text.enable_moe_block:
+            experts = text.num_experts
+            total += hidden * experts + hidden + experts + 3 * hidden  # router proj, scales, three norms
+    if per_layer:
+        total += hidden * layers * per_layer + per_layer  # per_layer_model_projection, its norm
+    return total
+
+
+def expected_vision(name: str) -> int:
+    hidden, layers, inter = VISION[name]
+    head_dim = 64 if hidden == 768 else 72
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 4 * hidden + 2 * head_dim
+    return 3 * 16 * 16 * hidden + 2 * 10240 * hidden + layers * per_layer
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return {name: count_parameters_by_tower(preset_config(name)) for name in PRESET_NAMES}
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_text_towers_match_closed_form(counts, name):
+    hidden, layers, _, _, _, _, per_layer, _ = SIZES[name]
+    assert counts[name]["text embeddings"] == VOCAB * hidden
+    assert counts[name]["per-layer embeddings"] == VOCAB * layers * per_layer
+    assert counts[name]["decoder"] == expected_text_decoder(name)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_vision_and_projectors_match_closed_form(counts, name):
+    text_hidden = SIZES[name][0]
+    assert counts[name]["vision"] == expected_vision(name)
+    audio_projector = 1536 * text_hidden if name in ("E2B", "E4B") else 0
+    assert counts[name]["projectors"] == VISION[name][0] * text_hidden + audio_projector
+
+
+def test_experts_only_in_the_moe(counts):
+    assert counts["26B-A4B"]["experts"] == 30 * 128 * 3 * 704 * 2816
+    assert all(counts[name]["experts"] == 0 for name in ("E2B", "E4B", "31B"))
+
+
+def test_audio_only_on_the_small_models(counts):
+    assert counts["E2B"]["audio"] == counts["E4B"]["audio"] > 250e6
+    assert counts["26B-A4B"]["audio"] == counts["31B"]["audio"] == 0
+
+
+def test_totals_match_the_published_sizes(counts):
+    def text_only(name):
+        return sum(counts[name][t] for t in TOWERS if t not in ("vision", "audio", "projectors"))
+
+    def effective(name):  # the "E" count: everything but the two embedding tables
+        return sum(counts[name].values()) - counts[name]["text embeddings"] - counts[name]["per-layer embeddings"]
+
+    assert round(sum(counts["E2B"].values()) / 1e9, 1) == 5.1
+    assert round(sum(counts["E4B"].values()) / 1e9) == 8
+    assert 2.3e9 <= effective("E2B") < 2.4e9
+    assert round(effective("E4B") / 1e9, 1) == 4.5
+    assert round(text_only("26B-A4B") / 1e9, 1) == 25.2
+    assert round(text_only("31B") / 1e9, 1) == 30.7
+    active = text_only("26B-A4B") - counts["26B-A4B"]["experts"] * (128 - 8) / 128
+    assert round(active / 1e9, 1) == 3.8
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_published_facts(name):
+    facts = describe_preset(name)
+    small = name in ("E2B", "E4B")
+    assert facts["vocab"] == VOCAB and facts["logit softcap"] == 30.0
+    assert facts["context"] == (131_072 if small else 262_144)
+    assert facts["vision clipping"] is small and facts["audio"] is small
+    assert facts["vision"] == ("768x16" if small else "1152x27")
+    assert facts["head dim / global"] == "256 / 512"
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(KeyError, match="31b"):
+        preset_config("31b")
