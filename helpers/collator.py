@@ -172,6 +172,24 @@ def naive_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
     return torch.where(keep, input_ids, IGNORE_INDEX)
 
 
+# What each position of a batch is, for notebook 03's picture: padding, prompt, image, trained.
+TOKEN_ROLES = ("padding", "prompt", "image", "trained")
+
+
+def token_roles(batch: dict, tokenizer, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per position: 0 padding, 1 prompt (masked), 2 image (``<|image>``, soft tokens, ``<image|>``), 3 trained.
+
+    Taught in notebook 03; ``labels`` defaults to ``batch["labels"]`` (pass others, e.g. naive ones, to compare).
+    """
+    labels = batch["labels"] if labels is None else labels
+    image_ids = [token_id(tokenizer, name) for name in ("boi_token", "image_token", "eoi_token")]
+    roles = torch.ones_like(batch["input_ids"])
+    roles[torch.isin(batch["input_ids"], torch.tensor(image_ids))] = 2
+    roles[labels != IGNORE_INDEX] = 3
+    roles[~batch["attention_mask"].bool()] = 0
+    return roles
+
+
 def _raise_for(bad: torch.Tensor, problem: str, names=None) -> None:
     """Raise CollatorError naming the first bad sample (its index and, when known, its class name)."""
     if bad.any():

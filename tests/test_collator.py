@@ -11,10 +11,12 @@ from PIL import Image
 
 from helpers.collator import (
     IGNORE_INDEX,
+    TOKEN_ROLES,
     CollatorError,
     VisionChatCollator,
     mask_prompt_tokens,
     naive_labels,
+    token_roles,
     turn_markers,
 )
 from helpers.config import SOFT_TOKEN_BUDGETS
@@ -251,3 +253,13 @@ def test_greyscale_images_are_converted(processor):
     assert batch["pixel_values"].shape[-1] == 3 * processor.image_processor.patch_size ** 2
     assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids",
                           "labels"}
+
+
+def test_token_roles_partition_the_batch(processor):
+    set_budget(processor, 70)
+    batch = VisionChatCollator(processor, ["Pug", "Great Pyrenees"])(make_examples([(32, 32), (160, 20)], [0, 1]))
+    roles = token_roles(batch, processor.tokenizer)
+    soft_tokens = (batch["input_ids"] == processor.tokenizer.image_token_id).sum(dim=1)
+    assert torch.equal((roles == TOKEN_ROLES.index("image")).sum(dim=1), soft_tokens + 2)
+    assert torch.equal(roles == TOKEN_ROLES.index("trained"), batch["labels"] != IGNORE_INDEX)
+    assert torch.equal(roles == TOKEN_ROLES.index("padding"), batch["attention_mask"] == 0)
