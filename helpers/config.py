@@ -42,6 +42,8 @@ class RunConfig:
     save_steps: int = 50
     save_total_limit: int = 2
     max_length: int | None = None
+    shard_index: int = 0  # evaluate shard k of shard_count (notebook 05; Cloud Run parallel tasks)
+    shard_count: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -64,6 +66,10 @@ class RunConfig:
             raise ConfigError(f"quantization must be 'none' or '4bit', got {self.quantization!r}")
         if self.image_soft_tokens is not None and self.image_soft_tokens not in SOFT_TOKEN_BUDGETS:
             raise ConfigError(f"image_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {self.image_soft_tokens!r}")
+        if not isinstance(self.shard_count, int) or self.shard_count < 1:
+            raise ConfigError(f"shard_count must be a positive integer, got {self.shard_count!r}")
+        if not isinstance(self.shard_index, int) or not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(f"shard_index must be in [0, shard_count={self.shard_count}), got {self.shard_index!r}")
         if self.max_length is not None and self.max_length <= 0:
             raise ConfigError(f"max_length must be positive, got {self.max_length!r}")
 
@@ -72,7 +78,7 @@ class RunConfig:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
     @classmethod
-    def from_params(cls, params: dict) -> "RunConfig":
+    def from_params(cls, params: dict) -> RunConfig:
         """Build from a parameters dict (papermill / CLI); unknown names are an error, not a no-op."""
         unknown = sorted(set(params) - set(cls.field_names()))
         if unknown:

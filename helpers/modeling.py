@@ -84,7 +84,7 @@ def load_model(model_id: str, quantization: str = "none", dtype: torch.dtype | N
     if quantization not in ("none", "4bit"):
         raise ValueError(f"quantization must be 'none' or '4bit', got {quantization!r}")
     dtype = dtype or default_dtype()
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantization == "4bit":
         if not torch.cuda.is_available():
             raise RuntimeError("quantization='4bit' needs a CUDA GPU (bitsandbytes NF4); use 'none' on the CPU")

@@ -139,37 +139,37 @@ def tiny_config(tokenizer):
 
     vocab = len(tokenizer)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in NAMED_SPECIAL_TOKENS.items()}
-    text = dict(
-        vocab_size=vocab,
-        vocab_size_per_layer_input=vocab,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        layer_types=["sliding_attention", "full_attention"],
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        global_head_dim=32,
-        hidden_size_per_layer_input=16,
-        sliding_window=128,
-        max_position_embeddings=4096,
-        final_logit_softcapping=30.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=[tokenizer.eos_token_id, ids["eot_token"]],
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    vision = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        patch_size=4,
-        pooling_kernel_size=2,
-        position_embedding_size=512,
-        use_clipped_linears=True,
-    )
+    text = {
+        "vocab_size": vocab,
+        "vocab_size_per_layer_input": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "global_head_dim": 32,
+        "hidden_size_per_layer_input": 16,
+        "sliding_window": 128,
+        "max_position_embeddings": 4096,
+        "final_logit_softcapping": 30.0,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": [tokenizer.eos_token_id, ids["eot_token"]],
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    vision = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "patch_size": 4,
+        "pooling_kernel_size": 2,
+        "position_embedding_size": 512,
+        "use_clipped_linears": True,
+    }
     return Gemma4Config(
         text_config=text,
         vision_config=vision,

@@ -1,0 +1,169 @@
+"""Evaluation: baseline vs fine-tuned accuracy by constrained scoring and by free generation.
+
+Taught in notebook 05.
+- **Constrained scoring** asks the model for the log-likelihood of every class name as the answer
+  (``<class name><turn|>`` after the prompt) and picks the best: every prediction is a class name.
+- **Free generation** decodes greedily and looks for a class name in the text (the longest one
+  that occurs, as the seed does); an answer that names no class counts as wrong and is reported
+  as the "no class named" rate.
+The baseline is the same PEFT model with its adapter disabled, so only one copy is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from helpers.collator import VisionChatCollator
+from helpers.losses import labelled_hidden_states, softcapped_logits
+from helpers.shards import compute_metrics
+
+
+@dataclass
+class Predictions:
+    """One system's predictions on one split (class names, or None where no class was named)."""
+
+    constrained: list[str]
+    generated: list[str | None]
+    generated_text: list[str]
+    seconds: dict = field(default_factory=dict)
+
+
+def batches(items, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def answer_log_likelihoods(model, collator: VisionChatCollator, examples: list[dict], answer: str) -> torch.Tensor:
+    """Per example: log p(answer + <turn|> | prompt), summed over the answer's tokens."""
+    batch = collator([{"image": ex["image"], "answer": answer} for ex in examples])
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    hidden, targets = labelled_hidden_states(model, batch)
+    logprobs = torch.log_softmax(softcapped_logits(model, hidden).float(), dim=-1)
+    token_scores = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    # labelled positions come row by row, so each sample's tokens are a contiguous run
+    per_sample = (batch["labels"][:, 1:] != -100).sum(dim=1)
+    return torch.stack([run.sum() for run in torch.split(token_scores, per_sample.tolist())]).cpu()
+
+
+def constrained_scores(model, processor, examples: list[dict], class_names: list[str], batch_size: int = 32,
+                       progress: bool = True, **collator_kwargs) -> torch.Tensor:
+    """A (n_examples, n_classes) matrix of class-name log-likelihoods."""
+    collator = VisionChatCollator(processor, class_names, mode="train", **collator_kwargs)
+    rows = []
+    for chunk in tqdm(list(batches(examples, batch_size)), desc="constrained scoring", disable=not progress):
+        rows.append(torch.stack([answer_log_likelihoods(model, collator, chunk, name) for name in class_names],
+                                dim=1))
+    return torch.cat(rows)
+
+
+def match_class_name(text: str, class_names: list[str]) -> str | None:
+    """The longest class name that occurs in ``text`` as whole words (case-insensitive), else None."""
+    found = [name for name in class_names
+             if re.search(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)", text.lower())]
+    return max(found, key=len) if found else None
+
+
+@torch.no_grad()
+def generate_answers(model, processor, examples: list[dict], class_names: list[str], batch_size: int = 32,
+                     max_new_tokens: int | None = None, progress: bool = True, **collator_kwargs) -> list[str]:
+    """Greedy answers as text (left-padded prompts, as generation needs)."""
+    collator = VisionChatCollator(processor, class_names, mode="eval", padding_side="left", **collator_kwargs)
+    tokenizer = processor.tokenizer
+    if max_new_tokens is None:  # room for the longest class name and the closing marker
+        max_new_tokens = max(len(tokenizer(n, add_special_tokens=False).input_ids) for n in class_names) + 2
+    texts = []
+    for chunk in tqdm(list(batches(examples, batch_size)), desc="generation", disable=not progress):
+        batch = {k: v.to(model.device) for k, v in collator(chunk).items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return texts
+
+
+def predict(model, processor, examples, class_names, batch_size: int = 32, progress: bool = True,
+            **collator_kwargs) -> Predictions:
+    """Constrained and generated predictions of ``model`` on ``examples``, with their wall times."""
+    start = time.perf_counter()
+    scores = constrained_scores(model, processor, examples, class_names, batch_size, progress, **collator_kwargs)
+    middle = time.perf_counter()
+    texts = generate_answers(model, processor, examples, class_names, batch_size, progress=progress,
+                             **collator_kwargs)
+    end = time.perf_counter()
+    return Predictions(constrained=[class_names[i] for i in scores.argmax(dim=1).tolist()],
+                       generated=[match_class_name(t, class_names) for t in texts], generated_text=texts,
+                       seconds={"constrained": middle - start, "generation": end - middle})
+
+
+def adapter_disabled(model):
+    """A context in which a PEFT model behaves as its base model (the baseline)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def metrics_for(predictions: Predictions, labels: list[str], class_names: list[str]) -> dict:
+    """Metrics of both prediction methods; the generation's "no class named" rate included."""
+    generated = compute_metrics(labels, predictions.generated, class_names)
+    generated["no_class_named_rate"] = generated["unparsed"] / generated["n"] if generated["n"] else None
+    return {"constrained": compute_metrics(labels, predictions.constrained, class_names),
+            "generation": generated, "seconds": predictions.seconds}
+
+
+def confusion_matrix(labels: list[str], predictions: list[str | None], class_names: list[str]):
+    """Rows: true class; columns: predicted class (predictions naming no class are left out)."""
+    import numpy as np
+
+    index = {name: i for i, name in enumerate(class_names)}
+    matrix = np.zeros((len(class_names), len(class_names)), dtype=int)
+    for true, pred in zip(labels, predictions):
+        if pred in index:
+            matrix[index[true], index[pred]] += 1
+    return matrix
+
+
+def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary: dict, n_examples: int,
+                  shard=(0, 1), indices=None, labels=None, predictions=None, class_names=None) -> dict:
+    """Write ``metrics.json`` (and, for a shard of a split, ``shard_metrics.json``) atomically."""
+    from pathlib import Path
+
+    from helpers.io import atomic_write_json
+    from helpers.shards import SHARD_METRICS_FILE, write_shard_metrics
+
+    run_dir = Path(run_dir)
+    train = train_summary.get("train", {})
+    seconds = {f"{system}_{method}": value for system, m in metrics.items() for method, value in m["seconds"].items()}
+    seconds["train"] = train.get("wall_seconds")
+    summary = {
+        "baseline_accuracy": metrics["baseline"]["constrained"]["accuracy"],
+        "finetuned_accuracy": metrics["finetuned"]["constrained"]["accuracy"],
+        "finetuned_generation_accuracy": metrics["finetuned"]["generation"]["accuracy"],
+        "finetuned_macro_f1": metrics["finetuned"]["constrained"]["macro_f1"],
+        "finetuned_no_class_named_rate": metrics["finetuned"]["generation"]["no_class_named_rate"],
+        "n_eval": n_examples,
+    }
+    report = {
+        "summary": summary,
+        "model_id": config.model_id,
+        "model_path": model_path,
+        "dataset": config.dataset,
+        "train_size": train.get("train_samples", config.train_size),
+        "eval_size": n_examples,
+        "optimizer_steps": train.get("global_step"),
+        "peak_memory_bytes": train.get("peak_memory_bytes"),
+        "peak_memory_kind": train.get("peak_memory_kind"),
+        "wall_seconds": seconds,
+        "shard": {"index": shard[0], "count": shard[1]},
+        "metrics": metrics,
+        "config": config.to_dict(),
+    }
+    atomic_write_json(run_dir / "metrics.json", report)
+    if shard[1] > 1:
+        write_shard_metrics(run_dir / SHARD_METRICS_FILE, indices, labels, predictions, class_names,
+                            shard_index=shard[0], shard_count=shard[1], n_total=None,
+                            meta={"model_id": config.model_id, "dataset": config.dataset})
+    return report

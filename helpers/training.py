@@ -1,0 +1,183 @@
+"""Training: transformers' Trainer with our collator and the labelled-positions loss. Taught in notebook 04.
+
+One ``train()`` serves notebook 04, the papermill runner and the multi-GPU launcher. What it adds to
+a plain ``Trainer``:
+- the loss only at labelled positions (``helpers.losses``), normalised over the whole accumulated batch;
+- checkpoints that are never half-written: each is saved under a staging folder, then renamed, so a run
+  killed mid-save resumes from the last complete one;
+- resume: when ``output_dir/checkpoints`` holds a checkpoint, training continues from it, so rerunning
+  the same command finishes the run;
+- a non-finite loss stops training at once with the step named (the last checkpoint stays good);
+- wall time, peak memory, and the adapter saved with ``save_pretrained`` (atomically, too).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from helpers.losses import labelled_positions_loss
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+STAGING = ".staging"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; ``loss_history`` is ``[(step, loss), ...]`` as logged."""
+
+    global_step: int
+    resumed_from: str | None
+    wall_seconds: float
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    adapter_dir: str
+    loss_history: list = field(default_factory=list)
+    train_samples: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LabelledPositionsTrainer(Trainer):
+    """A Trainer whose loss is computed at labelled positions only, with atomic checkpoints."""
+
+    _staging_dir: str | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = labelled_positions_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}; "
+                f"stopping. The last complete checkpoint in {self.args.output_dir} is kept.")
+        return (loss, None) if return_outputs else loss
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        final_root = self.args.output_dir
+        self._staging_dir = os.path.join(final_root, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(self._staging_dir, ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging, self._staging_dir = self._staging_dir, None
+        if self.args.should_save:
+            name = f"checkpoint-{self.state.global_step}"
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)  # atomic: a checkpoint is whole or absent
+            shutil.rmtree(staging, ignore_errors=True)
+            _rotate_checkpoints(final_root, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+
+def _rotate_checkpoints(folder: str, keep: int | None) -> None:
+    if not keep:
+        return
+    steps = sorted(int(p.name.split("-")[1]) for p in Path(folder).glob("checkpoint-*") if p.is_dir())
+    for step in steps[:-keep]:
+        shutil.rmtree(Path(folder) / f"checkpoint-{step}", ignore_errors=True)
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` under ``output_dir/checkpoints`` (staging folders are ignored)."""
+    folder = Path(output_dir) / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
+    """TrainingArguments from a ``RunConfig``: the fast, honest defaults this project uses."""
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(Path(output_dir) / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.extra.get("warmup_steps", 10),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=config.extra.get("logging_steps", 5),
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=on_gpu and config.quantization != "none" or (on_gpu and torch.cuda.is_bf16_supported()),
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,  # the collator takes raw {"image", "label"} examples
+        report_to="none",
+        disable_tqdm=False,
+        gradient_checkpointing=False,  # applied by helpers.modeling.apply_lora when asked
+    )
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak GPU memory allocated, or the process's peak resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def loss_history(trainer: Trainer) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+
+
+def save_adapter(model, output_dir: str | Path) -> Path:
+    """``save_pretrained`` into a staging folder, then rename: the adapter is whole or absent."""
+    final = Path(output_dir) / ADAPTER
+    staging = Path(output_dir) / (ADAPTER + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
+
+
+def train(model, collator, train_examples, config, output_dir: str | Path, callbacks=None) -> TrainResult:
+    """Fine-tune ``model`` (already wrapped with LoRA) on ``train_examples``; resumes when it can.
+
+    Taught in notebook 04. Returns a ``TrainResult`` with steps, wall time, peak memory and losses.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    args = training_arguments(config, output_dir)
+    trainer = LabelledPositionsTrainer(model=model, args=args, train_dataset=list(train_examples),
+                                       data_collator=collator, callbacks=callbacks)
+    resume = last_complete_checkpoint(output_dir)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - start
+    adapter = save_adapter(model, output_dir)
+    peak, kind = peak_memory()
+    return TrainResult(global_step=trainer.state.global_step, resumed_from=resume, wall_seconds=wall,
+                       peak_memory_bytes=peak, peak_memory_kind=kind, adapter_dir=str(adapter),
+                       loss_history=loss_history(trainer), train_samples=len(train_examples))
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, gradient_accumulation: int) -> int:
+    return max(1, math.ceil(n_examples / batch_size) // gradient_accumulation)
