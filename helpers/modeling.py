@@ -12,8 +12,9 @@ import torch
 
 # bitsandbytes quantizes nn.Linear only. Passing llm_int8_skip_modules replaces transformers' default
 # skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16
-# (small, and precision-sensitive: the seed keeps them un-quantized as well).
-NF4_SKIP_MODULES = ["lm_head", "vision_tower", "audio_tower", "embed_vision", "embed_audio"]
+# (small, and precision-sensitive: the seed keeps them un-quantized as well). transformers matches these
+# from the start of a module's full name (or as its suffix), so the towers are named with their prefix.
+NF4_SKIP_MODULES = ["lm_head", "model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"]
 
 
 class ModelLoadError(ValueError):
