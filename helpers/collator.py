@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from helpers.data import QUESTION, to_messages
+from helpers.tiny import NAMED_SPECIAL_TOKENS
 
 IGNORE_INDEX = -100
 # What Gemma4ForConditionalGeneration.forward takes from the processor's output; the rest
@@ -41,10 +42,16 @@ class TurnMarkers:
     empty_thought: tuple[int, ...]  # "<|channel>thought\n<channel|>", () when the template has none
 
 
+def special_token(tokenizer, attribute: str) -> str:
+    """A named special token's text (``sot_token`` -> ``<|turn>``): the tokenizer's attribute when it has
+    one, else Gemma 4's published string for that name."""
+    return getattr(tokenizer, attribute, None) or NAMED_SPECIAL_TOKENS[attribute]
+
+
 def token_id(tokenizer, attribute: str) -> int:
-    """The id of a named special token (``sot_token`` -> ``<|turn>``), never a hard-coded number."""
-    token = getattr(tokenizer, attribute, None)
-    token_ids = tokenizer.convert_tokens_to_ids([token]) if token else [None]
+    """The id of a named special token, read from the tokenizer, never a hard-coded number."""
+    token = special_token(tokenizer, attribute)
+    token_ids = tokenizer.convert_tokens_to_ids([token])
     if token_ids[0] is None or token_ids[0] == tokenizer.unk_token_id:
         raise CollatorError(f"the tokenizer has no {attribute} special token ({token!r}); is this Gemma 4?")
     return token_ids[0]
@@ -71,9 +78,9 @@ def turn_markers(processor) -> TurnMarkers:
     messages = to_messages("?")
     plain = render_prompt(processor, messages)
     with_thought = render_prompt(processor, messages, empty_thought_block=True)
-    header = tokens_after_last(tokenizer, plain, tokenizer.sot_token)
+    header = tokens_after_last(tokenizer, plain, special_token(tokenizer, "sot_token"))
     # Templates that ignore the flag (E2B/E4B's) give the same text: no thought block to skip.
-    full = tokens_after_last(tokenizer, with_thought, tokenizer.sot_token)
+    full = tokens_after_last(tokenizer, with_thought, special_token(tokenizer, "sot_token"))
     if full[:len(header)] != header:
         raise CollatorError("the template's thought block changes the model header; cannot locate answers")
     return TurnMarkers(start, end, header, full[len(header):])
@@ -85,7 +92,7 @@ def template_trailer(processor) -> str:
     Also checks the premise of the collator: a finished conversation renders as the generation prompt
     followed by the answer and ``<turn|>``.
     """
-    eot = processor.tokenizer.eot_token
+    eot = special_token(processor.tokenizer, "eot_token")
     prompt = render_prompt(processor, to_messages("?"))
     full = processor.apply_chat_template(to_messages("?", _PROBE_ANSWER), tokenize=False)
     expected = prompt + _PROBE_ANSWER + eot
@@ -105,7 +112,7 @@ def last_marker_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     found = (input_ids == marker_id) & attention_mask.bool()
-    return torch.where(found, positions, -1).max(dim=1).values
+    return torch.where(found, positions, -1).amax(dim=1)
 
 
 def matches_at(input_ids: torch.Tensor, starts: torch.Tensor, pattern: tuple[int, ...]) -> torch.Tensor:
@@ -139,7 +146,7 @@ def answer_ends(input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: t
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     found = (input_ids == end_of_turn) & attention_mask.bool() & (positions >= starts[:, None])
     big = input_ids.shape[1]
-    first = torch.where(found, positions, big).min(dim=1).values
+    first = torch.where(found, positions, big).amin(dim=1)
     return torch.where(first == big, -1, first)
 
 
@@ -262,7 +269,7 @@ class VisionChatCollator:
         answers = [self.answer_for(example, i) for i, example in enumerate(examples)]
         if self.mode == "eval":
             return [self.prompt_text] * len(examples), answers
-        suffix = self.tokenizer.eot_token + self.trailer
+        suffix = special_token(self.tokenizer, "eot_token") + self.trailer
         return [self.prompt_text + answer + suffix for answer in answers], answers
 
     def __call__(self, examples: list[dict]) -> dict:
