@@ -1,7 +1,7 @@
 """Inspecting ``Gemma4ClippableLinear`` and what LoRA does around it. Taught in notebook 02.
 
-``Gemma4ClippableLinear`` (transformers ``models/gemma4/modeling_gemma4.py``) is an ``nn.Module`` that holds an
-``nn.Linear`` called ``.linear`` and, when its config has ``use_clipped_linears``, four scalar buffers
+``Gemma4ClippableLinear`` (transformers ``models/gemma4/modeling_gemma4.py``) is an ``nn.Module`` that holds
+an ``nn.Linear`` called ``.linear`` and, when its config has ``use_clipped_linears``, four scalar buffers
 ``input_min``, ``input_max``, ``output_min``, ``output_max``: forward clamps the input, applies ``.linear``,
 and clamps the output. It is used in the vision and audio towers only.
 """
@@ -39,8 +39,9 @@ def is_clippable_linear(module) -> bool:
 
 
 def find_clippable_linears(model) -> dict:
-    """``{module name: Gemma4ClippableLinear}`` for every clippable linear in ``model`` (PEFT-wrapped or not)."""
-    return {strip_peft_prefix(name): module for name, module in model.named_modules() if is_clippable_linear(module)}
+    """``{module name: Gemma4ClippableLinear}`` for every clippable linear (PEFT-wrapped or not)."""
+    return {strip_peft_prefix(name): module for name, module in model.named_modules()
+            if is_clippable_linear(module)}
 
 
 def strip_peft_prefix(name: str) -> str:
@@ -130,7 +131,7 @@ def trainable_by_target(model, alternatives: dict | None = None, r: int = 16) ->
 
 @torch.no_grad()
 def enlarge_lora_update(peft_model, value: float = 1.0) -> int:
-    """Fill every ``lora_B`` (initialised to zero) with ``value`` so the LoRA update is large; returns count."""
+    """Fill every ``lora_B`` (PEFT starts them at zero) with ``value`` so the LoRA update is large."""
     filled = 0
     for name, parameter in peft_model.named_parameters():
         if "lora_B" in name:

@@ -42,7 +42,8 @@ def nf4_weight_bytes(numel: int, double_quant: bool = True, blocksize: int = NF4
     blocks = math.ceil(numel / blocksize)
     packed = math.ceil(numel / 2)
     if double_quant:
-        absmax = blocks * 1 + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + 4  # uint8 absmax, fp32 absmax2, offset
+        # uint8 absmax per block, a float32 absmax per 256 of them, a float32 offset
+        absmax = blocks * 1 + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + 4
     else:
         absmax = blocks * 4
     return packed + absmax + NF4_CODE_BYTES
@@ -126,7 +127,7 @@ def lora_parameters_by_tower(model, r: int) -> dict[str, int]:
 def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
     """Trainable LoRA parameters for ``target_modules="all-linear"`` at rank ``r``. Taught in notebook 01."""
     if target != "all-linear":
-        raise ValueError("only target='all-linear' is modelled here; notebook 02 counts other targets with PEFT")
+        raise ValueError("only target='all-linear' is modelled here; notebook 02 counts others with PEFT")
     return sum(lora_parameters_by_tower(build_meta_model(config), r).values())
 
 

@@ -99,7 +99,7 @@ def check_preset_name(name: str) -> str:
 
 
 def preset_config(name: str):
-    """A fresh ``Gemma4Config`` for a published size ("E2B", "E4B", "26B-A4B", "31B"). Taught in notebook 01."""
+    """A fresh ``Gemma4Config`` for "E2B", "E4B", "26B-A4B" or "31B". Taught in notebook 01."""
     from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
 
     check_preset_name(name)
@@ -194,3 +194,21 @@ def describe_preset(name: str) -> dict:
         "vision clipping": vision.use_clipped_linears,
         "audio": config.audio_config is not None,
     }
+
+
+# Soft-token budgets the Gemma 4 image processor accepts (``max_soft_tokens``); 280 is the default.
+SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+
+
+def soft_tokens_per_image(width: int, height: int, max_soft_tokens: int = 280) -> int:
+    """Soft tokens the real ``Gemma4ImageProcessor`` (patch 16, pooling 3, as published) gives one image.
+
+    Taught in notebook 01: the count depends on the image's size and the budget, never on its content,
+    so a blank image of the right size is enough.
+    """
+    from PIL import Image
+    from transformers import Gemma4ImageProcessor
+
+    processor = Gemma4ImageProcessor(max_soft_tokens=max_soft_tokens)
+    features = processor(Image.new("RGB", (width, height)), return_tensors="pt")
+    return int(features["num_soft_tokens_per_image"][0])

@@ -1,4 +1,4 @@
-"""Weight bytes (bf16 vs NF4) and LoRA counts, checked against bitsandbytes, transformers and PEFT themselves."""
+"""Weight bytes (bf16 vs NF4) and LoRA counts, checked against bitsandbytes, transformers and PEFT."""
 
 import copy
 
@@ -39,8 +39,8 @@ def test_quantized_names_equal_transformers_replacement(tiny_model):
     from helpers.modeling import NF4_SKIP_MODULES, nf4_config
 
     expected = quantized_linear_names(tiny_model)
-    replaced = replace_with_bnb_linear(copy.deepcopy(tiny_model), modules_to_not_convert=list(NF4_SKIP_MODULES),
-                                       quantization_config=nf4_config())
+    replaced = replace_with_bnb_linear(copy.deepcopy(tiny_model), quantization_config=nf4_config(),
+                                       modules_to_not_convert=list(NF4_SKIP_MODULES))
     actual = [name for name, module in replaced.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
     assert expected == actual and len(actual) > 0
 
@@ -48,7 +48,8 @@ def test_quantized_names_equal_transformers_replacement(tiny_model):
 def test_skip_list_keeps_towers_and_projectors_in_bf16(tiny_model):
     """transformers matches skip names from the start of the module path ("model.vision_tower...")."""
     names = quantized_linear_names(tiny_model)
-    leaked = [n for n in names if n.split(".")[1] in ("vision_tower", "audio_tower", "embed_vision", "embed_audio")]
+    towers = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
+    leaked = [name for name in names if name.split(".")[1] in towers]
     assert leaked == [], f"NF4 would quantize {len(leaked)} tower/projector linears, e.g. {leaked[:2]}"
     assert "lm_head" not in names
 

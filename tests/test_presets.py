@@ -5,13 +5,15 @@ import pytest
 from helpers.presets import PRESET_NAMES, TOWERS, count_parameters_by_tower, describe_preset, preset_config
 
 VOCAB = 262_144
-SIZES = {  # name: (hidden, layers, heads, kv heads, global kv heads, intermediate, per-layer input, kv-shared)
+# name: (hidden, layers, heads, kv heads, global kv heads, intermediate, per-layer input, kv-shared layers)
+SIZES = {
     "E2B": (1536, 35, 8, 1, 1, 6144, 256, 20),
     "E4B": (2560, 42, 8, 2, 2, 10240, 256, 18),
     "26B-A4B": (2816, 30, 16, 8, 2, 2112, 0, 0),
     "31B": (5376, 60, 32, 16, 4, 21504, 0, 0),
 }
-VISION = {"E2B": (768, 16, 3072), "E4B": (768, 16, 3072), "26B-A4B": (1152, 27, 4304), "31B": (1152, 27, 4304)}
+ON_DEVICE_VISION, LARGE_VISION = (768, 16, 3072), (1152, 27, 4304)  # hidden, layers, intermediate
+VISION = {"E2B": ON_DEVICE_VISION, "E4B": ON_DEVICE_VISION, "26B-A4B": LARGE_VISION, "31B": LARGE_VISION}
 # Published sizes (Google's Gemma 4 model card): E2B 2.3B effective / 5.1B with embeddings,
 # E4B 4.5B effective / 8B with embeddings, 26B-A4B 25.2B total (3.8B active), 31B 30.7B.
 
@@ -85,7 +87,8 @@ def test_totals_match_the_published_sizes(counts):
         return sum(counts[name][t] for t in TOWERS if t not in ("vision", "audio", "projectors"))
 
     def effective(name):  # the "E" count: everything but the two embedding tables
-        return sum(counts[name].values()) - counts[name]["text embeddings"] - counts[name]["per-layer embeddings"]
+        tables = counts[name]["text embeddings"] + counts[name]["per-layer embeddings"]
+        return sum(counts[name].values()) - tables
 
     assert round(sum(counts["E2B"].values()) / 1e9, 1) == 5.1
     assert round(sum(counts["E4B"].values()) / 1e9) == 8
@@ -111,3 +114,12 @@ def test_published_facts(name):
 def test_unknown_preset_is_named():
     with pytest.raises(KeyError, match="31b"):
         preset_config("31b")
+
+
+def test_soft_tokens_follow_size_and_budget():
+    from helpers.presets import SOFT_TOKEN_BUDGETS, soft_tokens_per_image
+
+    assert [soft_tokens_per_image(w, h) for w, h in [(500, 375), (224, 224), (300, 200)]] == [266, 256, 260]
+    for budget in SOFT_TOKEN_BUDGETS:
+        square = soft_tokens_per_image(640, 640, budget)
+        assert square <= budget and int(square**0.5) ** 2 == square

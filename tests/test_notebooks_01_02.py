@@ -1,0 +1,56 @@
+"""Notebooks 01 and 02 run top to bottom on the offline default, and show the numbers they claim."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ["01_architecture.ipynb", "02_clippable_linear.ipynb"]
+
+
+def cell_text(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        parts.append(output.get("text", ""))
+        parts.append(output.get("data", {}).get("text/plain", ""))
+    return "".join("".join(part) if isinstance(part, list) else part for part in parts)
+
+
+def execute(name: str, tmp_path: Path, parameters: dict | None = None) -> str:
+    import papermill
+
+    executed = papermill.execute_notebook(str(REPO_ROOT / "notebooks" / name), str(tmp_path / name),
+                                          parameters=parameters or {}, kernel_name="python3",
+                                          cwd=str(REPO_ROOT), progress_bar=False)
+    return "\n".join(cell_text(cell) for cell in executed["cells"] if cell["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs_and_with_parameters_cell(name):
+    notebook = json.loads((REPO_ROOT / "notebooks" / name).read_text())
+    code_cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert all(cell["outputs"] == [] and cell["execution_count"] is None for cell in code_cells)
+    assert "parameters" in code_cells[0]["metadata"].get("tags", [])
+    assert "metadata.version" in "".join(code_cells[1]["source"])
+    markdown = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "markdown"]
+    assert "What you will learn" in markdown[0] and markdown[-1].startswith("## Summary and takeaways")
+
+
+def test_notebook_01_runs_and_shows_the_31b_estimate(tmp_path):
+    text = execute("01_architecture.ipynb", tmp_path, {"model_id": "tiny"})
+    assert "within 18-20 GB: True" in text
+    assert "26B-A4B active parameters per token (8 of 128 experts): 3.82 B" in text
+    assert "31.273" in text and "25.806" in text  # totals in billions, per-tower table
+    assert "Gemma4TextExperts is nn.Linear: False" in text
+
+
+def test_notebook_02_runs_and_shows_the_clamps_hold(tmp_path):
+    text = execute("02_clippable_linear.ipynb", tmp_path, {"model_id": "tiny", "output_bound": 0.25})
+    assert "is not supported" in text and "Gemma4ClippableLinear" in text
+    assert "lm_head wrapped: False" in text
+    assert "wrapped module output within [output_min, output_max]: True" in text
+    assert "inner .linear (base + LoRA) output outside it:          True" in text
+    assert "q_proj.linear.lora_A.weight" in text
+    assert "same tensor names as the original checkpoint: True" in text
+    assert "merged equals LoRA model's output: True" in text
