@@ -209,8 +209,8 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
 
     Checks that the shards agree (class names, systems, shard count, split size), that each shard index
     appears once, that no example is evaluated twice and, when the split size is known, that none is
-    missing. Returns ``{"n_examples", "n_shards", "class_names", "systems", "metrics": {system: ...},
-    "predictions": [...]}`` (predictions in index order).
+    missing. Returns ``{"summary", "n_examples", "n_shards", "class_names", "systems",
+    "metrics": {system: ...}, "predictions": [...]}`` (predictions in index order).
     """
     paths = list(paths)
     if not paths:
@@ -250,7 +250,12 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
         name: compute_metrics(labels, [ex["predictions"][name] for ex in ordered], class_names)
         for name in first["systems"]
     }
+    summary = {"n_eval": len(ordered)}
+    for name, m in metrics.items():
+        summary[f"{name}_accuracy"] = m["accuracy"]
+        summary[f"{name}_macro_f1"] = m["macro_f1"]
     return {
+        "summary": summary,
         "n_examples": len(ordered),
         "n_shards": count,
         "class_names": class_names,

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Cloud Run job entrypoint: maps Cloud Run's environment to `python -m helpers.runner` flags.
+#
+#   JOB_MODE=train (default)  one task; output in $RUNS_DIR/$CLOUD_RUN_EXECUTION. A retry
+#                             (CLOUD_RUN_TASK_ATTEMPT > 0) belongs to the same execution, so it gets the
+#                             same folder, and the runner resumes from the last checkpoint there.
+#   JOB_MODE=eval-shard       --tasks N; task CLOUD_RUN_TASK_INDEX evaluates its shard of the test split
+#                             (runner -p shard_index/shard_count, notebook 05) into <eval dir>/task-NNNNN/,
+#                             and whichever task finds all N shard files present merges them into
+#                             <eval dir>/metrics.json (helpers.shards).
+#   JOB_MODE=merge            merge the shard files under $EVAL_DIR again (e.g. after fixing one task).
+#
+# Arguments ("--args" of the job or of `jobs execute`) are passed through to the runner, e.g.
+#   --model-id /mnt/gcs/gemma-4-31b-it/ --train-size 4000
+#
+# Environment (all optional):
+#   GCS_MOUNT       where the bucket is mounted (default /mnt/gcs); must exist unless REQUIRE_MOUNT=0
+#   RUNS_DIR        where run folders go (default $GCS_MOUNT/runs)
+#   RUN_ID          run folder name (default $CLOUD_RUN_EXECUTION; outside Cloud Run a timestamp)
+#   ADAPTER_RUN     eval-shard (required): the training run folder whose adapter/ is evaluated (its
+#                   execution id under RUNS_DIR, or absolute); results go to $ADAPTER_RUN/eval-$RUN_ID
+#   EVAL_NOTEBOOK   eval-shard: the runner's --notebook value (default 05_evaluation)
+#   EVAL_DIR, EXPECT_SHARDS   merge mode: the eval folder and the number of shards
+#   RUNNER_CMD      the runner command (default "python -m helpers.runner"; tests point it at a stub)
+#   MERGE_CMD       the merge command (default "python -m helpers.shards")
+#   HF_TOKEN        read by huggingface_hub from the environment (Secret Manager); never printed and
+#                   never passed as an argument: this script refuses arguments that carry it.
+set -euo pipefail
+
+log() { printf '[entrypoint] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 2; }
+
+GCS_MOUNT="${GCS_MOUNT:-/mnt/gcs}"
+RUNS_DIR="${RUNS_DIR:-${GCS_MOUNT}/runs}"
+JOB_MODE="${JOB_MODE:-train}"
+RUNNER_CMD="${RUNNER_CMD:-python -m helpers.runner}"
+MERGE_CMD="${MERGE_CMD:-python -m helpers.shards}"
+EVAL_NOTEBOOK="${EVAL_NOTEBOOK:-05_evaluation}"
+REQUIRE_MOUNT="${REQUIRE_MOUNT:-1}"
+attempt="${CLOUD_RUN_TASK_ATTEMPT:-0}"
+task_index="${CLOUD_RUN_TASK_INDEX:-0}"
+task_count="${CLOUD_RUN_TASK_COUNT:-1}"
+read -r -a runner <<< "${RUNNER_CMD}"
+read -r -a merger <<< "${MERGE_CMD}"
+HF_TOKEN="${HF_TOKEN:-}"
+
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+is_uint "${attempt}" || die "CLOUD_RUN_TASK_ATTEMPT must be a non-negative integer"
+if ! { is_uint "${task_index}" && is_uint "${task_count}" && (( task_count >= 1 && task_index < task_count )); }; then
+  die "bad task: CLOUD_RUN_TASK_INDEX=${task_index}, CLOUD_RUN_TASK_COUNT=${task_count}"
+fi
+
+# A secret given as an argument would be written into the executed notebook (papermill records its
+# parameters) and into logs. Refuse without printing the offending argument.
+for arg in "$@"; do
+  lower="${arg,,}"
+  if [[ "${lower}" == *hf_token* || "${lower}" == *hf-token* || "${lower}" == *hugging_face_hub_token* ]] \
+     || [[ ${#HF_TOKEN} -ge 8 && "${arg}" == *"${HF_TOKEN}"* ]]; then
+    die "refusing an argument that names or carries the Hugging Face token: give HF_TOKEN through the environment (Secret Manager, --set-secrets), never as a runner argument"
+  fi
+done
+if [[ -n "${HF_TOKEN:-}" ]]; then log "HF_TOKEN: set in the environment (not shown)"; else log "HF_TOKEN: not set"; fi
+
+if [[ "${REQUIRE_MOUNT}" == "1" && ! -d "${GCS_MOUNT}" ]]; then
+  die "bucket mount ${GCS_MOUNT} not found: mount the bucket there (--add-volume type=cloud-storage + --add-volume-mount, as cloudrun/deploy.sh does), set GCS_MOUNT, or REQUIRE_MOUNT=0"
+fi
+
+run_id="${RUN_ID:-${CLOUD_RUN_EXECUTION:-}}"
+if [[ -z "${run_id}" ]]; then
+  run_id="local-$(date -u +%Y%m%dT%H%M%SZ)"
+  log "neither RUN_ID nor CLOUD_RUN_EXECUTION is set: new run ${run_id} (set RUN_ID to resume a run)"
+fi
+[[ "${run_id}" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "run id must be letters, digits, '.', '_' or '-'"
+
+has_output_dir=0
+for arg in "$@"; do
+  [[ "${arg}" == "--output-dir" || "${arg}" == --output-dir=* ]] && has_output_dir=1
+done
+
+# Runs the command with SIGTERM/SIGINT forwarded (Cloud Run stops a task with a signal); returns its status.
+child=0
+forward() { (( child > 0 )) && kill -TERM "${child}" 2>/dev/null; }
+run_forwarding() {
+  log "running: $(printf '%q ' "$@")"
+  trap forward TERM INT
+  "$@" &
+  child=$!
+  local rc=0
+  wait "${child}" || rc=$?
+  # a signal interrupts the first wait; wait again for the child to finish its own shutdown
+  if kill -0 "${child}" 2>/dev/null; then wait "${child}" || rc=$?; fi
+  trap - TERM INT
+  child=0
+  return "${rc}"
+}
+
+note_attempt() {  # one line per attempt in the run folder: when it started and which attempt it was
+  mkdir -p "$1"
+  printf '%s attempt=%s task=%s/%s mode=%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    "${attempt}" "${task_index}" "${task_count}" "${JOB_MODE}" >> "$1/attempts.log"
+}
+
+abs_under() {  # $1 absolute, or relative to $2
+  if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$2" "$1"; fi
+}
+
+case "${JOB_MODE}" in
+  train)
+    (( task_count == 1 )) || die "training runs as one task (got CLOUD_RUN_TASK_COUNT=${task_count}); parallel tasks are for JOB_MODE=eval-shard"
+    out="${RUNS_DIR}/${run_id}"
+    if (( has_output_dir )); then
+      log "--output-dir given in the arguments: using it instead of ${out}"
+    else
+      set -- --output-dir "${out}" "$@"
+    fi
+    if (( attempt > 0 )); then
+      log "attempt ${attempt} of execution ${run_id}: same run folder, the runner resumes from its last checkpoint"
+    else
+      log "attempt 0 of execution ${run_id}"
+    fi
+    (( has_output_dir )) || note_attempt "${out}"
+    run_forwarding "${runner[@]}" "$@"
+    ;;
+
+  eval-shard)
+    (( has_output_dir )) && die "eval-shard mode chooses the output folders itself; drop --output-dir"
+    [[ -n "${ADAPTER_RUN:-}" ]] || die "eval-shard mode needs ADAPTER_RUN: the training run whose adapter/ is evaluated (its folder name under ${RUNS_DIR}, i.e. the training execution id, or an absolute path)"
+    adapter_run="$(abs_under "${ADAPTER_RUN}" "${RUNS_DIR}")"
+    [[ -d "${adapter_run}/adapter" ]] || die "no adapter/ in ${adapter_run} (ADAPTER_RUN)"
+    eval_dir="${adapter_run}/eval-${run_id}"
+    task_dir="${eval_dir}/task-$(printf '%05d' "${task_index}")"
+    log "task ${task_index} of ${task_count}, attempt ${attempt}: shard output in ${task_dir}"
+    note_attempt "${task_dir}"
+    # Notebook 05 evaluates output_dir/adapter and writes its results beside it: each task gets its own
+    # folder (a bucket mount has no file locking; the last writer of a shared file wins) with its own
+    # copy of the adapter, staged under a temporary name so that a killed copy is never taken for whole.
+    if [[ ! -d "${task_dir}/adapter" ]]; then
+      rm -rf "${task_dir}/.adapter.partial"
+      cp -R "${adapter_run}/adapter" "${task_dir}/.adapter.partial"
+      mv "${task_dir}/.adapter.partial" "${task_dir}/adapter"
+    fi
+    if [[ -f "${adapter_run}/train_result.json" ]]; then cp "${adapter_run}/train_result.json" "${task_dir}/"; fi
+    run_forwarding "${runner[@]}" --output-dir "${task_dir}" --notebook "${EVAL_NOTEBOOK}" \
+      -p shard_index "${task_index}" -p shard_count "${task_count}" "$@"
+    if (( task_count == 1 )); then
+      log "one task: the results are ${task_dir}/metrics.json"
+    # The last task to finish finds every shard file and merges; a merge problem does not fail this
+    # task (its shard is done and a retry would not fix it): rerun with JOB_MODE=merge instead.
+    elif ! run_forwarding "${merger[@]}" merge "${eval_dir}" --out "${eval_dir}/metrics.json" \
+         --expect "${task_count}" --if-complete; then
+      log "warning: merging shards failed; fix the shard and rerun with JOB_MODE=merge EVAL_DIR=${eval_dir} EXPECT_SHARDS=${task_count}"
+    fi
+    ;;
+
+  merge)
+    [[ -n "${EVAL_DIR:-}" ]] || die "merge mode needs EVAL_DIR (absolute, or relative to RUNS_DIR)"
+    eval_dir="$(abs_under "${EVAL_DIR}" "${RUNS_DIR}")"
+    expect=()
+    if [[ -n "${EXPECT_SHARDS:-}" ]]; then expect=(--expect "${EXPECT_SHARDS}"); fi
+    run_forwarding "${merger[@]}" merge "${eval_dir}" --out "${eval_dir}/metrics.json" "${expect[@]}"
+    ;;
+
+  *)
+    die "JOB_MODE must be train, eval-shard or merge (got '${JOB_MODE}')"
+    ;;
+esac
