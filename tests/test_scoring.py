@@ -1,0 +1,73 @@
+"""helpers.scoring: cached class-name scoring equals naive full forward passes (tiny model, CPU)."""
+
+import pytest
+import torch
+
+from helpers.data import DIGIT_NAMES, QUESTION, load_digits_examples, to_messages
+from helpers.scoring import class_token_ids, naive_class_scores, predict, score_class_names
+
+QUESTIONS = [QUESTION, "Which digit is this? Answer with its name.", QUESTION + " One word."]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_path)
+    processor.tokenizer.padding_side = "left"
+    examples = load_digits_examples("test", size=len(QUESTIONS), seed=3).examples
+    texts = [processor.apply_chat_template(to_messages(q), tokenize=False, add_generation_prompt=True)
+             for q in QUESTIONS]
+    batch = processor(text=texts, images=[[e["image"]] for e in examples], padding=True, return_tensors="pt")
+    return processor, batch
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    from transformers import AutoModelForMultimodalLM
+
+    return AutoModelForMultimodalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+
+
+def test_prompts_are_left_padded_with_different_lengths(prompts):
+    _, batch = prompts
+    lengths = batch["attention_mask"].sum(-1)
+    assert len(set(lengths.tolist())) > 1, "the test needs padding to mean something"
+    assert bool(batch["attention_mask"][:, -1].all())
+
+
+def test_cached_scores_equal_naive_forward_passes(prompts, model):
+    processor, batch = prompts
+    names = list(DIGIT_NAMES)
+    fast = score_class_names(model, processor, batch, names, max_logit_bytes=1)  # 1 byte: one class a chunk
+    fast_one_chunk = score_class_names(model, processor, batch, names)
+    torch.testing.assert_close(fast, fast_one_chunk, atol=1e-4, rtol=1e-4)
+    for b in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][b].bool()
+        extra = {"pixel_values": batch["pixel_values"][b:b + 1], "image_position_ids": batch["image_position_ids"][b:b + 1],
+                 "mm_token_type_ids": batch["mm_token_type_ids"][b:b + 1, keep]}
+        slow = naive_class_scores(model, processor.tokenizer, batch["input_ids"][b, keep], extra, names)
+        torch.testing.assert_close(fast[b], slow, atol=1e-3, rtol=1e-4)
+        assert predict(fast)[b] == slow.argmax()
+
+
+def test_scores_are_log_likelihoods(prompts, model):
+    processor, batch = prompts
+    scores = score_class_names(model, processor, batch, list(DIGIT_NAMES))
+    assert scores.shape == (batch["input_ids"].shape[0], len(DIGIT_NAMES))
+    assert bool((scores < 0).all()) and bool(torch.isfinite(scores).all())
+
+
+def test_right_padding_is_refused(prompts, model):
+    processor, batch = prompts
+    flipped = dict(batch)
+    flipped["attention_mask"] = batch["attention_mask"].flip(-1)
+    with pytest.raises(ValueError, match="left-padded"):
+        score_class_names(model, processor, flipped, list(DIGIT_NAMES))
+
+
+def test_class_tokens_end_with_end_of_turn(prompts):
+    processor, _ = prompts
+    ids = class_token_ids(processor.tokenizer, ["seven", "Great Pyrenees"])
+    end = processor.tokenizer.convert_tokens_to_ids("<turn|>")
+    assert all(c[-1] == end and len(c) >= 2 for c in ids)
