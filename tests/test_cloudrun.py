@@ -464,9 +464,10 @@ def test_eval_needs_a_training_run_and_merge_mode_remerges(cloud):
 
 
 @pytest.mark.slow
-def test_entrypoint_end_to_end_killed_then_resumed(tmp_path):
+def test_entrypoint_end_to_end_killed_then_resumed_then_sharded(tmp_path):
     """The offline default through the real runner: attempt 0 is killed after its first checkpoint, attempt 1
-    (same execution) resumes in the same run folder and finishes; HF_TOKEN appears in no output file."""
+    (same execution) resumes in the same run folder and finishes; then two evaluation tasks on its adapter
+    merge into exactly the unsharded evaluation's metrics; HF_TOKEN appears in no output file."""
     pytest.importorskip("helpers.runner", reason="helpers.runner has not landed yet")
     gcs = tmp_path / "gcs"
     gcs.mkdir()
