@@ -59,32 +59,31 @@ BEST_MB = {
 
 
 def variants_for(size: str, quick: bool = False) -> list[dict]:
-    ref = {"name": "ref", "quant": "ref4", "mb": (1,), "ga": 16, "ckpt": 1, "dropout": 0.05, "loss": "full", "lora_dtype": "bf16",
-               "trainer": "trainer", "r": 64, "steps": 2}
-    out = [ref]
+    """The variants of one size, most important first (a deadline skips the tail)."""
+    def ours(name, quant, mb, **kw):
+        v = {"name": name, "quant": quant, "mb": mb, "ga": None, "ckpt": 0, "dropout": 0.0, "loss": "labelled",
+             "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 3}
+        v.update(kw)
+        return v
+
+    ref = {"name": "ref", "quant": "ref4", "mb": (1,), "ga": 16, "ckpt": 1, "dropout": 0.05, "loss": "full",
+           "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 2}
     if size == "31B":
-        out += [
-            {"name": "ref-trl", "quant": "ref4", "mb": (1,), "ga": 16, "ckpt": 1, "dropout": 0.05, "loss": "trl", "lora_dtype": "bf16",
-                 "trainer": "trl", "r": 64, "steps": 2},
-            {"name": "ours-q-mb1-r64", "quant": "nf4", "mb": (1,), "ga": 16, "ckpt": 1, "dropout": 0.0, "loss": "labelled",
-                 "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 1},
-            {"name": "ours-q-mb1-r16", "quant": "nf4", "mb": (1,), "ga": 16, "ckpt": 1, "dropout": 0.0, "loss": "labelled",
-                 "lora_dtype": "bf16", "trainer": "trainer", "r": 16, "steps": 1},
-            {"name": "ours-q", "quant": "nf4", "mb": BEST_MB[(size, "nf4")], "ga": None, "ckpt": 0, "dropout": 0.0,
-                 "loss": "labelled", "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 3, "profile": True},
-            {"name": "ours-bf16", "quant": "bf16", "mb": BEST_MB[(size, "bf16")], "ga": None, "ckpt": 0, "dropout": 0.0,
-                 "loss": "labelled", "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 3},
+        out = [
+            ref,
+            ours("ours-q-mb1-r64", "nf4", (1,), ga=16, ckpt=1, steps=1),
+            ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
+            ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")]),
+            ours("ours-q-mb1-r16", "nf4", (1,), ga=16, ckpt=1, steps=1, r=16),
+            dict(ref, name="ref-trl", loss="trl", trainer="trl"),
         ]
     else:
-        out += [
-            {"name": "ours-q", "quant": "nf4", "mb": BEST_MB[(size, "nf4")], "ga": None, "ckpt": 0, "dropout": 0.0,
-                 "loss": "labelled", "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 3},
-            {"name": "ours-bf16", "quant": "bf16", "mb": BEST_MB[(size, "bf16")], "ga": None, "ckpt": 0, "dropout": 0.0,
-                 "loss": "labelled", "lora_dtype": "fp32", "trainer": "trainer", "r": 64, "steps": 4, "profile": True},
-            {"name": "ours-bf16-ckpt", "quant": "bf16", "mb": BEST_MB[(size, "bf16")], "ga": None, "ckpt": 1, "dropout": 0.0,
-                 "loss": "labelled", "lora_dtype": "fp32", "trainer": "trainer", "r": 64, "steps": 3},
-            {"name": "ours-bf16-liger", "quant": "bf16", "mb": BEST_MB[(size, "bf16")], "ga": None, "ckpt": 0, "dropout": 0.0,
-                 "loss": "labelled", "lora_dtype": "fp32", "trainer": "trainer", "r": 64, "steps": 4, "liger": True},
+        out = [
+            ref,
+            ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4, profile=True),
+            ours("ours-bf16-liger", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4, liger=True),
+            ours("ours-q", "nf4", BEST_MB[(size, "nf4")]),
+            ours("ours-bf16-ckpt", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", ckpt=1),
         ]
     if quick:
         for v in out:
@@ -317,7 +316,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path) -> dict:
             timer = make_timer()
             if not cpu:
                 torch.cuda.reset_peak_memory_stats()
-            trainer = make_trainer(model, v, rows, mb, ga, str(out_dir / "trainer"), cpu, timer)
+            trainer = make_trainer(model, v, rows, mb, ga, "/tmp/gpu_train_bench_trainer", cpu, timer)
             if v["trainer"] == "trl":
                 trained = trainer.model
                 for p in trained.parameters():
@@ -412,7 +411,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny step counts and micro-batches")
     parser.add_argument("--deadline-s", type=float, default=540.0, help="skip variants once this is passed")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=64)
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,8 +447,7 @@ def main(argv=None):
             print(json.dumps({k: r.get(k) for k in ("size", "variant", "mb", "ga", "status", "samples_per_s",
                                                      "peak_alloc", "mfu_989", "wall_s", "error")}), flush=True)
             (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
-    table = print_table(results)
-    (out_dir / "train_table.txt").write_text(table + "\n")
+    print_table(results)
     return results
 
 

@@ -1,0 +1,74 @@
+"""GPU tests (``-m gpu``; deselected by default, run on the device by ``benchmarks/run_gpu.sh``)."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_31b_nf4_builds_without_a_bf16_copy():
+    """31B in NF4: weights in the expected range, and the build never held much more than them."""
+    from helpers.presets import preset_config
+    from helpers.realshape import build_model
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = build_model(preset_config("31B"), "4bit")
+    weights = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    assert 16e9 < weights < 21e9, weights
+    assert peak < weights + 1.5e9, (peak, weights)  # one bf16 linear at a time, not 62 GB
+    assert model.is_loaded_in_4bit and model.is_quantized
+    del model
+    torch.cuda.empty_cache()
+
+
+def test_lora_trains_on_shrunk_nf4_model():
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.losses import labelled_positions_loss
+    from helpers.realshape import build_model, shrunk_config, synthetic_batch
+
+    config = shrunk_config("31B")
+    model = build_model(config, "4bit")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    batch = synthetic_batch(config, 2, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = labelled_positions_loss(model, batch)
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n and p.grad is not None]
+    assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("size", ["E4B", "26B-A4B", "31B"])
+def test_labelled_loss_equals_full_logits_loss_on_gpu(size):
+    from helpers.losses import full_logits_loss, labelled_positions_loss
+    from helpers.realshape import build_model, shrunk_config, synthetic_batch
+
+    config = shrunk_config(size)
+    model = build_model(config, "none", dtype=torch.float32)
+    batch = synthetic_batch(config, 3, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(labelled_positions_loss(model, batch), full_logits_loss(model, batch),
+                                   atol=2e-4, rtol=2e-4)
+
+
+def test_cached_scoring_equals_naive_on_gpu():
+    from benchmarks.gpu_eval_bench import prompt_batch
+    from helpers.data import PET_BREEDS
+    from helpers.realshape import build_model, shrunk_config
+    from helpers.scoring import naive_class_scores, score_class_names
+    from helpers.tiny import build_tokenizer
+
+    config = shrunk_config("31B")
+    model = build_model(config, "none", dtype=torch.float32)
+    tokenizer = build_tokenizer()
+    batch = {k: v.cuda() for k, v in prompt_batch(config, 2, "31B").items()}
+    names = list(PET_BREEDS[:8])
+    fast = score_class_names(model, tokenizer, batch, names)
+    for b in range(2):
+        extra = {k: batch[k][b:b + 1] for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")}
+        slow = naive_class_scores(model, tokenizer, batch["input_ids"][b], extra, names)
+        torch.testing.assert_close(fast[b], slow, atol=2e-3, rtol=1e-3)
