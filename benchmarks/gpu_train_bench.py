@@ -75,6 +75,7 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
             ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")]),
             ours("ours-q-mb1-r16", "nf4", (1,), ga=16, ckpt=1, steps=1, r=16),
+            ours("ours-q-liger", "nf4", (16, 8), liger=True),
             dict(ref, name="ref-trl", loss="trl", trainer="trl"),
         ]
     else:
@@ -254,9 +255,24 @@ def forward_flops(model, batch) -> int:
     dev = next(p.device for p in model.parameters() if not p.is_meta)
     batch = {k: v.to(dev) for k, v in batch.items()}
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.no_grad(), ctx, counter:
-        labelled_positions_loss(model, batch)
-    return counter.get_total_flops()
+    # bitsandbytes' 4-bit matmul is one custom op, invisible to the counter: count those GEMMs with hooks
+    extra = [0]
+    hooks = []
+
+    def hook(mod, args, _out):
+        rows = args[0].numel() // mod.in_features
+        extra[0] += 2 * rows * mod.in_features * mod.out_features
+
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), ctx, counter:
+            labelled_positions_loss(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.get_total_flops() + extra[0]
 
 
 def profile_step(model, v, rows, mb, out_path: Path, top: int = 12) -> list[tuple[str, float]]:
@@ -434,7 +450,7 @@ def main(argv=None):
         config = shrunk_config(size) if args.shrink else preset_config(size)
         rows = Rows(synthetic_batch(config, args.samples))
         for v in variants_for(size, args.quick):
-            if keep and v["name"] not in keep:
+            if keep and v["name"] not in keep and f"{size}:{v['name']}" not in keep and f"{size}:*" not in keep:
                 continue
             if time.perf_counter() - start > args.deadline_s:
                 results.append({"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"],
@@ -446,7 +462,8 @@ def main(argv=None):
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("size", "variant", "mb", "ga", "status", "samples_per_s",
                                                      "peak_alloc", "mfu_989", "wall_s", "error")}), flush=True)
-            (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+            (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results,
+                                                                         "fwd_flops_per_sample": flops_cache}, indent=1))
     print_table(results)
     return results
 

@@ -19,7 +19,7 @@ for stage in ${STAGES:-train eval tests}; do
         train) timeout "${TRAIN_TIMEOUT:-480}" python3 benchmarks/gpu_train_bench.py --sizes "${TRAIN_SIZES:-E4B,31B}" \
                    --variants "${TRAIN_VARIANTS:-}" --out "$OUT" --profile --deadline-s "${TRAIN_DEADLINE:-400}" \
                    2>&1 | tee "$OUT/train.log" ;;
-        eval) timeout "${EVAL_TIMEOUT:-150}" python3 benchmarks/gpu_eval_bench.py --sizes "${EVAL_SIZES:-E4B,31B}" \
+        eval) timeout "${EVAL_TIMEOUT:-150}" python3 benchmarks/gpu_eval_bench.py --sizes "${EVAL_SIZES:-E4B,31B}" --batches "${EVAL_BATCHES:-3}" \
                   --out "$OUT" 2>&1 | tee "$OUT/eval.log" ;;
         tests) timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
                    2>&1 | tee "$OUT/gpu_tests.log" ;;

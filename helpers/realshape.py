@@ -93,7 +93,10 @@ def build_model(config, quantization: str = "none", quantization_config=None, de
     if quantization not in ("none", "4bit"):
         raise ValueError(f"quantization must be 'none' or '4bit', got {quantization!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config._attn_implementation = attn_implementation
+    # text and vision only: the audio tower (E2B/E4B) has no SDPA path; left unset it picks eager itself
+    for sub in (config.get_text_config(), config.vision_config):
+        if sub is not None:
+            sub._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype)
