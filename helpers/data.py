@@ -79,15 +79,35 @@ def _take(indices: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(indices, size=size, replace=False))
 
 
+ONE_PIXEL_SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def shift_digit(pixels: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The 8×8 digit moved by (dy, dx) pixels, blank where it moved away from (no wrap-around)."""
+    grid = pixels.reshape(8, 8)
+    out = np.zeros_like(grid)
+    ys, yd = (slice(0, 8 - dy), slice(dy, 8)) if dy >= 0 else (slice(-dy, 8), slice(0, 8 + dy))
+    xs, xd = (slice(0, 8 - dx), slice(dx, 8)) if dx >= 0 else (slice(-dx, 8), slice(0, 8 + dx))
+    out[yd, xd] = grid[ys, xs]
+    return out.reshape(-1)
+
+
 def load_digits_examples(split: str = "train", size: int | None = None, seed: int = 0,
-                         test_fraction: float = 0.25) -> ExampleSet:
-    """The offline data set: scikit-learn's digits as RGB images, a stratified seeded split."""
+                         test_fraction: float = 0.25, augment: bool = False) -> ExampleSet:
+    """The offline data set: scikit-learn's digits as RGB images, a stratified seeded split.
+
+    ``augment`` (training split only) adds four copies of each digit moved by one pixel; the held-out
+    split is never augmented.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     train_idx, test_idx = _stratified_split(digits.target, test_fraction, seed=0)
     indices = _take(train_idx if split == "train" else test_idx, size, seed)
     examples = [{"image": digit_image(digits.data[i]), "label": int(digits.target[i])} for i in indices]
+    if augment and split == "train":
+        examples += [{"image": digit_image(shift_digit(digits.data[i], dy, dx)), "label": int(digits.target[i])}
+                     for dy, dx in ONE_PIXEL_SHIFTS for i in indices]
     return ExampleSet(DIGITS, split, examples, list(DIGIT_NAMES))
 
 

@@ -1,0 +1,177 @@
+"""Why the tiny offline Gemma 4 is initialised the way it is: a learning sweep over init and LoRA settings.
+
+Each run builds the tiny checkpoint with one seed, optionally re-draws the (tied) token embeddings at
+another scale, wraps it with LoRA all-linear and trains on 1,000 digits with the labelled-positions
+loss, printing held-out accuracy (constrained: the argmax over the ten single-token class names) every
+``--eval-every`` steps. Batches are collated once up front with the real collator, so the loop
+measures learning, not image preprocessing.
+
+    python benchmarks/tiny_init_sweep.py --variants base emb125 --seeds 0 1 2 --steps 600 --parallel 4
+
+Runs on the CPU or, much faster for a sweep, on a GPU (``--device cuda``); the learning curves per
+step are the same computation either way (float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+
+BASE = {"emb_std": None, "lr": 2e-3, "r": 16, "alpha": 16, "batch": 32, "train_size": 1000, "augment": False,
+        "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None}
+VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps transformers' 0.02)
+    "base": {},
+    "emb125": {"emb_std": 0.125},
+    "emb125_lr4": {"emb_std": 0.125, "lr": 4e-3},
+    "emb125_lr1": {"emb_std": 0.125, "lr": 1e-3},
+    "emb125_a32": {"emb_std": 0.125, "alpha": 32},
+    "emb125_bs16": {"emb_std": 0.125, "batch": 16},
+    "emb25": {"emb_std": 0.25},
+    "emb06": {"emb_std": 0.0625},
+    # second round: more data, one-pixel-shift augmentation, LoRA dropout
+    "e125_lr1_all": {"emb_std": 0.125, "lr": 1e-3, "train_size": None},
+    "e125_lr1_all_do": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "dropout": 0.1},
+    "e125_lr1_aug": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "augment": True},
+    "e125_lr2_aug": {"emb_std": 0.125, "lr": 2e-3, "train_size": None, "augment": True},
+    "e125_lr1_aug_do": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "augment": True, "dropout": 0.1},
+    "e25_lr1_aug": {"emb_std": 0.25, "lr": 1e-3, "train_size": None, "augment": True},
+    "e06_lr1_aug": {"emb_std": 0.0625, "lr": 1e-3, "train_size": None, "augment": True},
+    "e125_lr1_aug_r8": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "augment": True, "r": 8, "alpha": 8},
+    "e125_lr2_aug_bs64": {"emb_std": 0.125, "lr": 2e-3, "train_size": None, "augment": True, "batch": 64},
+    "e125_lr15_aug_do05": {"emb_std": 0.125, "lr": 1.5e-3, "train_size": None, "augment": True, "dropout": 0.05},
+    # third round: keep the pixels visible through the sandwich norms (patch embedding and soft-token scale)
+    "fix": {"emb_std": 0.125, "patch_std": 0.5, "soft_token_std": 0.125},
+    "fix_lr1": {"emb_std": 0.125, "patch_std": 0.5, "soft_token_std": 0.125, "lr": 1e-3},
+    "fix_patch": {"emb_std": 0.125, "patch_std": 0.5},
+    # fourth round: a quieter residual branch (post-norm weights) so each patch keeps its identity
+    "patch_lr1": {"emb_std": 0.125, "patch_std": 0.5, "lr": 1e-3, "train_size": None},
+    "patch_lr2": {"emb_std": 0.125, "patch_std": 0.5, "lr": 2e-3, "train_size": None},
+    "vpost25_lr1": {"emb_std": 0.125, "vision_post_norm": 0.25, "lr": 1e-3, "train_size": None},
+    "vpost25_patch_lr1": {"emb_std": 0.125, "vision_post_norm": 0.25, "patch_std": 0.5, "lr": 1e-3,
+                          "train_size": None},
+    "allpost25_lr1": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 1e-3,
+                      "train_size": None},
+    "allpost25_lr2": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 2e-3,
+                      "train_size": None},
+}
+
+
+def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str) -> list[dict]:
+    import torch
+
+    from helpers.collator import VisionChatCollator
+    from helpers.data import load_digits_examples, load_examples
+    from helpers.losses import labelled_positions_loss, softcapped_logits, unwrap_gemma4
+    from helpers.modeling import apply_lora, load_model, load_processor
+    from helpers.tiny import build_tiny_gemma4
+
+    settings = {**BASE, **VARIANTS[variant]}
+    emb_std, lr, batch_size = settings["emb_std"], settings["lr"], settings["batch"]
+    torch.manual_seed(seed)
+    path = build_tiny_gemma4(tempfile.mkdtemp(), seed=seed)
+    processor = load_processor(str(path))
+    model = load_model(str(path), dtype=torch.float32)
+    if emb_std is not None:
+        with torch.no_grad():
+            weight = model.model.language_model.embed_tokens.weight
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * emb_std)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for key, module in (("patch_std", model.model.vision_tower.patch_embedder.input_proj),
+                            ("soft_token_std", model.model.embed_vision.embedding_projection)):
+            if settings[key] is not None:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * settings[key])
+    with torch.no_grad():
+        for key, tower in (("vision_post_norm", model.model.vision_tower), ("text_post_norm", model.model.language_model)):
+            if settings[key] is not None:
+                for name, param in tower.named_parameters():
+                    if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+                        param.fill_(settings[key])
+    model = apply_lora(model, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"]).to(device)
+    train = load_digits_examples("train", size=settings["train_size"], augment=settings["augment"])
+    test = load_examples("digits", "test", size=300)
+    names = train.class_names
+    train_batch = VisionChatCollator(processor, names)(train.examples)
+    test_batch = VisionChatCollator(processor, names, mode="eval")(test.examples)
+    name_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(n) for n in names], device=device)
+    test_labels = torch.tensor([e["label"] for e in test.examples], device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = 10
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / steps))))
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def accuracy():
+        model.eval()
+        gemma, correct = unwrap_gemma4(model), 0
+        for start in range(0, len(test_labels), 100):
+            part = {k: v[start:start + 100].to(device) for k, v in test_batch.items()}
+            hidden = gemma.model(**part, use_cache=False).last_hidden_state[:, -1]
+            logits = softcapped_logits(model, hidden)[:, name_ids]
+            correct += (logits.argmax(-1) == test_labels[start:start + 100]).sum().item()
+        model.train()
+        return correct / len(test_labels)
+
+    rows, start = [{"variant": variant, "seed": seed, "step": 0, "acc": accuracy(), "s": 0.0}], time.time()
+    print(json.dumps(rows[-1]), flush=True)
+    for step in range(1, steps + 1):
+        idx = torch.randperm(len(train.examples), generator=generator)[:batch_size]
+        batch = {k: v[idx].to(device) for k, v in train_batch.items()}
+        loss = labelled_positions_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % eval_every == 0:
+            rows.append({"variant": variant, "seed": seed, "step": step, "loss": round(loss.item(), 4),
+                         "acc": accuracy(), "s": round(time.time() - start, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+", default=["base", "emb125"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args.one[0], int(args.one[1]), args.steps, args.eval_every, args.device)
+        return
+    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    running, lines = [], []
+    while jobs or running:
+        while jobs and len(running) < args.parallel:
+            v, s = jobs.pop(0)
+            cmd = [sys.executable, __file__, "--one", v, str(s), "--steps", str(args.steps),
+                   "--eval-every", str(args.eval_every), "--device", args.device]
+            running.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        for proc in list(running):
+            if proc.poll() is not None:
+                out = proc.stdout.read()
+                lines += [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+                print(out, end="", flush=True)
+                running.remove(proc)
+        time.sleep(0.5)
+    print("\nvariant       seed  " + "  ".join(f"{r['step']:>5}" for r in lines if r["variant"] == lines[0]["variant"]
+                                              and r["seed"] == lines[0]["seed"]))
+    for v in args.variants:
+        for s in args.seeds:
+            accs = [r["acc"] for r in lines if r["variant"] == v and r["seed"] == s]
+            print(f"{v:<13} {s:>4}  " + "  ".join(f"{a:5.3f}" for a in accs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The tiny offline Gemma 4: a real checkpoint folder that round-trips through the Auto classes."""
+
+import torch
+from PIL import Image
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+from helpers.data import DIGIT_NAMES, PET_BREEDS, QUESTION, load_examples, to_messages
+from helpers.modeling import apply_lora
+from helpers.tiny import ALL_SPECIAL_TOKENS, NAMED_SPECIAL_TOKENS, build_tiny_gemma4, count_parameters
+
+
+def test_round_trips_through_auto_classes(tiny_path, tiny_processor):
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_path)
+    assert type(model).__name__ == "Gemma4ForConditionalGeneration"
+    assert type(tiny_processor).__name__ == "Gemma4Processor"
+    assert type(tiny_processor.image_processor).__name__ == "Gemma4ImageProcessor"
+    assert model.config.vision_config.use_clipped_linears is True
+    assert model.config.audio_config is None
+    assert 100_000 < count_parameters(model) < 1_000_000
+
+
+def test_two_builds_are_identical(tmp_path, tiny_path):
+    other = build_tiny_gemma4(tmp_path / "again")
+    a = AutoModelForMultimodalLM.from_pretrained(tiny_path).state_dict()
+    b = AutoModelForMultimodalLM.from_pretrained(other).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_special_tokens_are_single_ids_with_real_strings(tiny_processor):
+    tok = tiny_processor.tokenizer
+    ids = [tok(t, add_special_tokens=False).input_ids for t in ALL_SPECIAL_TOKENS]
+    assert all(len(i) == 1 for i in ids)
+    assert len({i[0] for i in ids}) == len(ALL_SPECIAL_TOKENS)
+    for attribute, string in NAMED_SPECIAL_TOKENS.items():
+        assert getattr(tok, attribute) == string
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
+
+
+def test_vocabulary_covers_every_prompt_and_class_name(tiny_processor):
+    tok = tiny_processor.tokenizer
+    for text in [QUESTION, *DIGIT_NAMES, *PET_BREEDS]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+
+
+def test_chat_template_is_gemma4_format(tiny_processor):
+    text = tiny_processor.apply_chat_template(to_messages(answer="seven"), tokenize=False)
+    assert text == f"<bos><|turn>user\n<|image|>{QUESTION}<turn|>\n<|turn>model\nseven<turn|>\n"
+    prompt = tiny_processor.apply_chat_template(to_messages(), tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|turn>model\n")
+
+
+def _soft_tokens(processor, size):
+    text = processor.apply_chat_template(to_messages(), tokenize=False, add_generation_prompt=True)
+    batch = processor(text=[text], images=[[Image.new("RGB", size, "white")]], return_tensors="pt")
+    return int((batch["input_ids"] == processor.tokenizer.image_token_id).sum())
+
+
+def test_image_expands_to_size_dependent_soft_token_counts(tiny_processor):
+    # patch 4, pooling 2, budget 70 -> at most 70 soft tokens, fewer for elongated images
+    counts = {size: _soft_tokens(tiny_processor, size) for size in [(64, 64), (300, 100), (40, 200)]}
+    assert counts[(64, 64)] == 64
+    assert len(set(counts.values())) == 3
+    assert all(0 < c <= 70 for c in counts.values())
+
+
+def test_forward_and_generate(tiny_path, tiny_processor):
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_path)
+    example = load_examples("digits", "test", size=2)[0]
+    text = tiny_processor.apply_chat_template(to_messages(), tokenize=False, add_generation_prompt=True)
+    batch = tiny_processor(text=[text], images=[[example["image"]]], return_tensors="pt")
+    batch.pop("num_soft_tokens_per_image", None)
+    logits = model(**batch).logits
+    assert logits.shape[-1] == len(tiny_processor.tokenizer)
+    assert logits.abs().max() <= model.config.text_config.final_logit_softcapping
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3 or out[0, -1].item() in model.config.text_config.eos_token_id
+
+
+def test_lora_all_linear_applies_to_the_tiny_model(tiny_path):
+    model = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert any("vision_tower" in n and ".linear.lora_A" in n for n in names)
+    assert any("language_model" in n for n in names)
+    assert not any("lm_head" in n for n in names)
+
+
+def test_processor_loads_with_auto_processor(tiny_path):
+    assert AutoProcessor.from_pretrained(tiny_path).image_processor.max_soft_tokens == 70
