@@ -248,31 +248,51 @@ def make_timer():
 
 # ----------------------------------------------------------------------------------------------- FLOPs
 def forward_flops(model, batch) -> int:
-    """FLOPs of one forward through vision tower, decoder and lm_head at the labelled positions."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward through vision tower, decoder and lm_head at the labelled positions.
 
-    counter = FlopCounterMode(display=False)
+    Every matmul of the model goes through ``F.linear`` (``nn.Linear``, LoRA, the MoE experts), a
+    bitsandbytes ``Linear4bit`` (one custom op: counted with a hook) or SDPA (4·B·H·Lq·Lk·D, the whole
+    square, masks ignored): all three are counted; elementwise work is not.
+    """
+    import torch.nn.functional as F
+
+    total = [0]
+    linear, sdpa = F.linear, F.scaled_dot_product_attention
+
+    inside_4bit = [0]
+
+    def counting_linear(x, weight, bias=None):
+        if not inside_4bit[0]:  # a 4-bit layer's own dequantize + F.linear is counted by its hook
+            total[0] += 2 * (x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1]
+        return linear(x, weight, bias)
+
+    def pre_hook(mod, args):
+        inside_4bit[0] += 1
+
+    def counting_sdpa(q, k, v, *args, **kwargs):
+        total[0] += 4 * q.numel() // q.shape[-1] * k.shape[-2] * q.shape[-1]
+        return sdpa(q, k, v, *args, **kwargs)
+
+    def hook(mod, args, _out):
+        inside_4bit[0] -= 1
+        total[0] += 2 * (args[0].numel() // mod.in_features) * mod.in_features * mod.out_features
+
     dev = next(p.device for p in model.parameters() if not p.is_meta)
     batch = {k: v.to(dev) for k, v in batch.items()}
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    # bitsandbytes' 4-bit matmul is one custom op, invisible to the counter: count those GEMMs with hooks
-    extra = [0]
     hooks = []
-
-    def hook(mod, args, _out):
-        rows = args[0].numel() // mod.in_features
-        extra[0] += 2 * rows * mod.in_features * mod.out_features
-
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            hooks.append(module.register_forward_hook(hook))
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            hooks += [m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook)]
+    F.linear, F.scaled_dot_product_attention = counting_linear, counting_sdpa
     try:
-        with torch.no_grad(), ctx, counter:
+        with torch.no_grad(), ctx:
             labelled_positions_loss(model, batch)
     finally:
+        F.linear, F.scaled_dot_product_attention = linear, sdpa
         for h in hooks:
             h.remove()
-    return counter.get_total_flops() + extra[0]
+    return total[0]
 
 
 def profile_step(model, v, rows, mb, out_path: Path, top: int = 12) -> list[tuple[str, float]]:
@@ -428,6 +448,7 @@ def main(argv=None):
     parser.add_argument("--deadline-s", type=float, default=540.0, help="skip variants once this is passed")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--flops-sizes", default="", help="also count forward FLOPs of these sizes")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -464,6 +485,16 @@ def main(argv=None):
                                                      "peak_alloc", "mfu_989", "wall_s", "error")}), flush=True)
             (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results,
                                                                          "fwd_flops_per_sample": flops_cache}, indent=1))
+    for size in filter(None, args.flops_sizes.split(",")):
+        if size not in flops_cache:  # FLOPs only (no training): to put MFU on rows measured in another run
+            config = shrunk_config(size) if args.shrink else preset_config(size)
+            model = build(size, "nf4", args.shrink, "cuda" if torch.cuda.is_available() else "cpu")
+            flops_cache[size] = forward_flops(model, collate([Rows(synthetic_batch(config, 1))[0]]))
+            del model
+            cleanup()
+    print("forward FLOPs per sample:", json.dumps(flops_cache), flush=True)
+    (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results,
+                                                             "fwd_flops_per_sample": flops_cache}, indent=1))
     print_table(results)
     return results
 

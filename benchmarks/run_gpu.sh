@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 for stage in ${STAGES:-train eval tests}; do
     case $stage in
         train) timeout "${TRAIN_TIMEOUT:-480}" python3 benchmarks/gpu_train_bench.py --sizes "${TRAIN_SIZES:-E4B,31B}" \
-                   --variants "${TRAIN_VARIANTS:-}" --out "$OUT" --profile --deadline-s "${TRAIN_DEADLINE:-400}" \
+                   --variants "${TRAIN_VARIANTS:-}" --out "$OUT" --profile --deadline-s "${TRAIN_DEADLINE:-400}" --flops-sizes "${FLOPS_SIZES:-}" \
                    2>&1 | tee "$OUT/train.log" ;;
         eval) timeout "${EVAL_TIMEOUT:-150}" python3 benchmarks/gpu_eval_bench.py --sizes "${EVAL_SIZES:-E4B,31B}" --batches "${EVAL_BATCHES:-3}" \
                   --out "$OUT" 2>&1 | tee "$OUT/eval.log" ;;

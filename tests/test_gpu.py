@@ -19,7 +19,9 @@ def test_31b_nf4_builds_without_a_bf16_copy():
     weights = torch.cuda.memory_allocated() - base
     peak = torch.cuda.max_memory_allocated() - base
     assert 16e9 < weights < 21e9, weights
-    assert peak < weights + 1.5e9, (peak, weights)  # one bf16 linear at a time, not 62 GB
+    # never a bf16 copy of the model (62 GB): the transient is at most the largest single bf16 tensor, the
+    # 262,144 x 5,376 embedding (2.8 GB) while it is initialised (measured on an H200: 21.9 GB peak, 19.1 GB)
+    assert peak < weights + 3.5e9, (peak, weights)
     assert model.is_loaded_in_4bit and model.is_quantized
     del model
     torch.cuda.empty_cache()
@@ -38,7 +40,8 @@ def test_lora_trains_on_shrunk_nf4_model():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = labelled_positions_loss(model, batch)
     loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n and p.grad is not None]
+    # lora_B starts at zero, so only lora_B gets a gradient on the first step
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None]
     assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads)
 
 
