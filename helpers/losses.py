@@ -5,6 +5,12 @@ position (batch × sequence × 262,144, in float32 for the loss): for one 31B sa
 that is ~315 MB of logits, and more for their gradient, although only the answer's few tokens carry a
 label. Here the hidden states are gathered at the labelled positions first, then ``lm_head`` and
 Gemma 4's final logit softcap are applied to those rows only. The value is the same (tests check it).
+
+For training, all of this happens *inside* the model's own forward (``model(...)``), with a pre-hook that
+hands ``lm_head`` the labelled rows only: DDP synchronises gradients only for a forward called through its
+wrapper, and FSDP gathers ``lm_head``'s sharded weight only inside the root module's forward, so calling
+``gemma.model`` and ``lm_head`` directly would silently skip both (notebook 04's single-GPU path is the same
+code).
 """
 
 from __future__ import annotations
@@ -50,16 +56,38 @@ def labelled_hidden_states(model, batch: dict) -> tuple[torch.Tensor, torch.Tens
     return hidden[:, :-1][keep], targets[keep]
 
 
+def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softcapped logits at the labelled positions and their targets, through ``model``'s own forward.
+
+    ``model`` may be wrapped (PEFT, DDP, FSDP): the call goes through every wrapper, and a pre-hook on
+    ``lm_head`` replaces its input (every position's hidden state) with the labelled rows only.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    if not keep.any():
+        raise ValueError("no labelled tokens in this batch: every label is -100")
+
+    def labelled_rows(module, args):
+        return (args[0][:, :-1][keep],)
+
+    handle = unwrap_gemma4(model).lm_head.register_forward_pre_hook(labelled_rows)
+    try:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        logits = model(**inputs, use_cache=False).logits  # Gemma 4's softcap is applied by its forward
+    finally:
+        handle.remove()
+    return logits, targets[keep]
+
+
 def labelled_positions_loss(model, batch: dict, num_items_in_batch: int | None = None) -> torch.Tensor:
     """Cross-entropy over labelled tokens only; a sum over ``num_items_in_batch`` when given.
 
     With gradient accumulation, dividing each micro-batch's sum by the number of labelled tokens in the
-    whole accumulated batch gives exactly the mean over that batch (transformers' Trainer passes it).
+    whole accumulated batch gives exactly the mean over that batch (transformers' Trainer passes it; with
+    several processes it is the count over all of them).
     """
-    hidden, targets = labelled_hidden_states(model, batch)
-    if targets.numel() == 0:
-        raise ValueError("no labelled tokens in this batch: every label is -100")
-    logits = softcapped_logits(model, hidden).float()
+    logits, targets = labelled_logits(model, batch)
+    logits = logits.float()
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets)
     return F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch

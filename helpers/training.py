@@ -8,7 +8,10 @@ a plain ``Trainer``:
 - resume: when ``output_dir/checkpoints`` holds a checkpoint, training continues from it, so rerunning
   the same command finishes the run;
 - a non-finite loss stops training at once with the step named (the last checkpoint stays good);
-- wall time, peak memory, and the adapter saved with ``save_pretrained`` (atomically, too).
+- wall time, peak memory, and the adapter saved with ``save_pretrained`` (atomically, too);
+- several processes (``python -m helpers.launch`` under ``torchrun`` / ``accelerate launch``): the loss is the
+  mean over the labelled tokens of *all* ranks, checkpoints and the adapter are written once (rank 0)
+  behind barriers, and DDP is told whether some adapters get no gradient.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from helpers.losses import labelled_positions_loss
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 STAGING = ".staging"
+# Modules that "all-linear" LoRA wraps but image + text training never runs (E2B/E4B's audio tower and its
+# projector): their adapters get no gradient, and DDP must then look for unused parameters every step.
+NOT_RUN_IN_IMAGE_TRAINING = ("audio_tower", "embed_audio")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,12 +64,23 @@ class LabelledPositionsTrainer(Trainer):
 
     _staging_dir: str | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Gemma 4 declares accepts_loss_kwargs = False, so the Trainer would pass no token count: each
+        # micro-batch (and each rank) would be averaged on its own, a mean of means. Our compute_loss takes
+        # the count, so ask the Trainer for it: labelled tokens over the accumulated batch, summed over ranks.
+        self.model_accepts_loss_kwargs = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = labelled_positions_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}; "
                 f"stopping. The last complete checkpoint in {self.args.output_dir} is kept.")
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # the count is global, but DDP/FSDP average gradients over ranks: undo that average (as
+            # Trainer.compute_loss does) so the gradient is that of the global labelled-token mean
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def _get_output_dir(self, trial):
@@ -74,10 +91,12 @@ class LabelledPositionsTrainer(Trainer):
         self._staging_dir = os.path.join(final_root, STAGING)
         if self.args.should_save:
             shutil.rmtree(self._staging_dir, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # every rank writes into staging (its RNG state, FSDP shards)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             staging, self._staging_dir = self._staging_dir, None
+        self.accelerator.wait_for_everyone()  # rank 0 moves the folder only once every rank has written
         if self.args.should_save:
             name = f"checkpoint-{self.state.global_step}"
             target = os.path.join(final_root, name)
@@ -143,16 +162,33 @@ def loss_history(trainer: Trainer) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
 
 
-def save_adapter(model, output_dir: str | Path) -> Path:
+def save_adapter(model, output_dir: str | Path, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` into a staging folder, then rename: the adapter is whole or absent."""
     final = Path(output_dir) / ADAPTER
     staging = Path(output_dir) / (ADAPTER + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=state_dict)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
     return final
+
+
+def save_final_adapter(trainer: Trainer, model, output_dir: str | Path) -> Path:
+    """The adapter, written once (by rank 0); the other ranks wait until it is there."""
+    state_dict = None
+    if trainer.is_fsdp_enabled:  # the weights are sharded: gather a full copy (every rank takes part)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.args.should_save:
+        save_adapter(model, output_dir, state_dict)
+    trainer.accelerator.wait_for_everyone()
+    return Path(output_dir) / ADAPTER
+
+
+def ddp_find_unused_parameters(model) -> bool:
+    """True when some trainable parameter gets no gradient (DDP then walks the graph every step)."""
+    return any(p.requires_grad and any(part in name for part in NOT_RUN_IN_IMAGE_TRAINING)
+               for name, p in model.named_parameters())
 
 
 def train(model, collator, train_examples, config, output_dir: str | Path, callbacks=None) -> TrainResult:
@@ -165,13 +201,14 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     args = training_arguments(config, output_dir)
+    args.ddp_find_unused_parameters = ddp_find_unused_parameters(model)
     trainer = LabelledPositionsTrainer(model=model, args=args, train_dataset=list(train_examples),
                                        data_collator=collator, callbacks=callbacks)
     resume = last_complete_checkpoint(output_dir)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
-    adapter = save_adapter(model, output_dir)
+    adapter = save_final_adapter(trainer, model, output_dir)
     peak, kind = peak_memory()
     return TrainResult(global_step=trainer.state.global_step, resumed_from=resume, wall_seconds=wall,
                        peak_memory_bytes=peak, peak_memory_kind=kind, adapter_dir=str(adapter),
