@@ -147,3 +147,90 @@ def memory_table(configs: dict, ranks=(16, 64), skip_modules: list[str] | None =
             entry[f"lora r{r}"] = sum(lora_parameters_by_tower(model, r).values())
         table[name] = entry
     return table
+
+
+# ------------------------------------------------------------------------------------------------------
+# Peak training memory: plan(). Taught in notebook 01 ("will it fit on a 24 / 48 / 80 / 96 GB GPU?").
+#
+# peak = weights + LoRA state + activations + logits, each term below. The weights and the LoRA counts are
+# exact (module by module, above). The activation term is a model: "activation units" per sample,
+#   U = text layers x text tokens x (hidden + intermediate) + vision layers x patches x (hidden + intermediate)
+# (the MoE's routed width is top-k x expert width), times bytes per unit measured on an H200
+# (benchmarks/results/, 2026-11-28; transformers 5.23, peft 0.21.2, bitsandbytes 0.50.2, SDPA, bf16 autocast).
+# They are large because Gemma 4's RMSNorm computes in float32 and autograd keeps those float32 copies, and
+# because the vision tower runs on all 9 x budget patches (2,520 at the default 280), padding included.
+ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in benchmarks/README.md
+    "E2B": 20.5,  # not measured: E4B's value (same clipped vision tower family)
+    "E4B": 20.5,
+    "26B-A4B": 18.2,
+    "31B": 16.0,
+}
+LIGER_ACTIVATION_FACTOR = 0.78  # Liger's RMSNorm + GeGLU keep bf16, not float32, copies (31B, measured)
+FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own loss (bf16 logits, fp32
+# upcast, softmax and gradient): 1.5 GB for one 31B sample of 290 tokens; the labelled-position loss: ~0
+LORA_STATE_BYTES = {"bf16": 8, "fp32": 16}  # parameter + gradient + AdamW's two moments
+TEXT_TOKENS = 29  # chat scaffolding + a short question + a class name (the benchmark's stream)
+
+
+def _widths(config):
+    text, vision = config.get_text_config(), config.vision_config
+    intermediate = text.intermediate_size
+    if getattr(text, "enable_moe_block", False):
+        intermediate += text.top_k_experts * text.moe_intermediate_size
+    return text, vision, intermediate
+
+
+def activation_units(config, image_tokens: int, patches: int, text_tokens: int = TEXT_TOKENS) -> int:
+    """``U`` per sample (see above): the widths every layer keeps activations of, times its tokens."""
+    text, vision, intermediate = _widths(config)
+    tokens = image_tokens + text_tokens
+    return (text.num_hidden_layers * tokens * (text.hidden_size + intermediate)
+            + vision.num_hidden_layers * patches * (vision.hidden_size + vision.intermediate_size))
+
+
+def checkpoint_bytes(config, image_tokens: int, patches: int, text_tokens: int = TEXT_TOKENS) -> int:
+    """Activation checkpointing keeps each layer's bf16 input; one layer is recomputed at a time."""
+    text, vision, _ = _widths(config)
+    tokens = image_tokens + text_tokens
+    return 2 * (text.num_hidden_layers * tokens * text.hidden_size
+                + vision.num_hidden_layers * patches * vision.hidden_size)
+
+
+def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: int = 1, soft_tokens: int = 280,
+         gradient_checkpointing: bool = False, *, image_tokens: int | None = None, text_tokens: int = TEXT_TOKENS,
+         lora_dtype: str = "bf16", loss: str = "labelled", liger: bool = False,
+         skip_modules: list[str] | None = None) -> dict:
+    """Predicted peak training memory (bytes) and its terms, for one GPU. Taught in notebook 01.
+
+    ``soft_tokens`` is the image budget (70 ... 1120): the vision tower sees ``9 x soft_tokens`` patches
+    (padding included) and the decoder up to ``soft_tokens`` image tokens (``image_tokens``: fewer for
+    non-square images, e.g. 256 for 224 x 224 at 280). ``loss``: ``"labelled"`` (ours) or ``"full"`` (the
+    model's own loss over the full vocabulary at every position, as the seed). ``lora_dtype``: the
+    adapters' dtype (``"bf16"`` as TRL casts them for QLoRA; PEFT's default is ``"fp32"``).
+    """
+    from helpers.presets import preset_config
+
+    config = preset_config(size)
+    image_tokens = soft_tokens if image_tokens is None else image_tokens
+    patches = 9 * soft_tokens
+    weights = weight_bytes(config, quantization, skip_modules)
+    lora = LORA_STATE_BYTES[lora_dtype] * lora_parameter_count(config, lora_r)
+    units = activation_units(config, image_tokens, patches, text_tokens)
+    per_unit = ACTIVATION_BYTES_PER_UNIT[size] * (LIGER_ACTIVATION_FACTOR if liger else 1.0)
+    text = config.get_text_config()
+    if gradient_checkpointing:
+        one_layer = units / text.num_hidden_layers  # the layer being recomputed (the widest: a text layer)
+        activations = micro_batch * checkpoint_bytes(config, image_tokens, patches, text_tokens) + (
+            micro_batch * one_layer * per_unit)
+    else:
+        activations = micro_batch * units * per_unit
+    logits = 0
+    if loss == "full":
+        logits = FULL_LOGITS_BYTES * micro_batch * (image_tokens + text_tokens) * text.vocab_size
+    terms = {"weights": weights, "lora state": lora, "activations": int(activations), "logits": int(logits)}
+    return {**terms, "total": sum(terms.values())}
+
+
+def fits(size: str, gpu_gb: float, **kwargs) -> bool:
+    """``plan(...)["total"]`` under the GPU's memory, keeping ~1 GB for the CUDA context and allocator."""
+    return plan(size, **kwargs)["total"] + 1 * GB <= gpu_gb * GB
