@@ -15,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from helpers.data import QUESTION, to_messages
 from helpers.tiny import NAMED_SPECIAL_TOKENS
+from helpers.validation import MAX_SIDE, BadExampleError, to_rgb_image
 
 IGNORE_INDEX = -100
 # What Gemma4ForConditionalGeneration.forward takes from the processor's output; the rest
@@ -277,8 +279,8 @@ class VisionChatCollator:
             raise CollatorError("cannot collate an empty list of examples")
         texts, answers = self.texts(examples)
         # One list per sample: each conversation has exactly one image. Some data sets carry
-        # greyscale or RGBA images; the image processor expects three channels.
-        images = [[_rgb(example["image"])] for example in examples]
+        # greyscale, RGBA, CMYK or 16-bit images; the image processor expects 8-bit RGB.
+        images = [[_rgb(example.get("image"), i, answer)] for i, (example, answer) in enumerate(zip(examples, answers))]
         # The template already writes <bos>; a tokenizer that also adds one would double it.
         encoded = self.processor(text=texts, images=images, return_tensors="pt", padding=True,
                                  padding_side=self.padding_side, add_special_tokens=False)
@@ -302,5 +304,12 @@ class VisionChatCollator:
         return batch
 
 
-def _rgb(image):
-    return image if getattr(image, "mode", "RGB") == "RGB" else image.convert("RGB")
+def _rgb(image, index: int = 0, name: str | None = None):
+    """8-bit RGB via ``helpers.validation.to_rgb_image`` (loaders already did this; direct callers may not)."""
+    if isinstance(image, Image.Image) and image.mode == "RGB" and max(image.size) <= MAX_SIDE:
+        return image
+    label = f"sample {index}" + (f" ({name!r})" if name is not None else "")
+    try:
+        return to_rgb_image(image, label)
+    except BadExampleError as err:
+        raise CollatorError(str(err)) from None

@@ -7,12 +7,19 @@ all fill in; its defaults are the offline default (tiny Gemma 4 + digits on a CP
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from helpers.data import DIGITS
 
 OFFLINE_MODEL = "tiny"  # resolved to the tiny checkpoint folder, built on first use (helpers.tiny)
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+
+
+_FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.PathLike), "lora_targets": (str, list),
+                "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
+                "max_steps": (int,), "seed": (int,), "image_soft_tokens": (int,), "max_length": (int,),
+                "gradient_checkpointing": (bool,)}
 
 
 class ConfigError(ValueError):
@@ -50,6 +57,12 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
+        for name, kinds in _FIELD_TYPES.items():  # "-p max_steps ten" names the parameter, not a TypeError
+            value = getattr(self, name)
+            if value is None and name in ("image_soft_tokens", "max_length"):
+                continue
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ConfigError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
         positive = ["train_size", "eval_size", "lora_r", "lora_alpha", "batch_size", "gradient_accumulation",
                     "save_steps", "save_total_limit"]
         for name in positive:

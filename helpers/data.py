@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from helpers.validation import validate_examples
+
 DIGITS = "digits"
 OXFORD_PET = "timm/oxford-iiit-pet"
 
@@ -35,7 +37,11 @@ DIGIT_IMAGE_SIZE = 32  # 8x8 digits upscaled (nearest) so the strokes stay crisp
 
 @dataclass
 class ExampleSet:
-    """One split of one data set: examples in the shared schema and the class names."""
+    """One split of one data set: examples in the shared schema and the class names.
+
+    ``skipped`` counts the rows left out, by reason (``helpers.validation``: corrupt image, label outside
+    the class list...); notebooks 04 and 05 print it and ``metrics.json`` records it.
+    """
 
     name: str
     split: str
@@ -108,11 +114,17 @@ def load_digits_examples(split: str = "train", size: int | None = None, seed: in
     if augment and split == "train":
         examples += [{"image": digit_image(shift_digit(digits.data[i], dy, dx)), "label": int(digits.target[i])}
                      for dy, dx in ONE_PIXEL_SHIFTS for i in indices]
-    return ExampleSet(DIGITS, split, examples, list(DIGIT_NAMES))
+    examples, skipped = validate_examples(examples, DIGIT_NAMES, DIGITS, split)
+    return ExampleSet(DIGITS, split, examples, list(DIGIT_NAMES), skipped)
 
 
 def hf_examples(dataset, name: str, split: str, class_names=None) -> ExampleSet:
-    """Convert a ``datasets.Dataset`` with ``image`` and ``label`` columns into the shared schema."""
+    """Convert a ``datasets.Dataset`` with ``image`` and ``label`` columns into the shared schema.
+
+    Images are read undecoded and made RGB by ``helpers.validation.to_rgb_image`` (huge ones shrunk while
+    decoding); rows with a corrupt image or a label outside the class list are skipped and counted in
+    ``ExampleSet.skipped``; a split with no usable row is an ``EmptySplitError``.
+    """
     missing = {"image", "label"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"data set {name!r} split {split!r} lacks column(s) {sorted(missing)}; "
@@ -120,10 +132,18 @@ def hf_examples(dataset, name: str, split: str, class_names=None) -> ExampleSet:
     if class_names is None:
         label_feature = dataset.features["label"]
         raw = getattr(label_feature, "names", None)
-        class_names = [readable_class_name(n) for n in raw] if raw else [str(i) for i in range(
-            max(dataset["label"]) + 1)]
-    examples = [{"image": row["image"], "label": int(row["label"])} for row in dataset]
-    return ExampleSet(name, split, examples, list(class_names))
+        if raw:
+            class_names = [readable_class_name(n) for n in raw]
+        else:  # "0".."max": labels that are not non-negative integers are skipped below, not counted here
+            labels = [v for v in dataset["label"] if isinstance(v, int) and v >= 0]
+            class_names = [str(i) for i in range(max(labels, default=-1) + 1)]
+    if getattr(dataset.features["image"], "decode", False):  # decode ourselves: bad bytes become a counted skip
+        from datasets import Image as ImageFeature
+
+        dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    rows = ({"image": row["image"], "label": row["label"]} for row in dataset)
+    examples, skipped = validate_examples(rows, class_names, name, split)
+    return ExampleSet(name, split, examples, list(class_names), skipped)
 
 
 def load_hf_examples(name: str, split: str = "train", size: int | None = None, seed: int = 0,

@@ -127,8 +127,13 @@ def confusion_matrix(labels: list[str], predictions: list[str | None], class_nam
 
 
 def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary: dict, n_examples: int,
-                  shard=(0, 1), indices=None, labels=None, predictions=None, class_names=None) -> dict:
-    """Write ``metrics.json`` (and, for a shard of a split, ``shard_metrics.json``) atomically."""
+                  shard=(0, 1), indices=None, labels=None, predictions=None, class_names=None,
+                  skipped=None) -> dict:
+    """Write ``metrics.json`` (and, for a shard of a split, ``shard_metrics.json``) atomically.
+
+    ``skipped`` (``helpers.validation.skipped_summary``): per split, the examples kept and the rows
+    skipped by reason; the summary carries the total so a bad data set is visible at a glance.
+    """
     from pathlib import Path
 
     from helpers.io import atomic_write_json
@@ -145,6 +150,7 @@ def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary
         "finetuned_macro_f1": metrics["finetuned"]["constrained"]["macro_f1"],
         "finetuned_no_class_named_rate": metrics["finetuned"]["generation"]["no_class_named_rate"],
         "n_eval": n_examples,
+        "n_skipped": sum(split.get("n_skipped", 0) for split in (skipped or {}).values()),
     }
     report = {
         "summary": summary,
@@ -158,6 +164,7 @@ def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary
         "peak_memory_kind": train.get("peak_memory_kind"),
         "wall_seconds": seconds,
         "shard": {"index": shard[0], "count": shard[1]},
+        "skipped": skipped or {},
         "metrics": metrics,
         "config": config.to_dict(),
     }

@@ -22,19 +22,31 @@ class ModelLoadError(ValueError):
 
 
 def check_model_source(model_id: str) -> None:
-    """Fail early, naming the path, when a local path is missing or is not a Gemma 4 checkpoint."""
-    looks_local = model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
+    """Fail early, naming the path, when a local path is missing or is not a Gemma 4 checkpoint.
+
+    A hub id is ``name`` or ``owner/name``; anything else (an absolute or relative path, ``~``, more than
+    one ``/``) is treated as a local folder and must hold a ``config.json`` whose ``model_type`` is
+    ``gemma4``. Hub ids are left to ``from_pretrained``, which gives its own error (network, token, name).
+    """
+    if not isinstance(model_id, (str, Path)) or not str(model_id).strip():
+        raise ModelLoadError(f"model_id must be a hub id or a local path, got {model_id!r}")
+    model_id = str(model_id)
+    looks_local = (model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+                   or Path(model_id).expanduser().exists())
     if not looks_local:
-        return  # a hub id: from_pretrained gives its own error (network, token, name)
+        return
     path = Path(model_id).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     config_file = path / "config.json"
-    if not config_file.exists():
+    if not config_file.is_file():
         raise ModelLoadError(f"model path {str(path)!r} has no config.json: it is not a model checkpoint")
     import json
 
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as err:
+        raise ModelLoadError(f"model path {str(path)!r}: config.json is not a JSON object ({err})") from None
     if model_type != "gemma4":
         raise ModelLoadError(f"model path {str(path)!r} is a {model_type!r} checkpoint, not Gemma 4 ('gemma4')")
 

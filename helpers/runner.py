@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from helpers.config import ConfigError, RunConfig
+from helpers.config import OFFLINE_MODEL, ConfigError, RunConfig
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEFAULT_NOTEBOOKS = ("04_training", "05_evaluation")
 SECRET_WORDS = ("token", "secret", "password", "api_key")
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class RunnerError(RuntimeError):
@@ -59,7 +61,20 @@ def collect_parameters(args) -> dict:
         value = getattr(args, flag)
         if value is not None:
             params[name] = value
+    # A token's value in any parameter is refused here, before RunConfig, whose errors quote bad values.
+    tokens = [os.environ.get(name, "") for name in TOKEN_VARIABLES]
+    carrying = [n for n, v in params.items() if any(len(t) >= 8 and t in str(v) for t in tokens)]
+    if carrying:  # the parameter is named, the value never echoed
+        raise ConfigError(f"parameter(s) {carrying} carry the value of {'/'.join(TOKEN_VARIABLES)}: tokens stay in "
+                          "the environment, never in parameters (papermill writes parameters into the notebook)")
     config = RunConfig.from_params(params)
+    if config.model_id != OFFLINE_MODEL:  # a missing or non-Gemma 4 folder fails here, before any notebook
+        from helpers.modeling import ModelLoadError, check_model_source
+
+        try:
+            check_model_source(config.model_id)
+        except ModelLoadError as err:
+            raise ConfigError(f"model_id: {err}") from None
     params["output_dir"] = str(Path(config.output_dir).resolve())
     return params
 
