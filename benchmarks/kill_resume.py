@@ -1,0 +1,298 @@
+"""Kill the main job with SIGKILL at random moments of training, rerun the same command, and check the outcome.
+
+    python benchmarks/kill_resume.py                       # 8 trials, the tiny offline default, ~1.5 min each on 2 cores
+    python benchmarks/kill_resume.py --trials 20 --seed 3 --max-steps 12 --save-steps 3
+
+What a trial does (issue 9, "Killed runs"; the CI version is tests/test_kill_resume.py, which imports the
+functions below): a fresh run folder; ``python -m helpers.runner --notebook 04_training ...`` is started
+and, at a kill point drawn at random, SIGKILLed together with its notebook kernel (what a machine failure
+or an out-of-memory kill does: no handler runs). The same command is then rerun, possibly killed again
+(``--kills``), and finally run to the end. A trial passes when the final run resumed from the newest
+checkpoint that was complete at the last kill (never a half-written one), its optimizer steps are exactly
+1..max_steps, each once (as an uninterrupted run's), and the adapter and ``train_result.json`` exist with no
+staging folder left behind.
+
+Kill points:
+- ``timed``: a random moment between the first training step and the end of training (calibrated on an
+  uninterrupted reference run, which also gives the adapter the resumed runs are compared with);
+- ``staging``: as soon as a checkpoint's ``.staging`` folder appears (files half-written);
+- ``held``: while checkpoint N is fully written under ``.staging`` but not yet renamed into place (a test hook,
+  loaded through ``sitecustomize`` on ``PYTHONPATH``, holds that rename; no project code is changed for it);
+- ``after``: just after checkpoint N is renamed into place (0–0.3 s later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOLD_MARKER = "KILL_TEST_HOLD_SAVE"  # path of the marker file the hook writes when it holds a save
+HOLD_STEP = "KILL_TEST_HOLD_STEP"  # hold only the save of checkpoint-N (all saves when unset)
+
+# Loaded by every Python process of the run (the runner and the notebook kernel) when its folder is on
+# PYTHONPATH. Inactive unless KILL_TEST_HOLD_SAVE is set.
+SITECUSTOMIZE = f'''
+import os
+if os.environ.get("{HOLD_MARKER}"):
+    import time
+    _replace = os.replace
+
+    def _held_replace(src, dst, *args, **kwargs):
+        step = os.environ.get("{HOLD_STEP}")
+        source = os.fspath(src)
+        if ".staging" in source and (not step or source.endswith("checkpoint-" + step)):
+            with open(os.environ["{HOLD_MARKER}"], "w") as fh:
+                fh.write(source)
+            time.sleep(3600)  # until the test kills us
+        return _replace(src, dst, *args, **kwargs)
+
+    os.replace = _held_replace
+'''
+
+
+def runner_command(out: Path, train_size=24, max_steps=6, save_steps=2, batch_size=6) -> list[str]:
+    return [sys.executable, "-m", "helpers.runner", "--output-dir", str(out), "--notebook", "04_training",
+            "-p", "train_size", str(train_size), "-p", "eval_size", "12", "-p", "max_steps", str(max_steps),
+            "-p", "save_steps", str(save_steps), "-p", "batch_size", str(batch_size)]
+
+
+def run_env(hook_dir: Path, hold_marker: Path | None = None, hold_step: int | None = None) -> dict:
+    """The environment for a run: offline, the hook's folder on PYTHONPATH, the hold switched on or off."""
+    (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {k: v for k, v in os.environ.items() if k not in (HOLD_MARKER, HOLD_STEP)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH")) if p)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if hold_marker is not None:
+        env[HOLD_MARKER] = str(hold_marker)
+        if hold_step is not None:
+            env[HOLD_STEP] = str(hold_step)
+    return env
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as fh:
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the runner and every descendant at once (the notebook kernel runs in a session of its own,
+    so killing the runner's process group would leave it training)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in reversed(family):  # the kernel first: it is the one writing checkpoints
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    proc.wait(timeout=30)
+
+
+def complete_checkpoints(out: Path) -> list[int]:
+    """Steps of the checkpoints in place (a checkpoint in place is complete: it got there by a rename)."""
+    folder = out / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
+
+
+def snapshot(out: Path) -> dict:
+    """What the run folder holds right after a kill."""
+    staging = out / "checkpoints" / ".staging"
+    return {"complete": complete_checkpoints(out),
+            "staging": sorted(str(p.relative_to(staging)) for p in staging.rglob("*")) if staging.exists() else None,
+            "adapter": (out / "adapter").exists(), "train_result": (out / "train_result.json").exists()}
+
+
+def wait_for(proc: subprocess.Popen, condition, timeout: float, poll: float = 0.005) -> bool:
+    """Poll ``condition()`` until it is true (True), or the process ends or time runs out (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return bool(condition())
+        time.sleep(poll)
+    return False
+
+
+def verify(out: Path, max_steps: int, expected_resume: int | None) -> list[str]:
+    """Problems with a finished run (empty when it is right). ``expected_resume``: the checkpoint step the final
+    run must have resumed from (None: it must have started from scratch)."""
+    problems = []
+    result_file = out / "train_result.json"
+    if not result_file.exists():
+        return ["no train_result.json"]
+    train = json.loads(result_file.read_text())["train"]
+    resumed = train["resumed_from"]
+    got = int(Path(resumed).name.split("-")[1]) if resumed else None
+    if got != expected_resume:
+        problems.append(f"resumed from {resumed}, expected checkpoint-{expected_resume}")
+    if train["global_step"] != max_steps:
+        problems.append(f"global_step {train['global_step']} != max_steps {max_steps}")
+    steps = [step for step, _ in train["loss_history"]]
+    if steps != list(range(1, max_steps + 1)):  # logged every step: each step once, none beyond
+        problems.append(f"logged steps {steps} are not 1..{max_steps} once each")
+    state_file = out / "checkpoints" / f"checkpoint-{max_steps}" / "trainer_state.json"
+    if not state_file.exists() or json.loads(state_file.read_text())["global_step"] != max_steps:
+        problems.append(f"checkpoint-{max_steps} missing or not at step {max_steps}")
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        if not (out / name).exists():
+            problems.append(f"no {name}")
+    for leftover in ("checkpoints/.staging", "adapter.tmp"):
+        if (out / leftover).exists():
+            problems.append(f"{leftover} left behind")
+    return problems
+
+
+def adapter_difference(a: Path, b: Path) -> float | None:
+    """Largest absolute difference between two saved adapters' tensors (None when either is missing)."""
+    from safetensors.torch import load_file
+
+    fa, fb = a / "adapter" / "adapter_model.safetensors", b / "adapter" / "adapter_model.safetensors"
+    if not (fa.exists() and fb.exists()):
+        return None
+    ta, tb = load_file(fa), load_file(fb)
+    return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+
+
+# ------------------------------------------------------------------------------------------- the script
+
+
+def reference_run(root: Path, args) -> dict:
+    """An uninterrupted run: its timings calibrate the timed kills; its adapter is the comparison."""
+    out, hook = root / "reference", root / "hook"
+    hook.mkdir(exist_ok=True)
+    proc = start(runner_command(out, args.train_size, args.max_steps, args.save_steps, args.batch_size),
+                 run_env(hook), root / "reference.log")
+    t0, seen = time.monotonic(), {}
+    while proc.poll() is None:
+        for step in complete_checkpoints(out):
+            seen.setdefault(step, time.monotonic() - t0)
+        time.sleep(0.01)
+    end = time.monotonic() - t0
+    problems = verify(out, args.max_steps, None) if proc.returncode == 0 else [f"exit {proc.returncode}"]
+    if problems:
+        sys.exit(f"the uninterrupted reference run failed: {problems}; see {root / 'reference.log'}")
+    steps = sorted(seen)
+    per_step = (seen[steps[-1]] - seen[steps[0]]) / max(1, steps[-1] - steps[0]) if len(steps) > 1 else 1.0
+    return {"out": out, "train_start": max(0.0, seen[steps[0]] - steps[0] * per_step),
+            "train_end": seen[steps[-1]], "total": end, "checkpoint_times": seen}
+
+
+def one_kill(kind: str, out: Path, hook: Path, log: Path, args, rng: random.Random, reference: dict) -> str:
+    """Start the run, kill it at a point of ``kind``; returns a description of the moment of the kill."""
+    saves = list(range(args.save_steps, args.max_steps + 1, args.save_steps))
+    command = runner_command(out, args.train_size, args.max_steps, args.save_steps, args.batch_size)
+    done = set(complete_checkpoints(out))
+    pending = [s for s in saves if s not in done] or saves
+    if kind == "held":
+        step = rng.choice(pending)
+        marker = hook / f"held-{time.monotonic_ns()}"
+        proc = start(command, run_env(hook, marker, step), log)
+        ok = wait_for(proc, marker.exists, args.timeout)
+        what = f"held save of checkpoint-{step}"
+    elif kind == "staging":
+        proc = start(command, run_env(hook), log)
+        staging = out / "checkpoints" / ".staging"
+        ok = wait_for(proc, staging.exists, args.timeout, poll=0.001)
+        what = "as .staging appeared"
+    elif kind == "after":
+        step = rng.choice(pending)
+        proc = start(command, run_env(hook), log)
+        ok = wait_for(proc, lambda: step in complete_checkpoints(out), args.timeout, poll=0.002)
+        delay = rng.uniform(0, 0.3)
+        time.sleep(delay)
+        what = f"{delay:.2f} s after checkpoint-{step}"
+    else:  # timed, relative to the reference run's training window (the rerun's start-up is similar)
+        at = rng.uniform(reference["train_start"], reference["train_end"])
+        proc = start(command, run_env(hook), log)
+        ok = wait_for(proc, lambda: False, at) or proc.poll() is None
+        what = f"t={at:.1f} s"
+    if proc.poll() is not None:
+        return f"{what}: run ended first (exit {proc.returncode})"
+    if not ok:
+        kill_tree(proc)
+        return f"{what}: never reached; killed at timeout"
+    kill_tree(proc)
+    return what
+
+
+def trial(index: int, root: Path, args, rng: random.Random, reference: dict) -> dict:
+    out, hook, log = root / f"trial-{index:02d}", root / "hook", root / f"trial-{index:02d}.log"
+    kinds = [rng.choice(args.kinds) for _ in range(args.kills)]
+    moments = []
+    for kind in kinds:
+        what = one_kill(kind, out, hook, log, args, rng, reference)
+        snap = snapshot(out)
+        staged = f", staging: {len(snap['staging'])} entries" if snap["staging"] is not None else ""
+        moments.append(f"{kind}: {what} -> complete {snap['complete']}{staged}")
+    expected = max(complete_checkpoints(out), default=None)
+    final = subprocess.run(runner_command(out, args.train_size, args.max_steps, args.save_steps, args.batch_size),
+                           env=run_env(hook), cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
+                           check=False)
+    problems = [f"rerun exit {final.returncode}: {final.stderr[-300:]}"] if final.returncode else []
+    problems += verify(out, args.max_steps, expected) if not problems else []
+    train = json.loads((out / "train_result.json").read_text())["train"] if (out / "train_result.json").exists() else {}
+    return {"trial": index, "kills": moments, "resumed_from": Path(train["resumed_from"]).name
+            if train.get("resumed_from") else None, "global_step": train.get("global_step"),
+            "adapter_max_diff": adapter_difference(out, reference["out"]), "problems": problems}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--kills", type=int, default=1, help="kills per trial before the final rerun")
+    parser.add_argument("--kinds", nargs="+", default=["timed", "staging", "held", "after"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=24)
+    parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--save-steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--keep", default=None, help="keep run folders here (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    root = Path(args.keep or tempfile.mkdtemp(prefix="kill-resume-"))
+    root.mkdir(parents=True, exist_ok=True)
+    start_time = time.monotonic()
+    reference = reference_run(root, args)
+    print(f"reference run: {reference['total']:.0f} s, training ~{reference['train_start']:.0f}-"
+          f"{reference['train_end']:.0f} s, checkpoints at {reference['checkpoint_times']}", flush=True)
+    rows = []
+    for i in range(args.trials):
+        row = trial(i, root, args, rng, reference)
+        rows.append(row)
+        status = "OK" if not row["problems"] else "FAIL: " + "; ".join(row["problems"])
+        print(f"[{i:2d}] {' | '.join(row['kills'])} => resumed from {row['resumed_from']}, "
+              f"step {row['global_step']}, adapter max|diff| vs uninterrupted {row['adapter_max_diff']}: {status}",
+              flush=True)
+    print("\n| # | kill point -> state left | resumed from | final step | adapter vs uninterrupted | outcome |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        diff = "n/a" if row["adapter_max_diff"] is None else f"{row['adapter_max_diff']:.1e}"
+        print(f"| {row['trial']} | {'<br>'.join(row['kills'])} | {row['resumed_from']} | {row['global_step']} | {diff} | "
+              f"{'OK' if not row['problems'] else 'FAIL: ' + '; '.join(row['problems'])} |")
+    failed = sum(bool(r["problems"]) for r in rows)
+    print(f"\n{len(rows)} trials, {sum(len(r['kills']) for r in rows)} kills, {failed} failed, "
+          f"{time.monotonic() - start_time:.0f} s; run folders in {root}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
