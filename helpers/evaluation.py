@@ -2,7 +2,8 @@
 
 Taught in notebook 05.
 - **Constrained scoring** asks the model for the log-likelihood of every class name as the answer
-  (``<class name><turn|>`` after the prompt) and picks the best: every prediction is a class name.
+  (``<class name><turn|>`` after the prompt) and picks the best: every prediction is a class name. The
+  prompt (image included) runs once and its KV cache is reused for every class (``helpers.scoring``).
 - **Free generation** decodes greedily and looks for a class name in the text (the longest one
   that occurs, as the seed does); an answer that names no class counts as wrong and is reported
   as the "no class named" rate.
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.collator import VisionChatCollator
-from helpers.losses import labelled_hidden_states, softcapped_logits
+from helpers.scoring import score_class_names
 from helpers.shards import compute_metrics
 
 
@@ -39,27 +40,14 @@ def batches(items, size: int):
         yield items[start:start + size]
 
 
-@torch.no_grad()
-def answer_log_likelihoods(model, collator: VisionChatCollator, examples: list[dict], answer: str) -> torch.Tensor:
-    """Per example: log p(answer + <turn|> | prompt), summed over the answer's tokens."""
-    batch = collator([{"image": ex["image"], "answer": answer} for ex in examples])
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    hidden, targets = labelled_hidden_states(model, batch)
-    logprobs = torch.log_softmax(softcapped_logits(model, hidden).float(), dim=-1)
-    token_scores = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-    # labelled positions come row by row, so each sample's tokens are a contiguous run
-    per_sample = (batch["labels"][:, 1:] != -100).sum(dim=1)
-    return torch.stack([run.sum() for run in torch.split(token_scores, per_sample.tolist())]).cpu()
-
-
 def constrained_scores(model, processor, examples: list[dict], class_names: list[str], batch_size: int = 32,
                        progress: bool = True, **collator_kwargs) -> torch.Tensor:
-    """A (n_examples, n_classes) matrix of class-name log-likelihoods."""
-    collator = VisionChatCollator(processor, class_names, mode="train", **collator_kwargs)
+    """A (n_examples, n_classes) matrix of class-name log-likelihoods (``helpers.scoring``: the prompt runs
+    once and its KV cache scores every class name)."""
+    collator = VisionChatCollator(processor, class_names, mode="eval", padding_side="left", **collator_kwargs)
     rows = []
     for chunk in tqdm(list(batches(examples, batch_size)), desc="constrained scoring", disable=not progress):
-        rows.append(torch.stack([answer_log_likelihoods(model, collator, chunk, name) for name in class_names],
-                                dim=1))
+        rows.append(score_class_names(model, processor, collator(chunk), class_names).cpu())
     return torch.cat(rows)
 
 

@@ -46,16 +46,6 @@ def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def labelled_hidden_states(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states that predict a labelled token, and those target tokens (already shifted)."""
-    gemma = unwrap_gemma4(model)
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    hidden = gemma.model(**inputs, use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep]
-
-
 def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Softcapped logits at the labelled positions and their targets, through ``model``'s own forward.
 

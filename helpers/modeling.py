@@ -12,8 +12,9 @@ import torch
 
 # bitsandbytes quantizes nn.Linear only. Passing llm_int8_skip_modules replaces transformers' default
 # skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16
-# (small, and precision-sensitive: the seed keeps them un-quantized as well). transformers matches these
-# from the start of a module's full name (or as its suffix), so the towers are named with their prefix.
+# (quantizing the 31B's vision tower would save only 0.88 GB; the seed passes no skip list and so does
+# quantize it). transformers matches these names from the start of a module's full name (or as its
+# suffix), so the towers are named with their prefix.
 NF4_SKIP_MODULES = ["lm_head", "model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"]
 
 
@@ -120,21 +121,31 @@ def lora_config(r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modul
 
 
 def apply_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
-               modules_to_save=None, gradient_checkpointing: bool = False):
-    """Wrap ``model`` with LoRA adapters; ``"all-linear"`` reaches inside ``Gemma4ClippableLinear``.
+               modules_to_save=None, gradient_checkpointing: bool = False, lora_dtype: torch.dtype | None = None):
+    """Wrap ``model`` with LoRA adapters on a frozen base; ``"all-linear"`` reaches inside ``Gemma4ClippableLinear``.
 
     A short list such as ``["q_proj", "v_proj"]`` names the clamp wrappers in the vision tower, which
     PEFT rejects (notebook 02 shows the error); ``"all-linear"`` wraps their inner ``.linear``.
-    """
-    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    Not ``prepare_model_for_kbit_training``: it casts every parameter that is not 4-bit to float32, which
+    for the 31B is its 1.4B-parameter embedding and for the 26B-A4B its 22.8B expert parameters (measured
+    on an H200: +45.6 GB for the 26B-A4B; benchmarks/README.md). For a 4-bit base the adapters are cast
+    to bf16 (``lora_dtype``), as TRL does, halving their optimizer state.
+    """
+    from peft import get_peft_model
+
+    model.requires_grad_(False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = lora_config(r, alpha, dropout, target_modules, modules_to_save)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, lora_config(r, alpha, dropout, target_modules, modules_to_save))
+    if lora_dtype is None and getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+        lora_dtype = torch.bfloat16
+    if lora_dtype is not None:
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(lora_dtype)
+    return model
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -6,8 +6,8 @@ from helpers.collator import VisionChatCollator
 from helpers.data import PET_BREEDS, load_examples
 from helpers.evaluation import (
     Predictions,
-    answer_log_likelihoods,
     confusion_matrix,
+    constrained_scores,
     match_class_name,
     metrics_for,
 )
@@ -21,18 +21,21 @@ def test_match_prefers_the_longest_whole_name():
     assert match_class_name("", names) is None
 
 
-def test_answer_log_likelihood_matches_a_direct_computation(tiny_model, tiny_processor):
+def test_constrained_scores_match_full_forward_passes(tiny_model, tiny_processor):
     data = load_examples("digits", "test", size=3)
-    collator = VisionChatCollator(tiny_processor, data.class_names)
-    scores = answer_log_likelihoods(tiny_model, collator, data.examples, "seven")
-    batch = collator([{"image": e["image"], "answer": "seven"} for e in data.examples])
-    with torch.no_grad():
-        logits = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    logprobs = torch.log_softmax(logits.float(), -1)
-    for row in range(3):
-        positions = (batch["labels"][row, 1:] != -100).nonzero().flatten()
-        expected = sum(logprobs[row, p, batch["labels"][row, p + 1]] for p in positions)
-        assert torch.allclose(scores[row], expected, atol=1e-4)
+    names = data.class_names
+    scores = constrained_scores(tiny_model, tiny_processor, data.examples, names, batch_size=2, progress=False)
+    assert scores.shape == (3, len(names))
+    collator = VisionChatCollator(tiny_processor, names)
+    for column, name in list(enumerate(names))[:4]:
+        batch = collator([{"image": e["image"], "answer": name} for e in data.examples])
+        with torch.no_grad():
+            logits = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logprobs = torch.log_softmax(logits.float(), -1)
+        for row in range(3):
+            positions = (batch["labels"][row, 1:] != -100).nonzero().flatten()
+            expected = sum(logprobs[row, p, batch["labels"][row, p + 1]] for p in positions)
+            assert torch.allclose(scores[row, column], expected, atol=1e-4)
 
 
 def test_metrics_and_confusion_matrix():
