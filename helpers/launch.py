@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fsdp_launch() -> bool:
-    """True under ``accelerate launch`` with an FSDP config (accelerate sets this for every process)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    """True under ``accelerate launch`` with an FSDP config on GPUs (accelerate sets the variable for every
+    process; without a GPU it falls back to DDP on gloo, and so does this)."""
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return requested and torch.cuda.is_available()
 
 
 def distributed_state():
