@@ -23,7 +23,8 @@ import tempfile
 import time
 
 BASE = {"emb_std": None, "lr": 2e-3, "r": 16, "alpha": 16, "batch": 32, "train_size": 1000, "augment": False,
-        "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None}
+        "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None,
+        "answer_tokens": False}
 VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps transformers' 0.02)
     "base": {},
     "emb125": {"emb_std": 0.125},
@@ -56,6 +57,9 @@ VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps tra
                           "train_size": None},
     "allpost25_lr1": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 1e-3,
                       "train_size": None},
+    # fifth round: also train the (tied) embedding rows of the answer tokens
+    "tti_lr1": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "answer_tokens": True},
+    "tti_lr2": {"emb_std": 0.125, "lr": 2e-3, "train_size": None, "answer_tokens": True},
     "allpost25_lr2": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 2e-3,
                       "train_size": None},
 }
@@ -92,7 +96,17 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str) -
                 for name, param in tower.named_parameters():
                     if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
                         param.fill_(settings[key])
-    model = apply_lora(model, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"]).to(device)
+    if settings["answer_tokens"]:
+        from peft import LoraConfig, get_peft_model
+
+        ids = sorted({i for n in load_examples("digits", "train", size=1).class_names + ["<turn|>"]
+                      for i in processor.tokenizer(n, add_special_tokens=False).input_ids})
+        model = get_peft_model(model, LoraConfig(
+            r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+            target_modules="all-linear", trainable_token_indices={"embed_tokens": ids}, ensure_weight_tying=True,
+            task_type="CAUSAL_LM")).to(device)
+    else:
+        model = apply_lora(model, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"]).to(device)
     train = load_digits_examples("train", size=settings["train_size"], augment=settings["augment"])
     test = load_examples("digits", "test", size=300)
     names = train.class_names

@@ -26,9 +26,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from helpers.io import atomic_write_json
 
 FORMAT = "gemma4-finetune/shard-metrics/v1"
 SHARD_METRICS_FILE = "shard_metrics.json"  # the name each evaluation task writes in its own output folder
@@ -142,19 +143,6 @@ def compute_metrics(labels: Sequence[str], predictions: Sequence[str | None],
     }
 
 
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_shard_metrics(path, indices: Sequence[int], labels: Sequence[str], predictions,
                         class_names: Sequence[str], *, shard_index: int = 0, shard_count: int = 1,
                         n_total: int | None = None, meta: dict | None = None) -> dict:
@@ -188,7 +176,7 @@ def write_shard_metrics(path, indices: Sequence[int], labels: Sequence[str], pre
         "shard_metrics": {name: compute_metrics(labels, preds, class_names) for name, preds in systems.items()},
         "meta": meta or {},
     }
-    _atomic_write_json(Path(path), payload)
+    atomic_write_json(Path(path), payload)
     return payload
 
 
@@ -297,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShardError as err:
         print(f"merge failed: {err}", file=sys.stderr)
         return 1
-    _atomic_write_json(Path(args.out), merged)
+    atomic_write_json(Path(args.out), merged)
     summary = ", ".join(f"{name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
                         for name, m in merged["metrics"].items() if m["accuracy"] is not None)
     print(f"merged {merged['n_shards']} shards, {merged['n_examples']} examples -> {args.out} ({summary})")

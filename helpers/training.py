@@ -16,7 +16,6 @@ a plain ``Trainer``:
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import shutil
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from helpers.losses import labelled_positions_loss
@@ -206,7 +205,14 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
                                        data_collator=collator, callbacks=callbacks)
     resume = last_complete_checkpoint(output_dir)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    finished = resume is not None and checkpoint_step(resume) >= planned_steps(trainer)
+    if finished:
+        # A run killed after its last checkpoint (or simply rerun): resumed mid-epoch, the Trainer would
+        # take one more optimizer step before checking max_steps. Load the finished weights instead.
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
     adapter = save_final_adapter(trainer, model, output_dir)
     peak, kind = peak_memory()
@@ -215,5 +221,10 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
                        loss_history=loss_history(trainer), train_samples=len(train_examples))
 
 
-def steps_per_epoch(n_examples: int, batch_size: int, gradient_accumulation: int) -> int:
-    return max(1, math.ceil(n_examples / batch_size) // gradient_accumulation)
+def planned_steps(trainer: Trainer) -> int:
+    """The optimizer steps the run will take in all, computed as the Trainer itself computes them."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    return TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step

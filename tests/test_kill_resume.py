@@ -57,9 +57,6 @@ def test_killed_twice_then_rerun_resumes_from_the_last_complete_checkpoint(tmp_p
     assert (out / "04_training.ipynb").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="transformers' Trainer, resumed mid-epoch from a checkpoint at max_steps, "
-                   "takes one more optimizer step before it checks max_steps; helpers.training.train() should not "
-                   "call trainer.train() for a finished checkpoint (found by benchmarks/kill_resume.py)")
 def test_rerun_of_a_run_killed_after_its_last_checkpoint_takes_no_extra_step(tmp_path, tiny_path, tiny_processor):
     """Killed after checkpoint-max_steps is in place (before the adapter is saved), or simply rerun when finished:
     max_steps=2 ends inside the first epoch (12 examples, batch 4: 3 steps per epoch)."""
