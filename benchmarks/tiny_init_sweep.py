@@ -24,7 +24,7 @@ import time
 
 BASE = {"emb_std": None, "lr": 2e-3, "r": 16, "alpha": 16, "batch": 32, "train_size": 1000, "augment": False,
         "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None,
-        "answer_tokens": False}
+        "answer_tokens": False, "vision_layers": 2}
 VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps transformers' 0.02)
     "base": {},
     "emb125": {"emb_std": 0.125},
@@ -60,6 +60,9 @@ VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps tra
     # fifth round: also train the (tied) embedding rows of the answer tokens
     "tti_lr1": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "answer_tokens": True},
     "tti_lr2": {"emb_std": 0.125, "lr": 2e-3, "train_size": None, "answer_tokens": True},
+    # sixth round: one vision layer (half the CPU step) with the chosen recipe
+    "v1_lr1_all": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "vision_layers": 1},
+    "v2_lr1_all": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "vision_layers": 2},
     "allpost25_lr2": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 2e-3,
                       "train_size": None},
 }
@@ -77,7 +80,7 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str) -
     settings = {**BASE, **VARIANTS[variant]}
     emb_std, lr, batch_size = settings["emb_std"], settings["lr"], settings["batch"]
     torch.manual_seed(seed)
-    path = build_tiny_gemma4(tempfile.mkdtemp(), seed=seed)
+    path = build_tiny_gemma4(tempfile.mkdtemp(), seed=seed, vision_layers=settings["vision_layers"])
     processor = load_processor(str(path))
     model = load_model(str(path), dtype=torch.float32)
     if emb_std is not None:

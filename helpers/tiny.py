@@ -77,6 +77,7 @@ TINY_SEED = 0
 # 70 is the smallest budget the real image processor accepts; with patch 4 and pooling 2 a square
 # image becomes 64 soft tokens, which keeps a CPU step fast.
 TINY_MAX_SOFT_TOKENS = 70
+TINY_VISION_LAYERS = 2
 
 
 def tokenizer_training_corpus() -> list[str]:
@@ -133,7 +134,7 @@ def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS):
     )
 
 
-def tiny_config(tokenizer):
+def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS):
     """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer clipped vision tower, no audio."""
     from transformers import Gemma4Config
 
@@ -161,7 +162,7 @@ def tiny_config(tokenizer):
     vision = {
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": vision_layers,
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "head_dim": 32,
@@ -213,19 +214,20 @@ def reinit_token_embeddings(model, std: float = 0.125) -> None:
     table.copy_(torch.randn_like(table) * std)
 
 
-def build_tiny_model(tokenizer, seed: int = TINY_SEED):
+def build_tiny_model(tokenizer, seed: int = TINY_SEED, vision_layers: int = TINY_VISION_LAYERS):
     """``Gemma4ForConditionalGeneration`` from ``tiny_config``, seeded so two builds are identical."""
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(tiny_config(tokenizer)).eval()
+    model = Gemma4ForConditionalGeneration(tiny_config(tokenizer, vision_layers)).eval()
     reinit_vision_positions(model)
     reinit_token_embeddings(model)
     model.tie_weights()
     return model
 
 
-def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEED) -> Path:
+def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEED,
+                      vision_layers: int = TINY_VISION_LAYERS) -> Path:
     """Write a complete tiny Gemma 4 checkpoint folder (config, weights, tokenizer, processor).
 
     Taught in notebook 01. Load it back like any hub model::
@@ -237,7 +239,7 @@ def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEE
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_tiny_model(tokenizer, seed=seed)
+    model = build_tiny_model(tokenizer, seed=seed, vision_layers=vision_layers)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     (path / "TINY_GEMMA4.json").write_text(json.dumps({"seed": seed, "built_by": "helpers.tiny"}) + "\n")
