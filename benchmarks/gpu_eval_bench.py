@@ -57,32 +57,32 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_generate(model, batches, new_tokens: int) -> tuple[float, int]:
-    n, t0 = 0, None
+def timed(batches, run_one) -> tuple[float, int, list]:
+    """Images/s of ``run_one`` over ``batches``; the first batch is a warm-up and is not timed."""
+    n, t0, outputs = 0, None, []
     for i, b in enumerate(batches):
         if i == 1:
             sync()
             t0 = time.perf_counter()
         if i >= 1:
             n += b["input_ids"].shape[0]
+        outputs.append(run_one(b))
+    sync()
+    return n / (time.perf_counter() - t0), n, outputs
+
+
+def time_generate(model, batches, new_tokens: int) -> tuple[float, int]:
+    def generate(b):
         with torch.no_grad():
             model.generate(**b, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    sync()
-    return n / (time.perf_counter() - t0), n
+
+    rate, n, _ = timed(batches, generate)
+    return rate, n
 
 
 def time_score(model, tokenizer, batches, names) -> tuple[float, int, torch.Tensor]:
-    n, t0, preds = 0, None, []
-    for i, b in enumerate(batches):
-        if i == 1:
-            sync()
-            t0 = time.perf_counter()
-        if i >= 1:
-            n += b["input_ids"].shape[0]
-        scores = score_class_names(model, tokenizer, b, names)
-        preds.append(scores.argmax(-1).cpu())
-    sync()
-    return n / (time.perf_counter() - t0), n, torch.cat(preds)
+    rate, n, preds = timed(batches, lambda b: score_class_names(model, tokenizer, b, names).argmax(-1).cpu())
+    return rate, n, torch.cat(preds)
 
 
 def main(argv=None):

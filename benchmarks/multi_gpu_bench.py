@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_train_bench import collate  # right-pads token tensors, stacks image tensors
+
 REPO = Path(__file__).resolve().parent.parent
 FSDP_CONFIG = REPO / "configs" / "fsdp_bf16_lora.yaml"
 CASES = {
@@ -60,22 +62,6 @@ def synthetic_rows(config, n_unique: int) -> list[dict]:
         n = int(batch["attention_mask"][i].sum())
         rows.append({k: v[i, :n] if v.dim() == 2 else v[i] for k, v in batch.items()})  # 2-D: per token
     return rows
-
-
-def collate(rows: list[dict]) -> dict:
-    """Right-pad the token tensors (as the collator does); stack the image tensors."""
-    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
-    length = max(r["input_ids"].shape[0] for r in rows)
-    out = {}
-    for key in rows[0]:
-        if key in fill:
-            t = torch.full((len(rows), length), fill[key], dtype=torch.long)
-            for i, r in enumerate(rows):
-                t[i, : r[key].shape[0]] = r[key]
-            out[key] = t
-        else:
-            out[key] = torch.stack([r[key] for r in rows])
-    return out
 
 
 def step_timer():

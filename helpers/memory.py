@@ -131,24 +131,6 @@ def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
     return sum(lora_parameters_by_tower(build_meta_model(config), r).values())
 
 
-def memory_table(configs: dict, ranks=(16, 64), skip_modules: list[str] | None = None) -> dict:
-    """``{size: {"params", "bf16 GB", "nf4 GB", "lora r16", ...}}``: one meta model per size."""
-    table = {}
-    for name, config in configs.items():
-        model = build_meta_model(config)
-        rows = nf4_breakdown_of_model(model, skip_modules).values()
-        entry = {
-            "params": sum(row["params"] for row in rows),
-            "bf16 GB": sum(row["bf16 bytes"] for row in rows) / GB,
-            "nf4 GB": sum(row["nf4 bytes"] for row in rows) / GB,
-            "nf4 params": sum(row["nf4 params"] for row in rows),
-        }
-        for r in ranks:
-            entry[f"lora r{r}"] = sum(lora_parameters_by_tower(model, r).values())
-        table[name] = entry
-    return table
-
-
 # ------------------------------------------------------------------------------------------------------
 # Peak training memory: plan(). Taught in notebook 01 ("will it fit on a 24 / 48 / 80 / 96 GB GPU?").
 #

@@ -157,15 +157,6 @@ def count_parameters_by_tower(config) -> dict[str, int]:
     return count_by_tower(build_meta_model(config))
 
 
-def parameter_table() -> dict[str, dict[str, int]]:
-    """``{size: {tower: count, ..., "total": count}}`` for the four published sizes."""
-    table = {}
-    for name in PRESET_NAMES:
-        counts = count_parameters_by_tower(preset_config(name))
-        table[name] = {**counts, "total": sum(counts.values())}
-    return table
-
-
 def describe_preset(name: str) -> dict:
     """The headline facts of one size, read back from its config (so the notebook shows, not tells)."""
     config = preset_config(name)

@@ -155,24 +155,6 @@ def _reinit_vision_positions(model, std):
     table.normal_(0.0, std)
 
 
-def tensor_bytes(model) -> dict[str, int]:
-    """Bytes of parameters and buffers on the model's devices, split by storage kind."""
-    out = {"4bit": 0, "other": 0}
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        kind = "4bit" if t.__class__.__name__ == "Params4bit" else "other"
-        out[kind] += t.numel() * t.element_size()
-        state = getattr(t, "quant_state", None)
-        if state is not None:  # absmax (+ the nested absmax and code of double quant)
-            out["4bit"] += state.absmax.numel() * state.absmax.element_size()
-            if getattr(state, "state2", None) is not None:
-                out["4bit"] += state.state2.absmax.numel() * state.state2.absmax.element_size()
-    return out
-
-
 def synthetic_batch(config, batch_size: int, answer_lengths=(1, 2, 3, 4), prompt_tokens: int = 12,
                     soft_tokens: int = IMAGE_SOFT_TOKENS_224, patches: int = PATCHES_AT_280,
                     pixel_values=None, image_position_ids=None, seed: int = 0, device=None,
