@@ -77,6 +77,12 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q-mb1-r16", "nf4", (1,), ga=16, ckpt=1, steps=1, r=16),
             ours("ours-q-liger", "nf4", (16, 8), liger=True),
             dict(ref, name="ref-trl", loss="trl", trainer="trl"),
+            # the memory target (peak at micro-batch 1): 8-bit AdamW states, and/or the vision tower in NF4
+            ours("ours-q-mb1-r16-adam8", "nf4", (1,), ga=4, ckpt=1, steps=2, r=16, optim="adamw_bnb_8bit"),
+            ours("ours-qv-mb1-r16", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=16),
+            ours("ours-qv-mb1-r16-adam8", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=16, optim="adamw_bnb_8bit"),
+            ours("ours-qv-mb1-r64-adam8", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=64, optim="adamw_bnb_8bit"),
+            ours("ours-q-mb1-r16-2", "nf4", (1,), ga=4, ckpt=1, steps=2, r=16),
         ]
     else:
         out = [
@@ -85,6 +91,8 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-bf16-liger", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4, liger=True),
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")]),
             ours("ours-bf16-ckpt", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", ckpt=1),
+            ours("ours-bf16-compile", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=5, compile=True),
+            ours("ours-bf16-lora16", "bf16", BEST_MB[(size, "bf16")], steps=4),
         ]
     if quick:
         for v in out:
@@ -133,10 +141,21 @@ def build(size: str, quant: str, shrink: bool, device):
 
     config = shrunk_config(size) if shrink else preset_config(size)
     if quant == "bf16":
-        return build_model(config, "none", device=device)
-    if quant == "ref4":
-        return build_model(config, "4bit", quantization_config=reference_nf4_config(), device=device)
-    return build_model(config, "4bit", device=device)
+        model = build_model(config, "none", device=device)
+    elif quant == "ref4":
+        model = build_model(config, "4bit", quantization_config=reference_nf4_config(), device=device)
+    elif quant == "nf4-towers":  # ours, with the vision tower in NF4 as well (the seed's choice)
+        from helpers.modeling import nf4_config
+
+        model = build_model(config, "4bit", quantization_config=nf4_config(quantize_towers=True), device=device)
+    else:
+        model = build_model(config, "4bit", device=device)
+    from helpers.clippable import set_clip_bounds
+
+    # Released E2B/E4B carry finite learned bounds; random init leaves ±inf. Finite (and wide, so they
+    # do not change the numbers) keeps every clamp's cost in the measurement, stock or fast.
+    set_clip_bounds(model, 1e4, 1e4)
+    return model
 
 
 def add_lora(model, v: dict):
@@ -155,6 +174,14 @@ def add_lora(model, v: dict):
     config = LoraConfig(r=v["r"], lora_alpha=v["r"], lora_dropout=v["dropout"], target_modules="all-linear",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    if v["name"].startswith("ours"):
+        from helpers.clippable import use_fast_clamps, use_stock_clamps
+
+        use_stock_clamps(model) if v.get("compile") else use_fast_clamps(model)  # compile fuses the stock ones
+    if v.get("compile"):
+        base = model.get_base_model().model
+        for layer in [*base.language_model.layers, *base.vision_tower.encoder.layers]:
+            layer.compile()  # regional: one graph per layer kind, reused across the stack
     if v["lora_dtype"] == "bf16":
         for p in model.parameters():
             if p.requires_grad:
@@ -171,7 +198,7 @@ def training_args(v: dict, mb: int, ga: int, out_dir: str, cpu: bool):
         warmup_steps=0.1, logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to="none",
         bf16=not cpu, use_cpu=cpu, remove_unused_columns=False, dataloader_num_workers=0,
         activation_checkpointing=bool(v["ckpt"]) and v["loss"] == "full",
-        optim="adamw_torch_fused" if not cpu else "adamw_torch", seed=0, disable_tqdm=True,
+        optim=v.get("optim") or ("adamw_torch_fused" if not cpu else "adamw_torch"), seed=0, disable_tqdm=True,
     )
 
 

@@ -1,6 +1,6 @@
 """Peak allocated bytes measured on one NVIDIA H200 (2026-11-28), for helpers.memory.plan's tests.
 
-Read off benchmarks/results/train_run{1,2,3}.json (``peak_alloc`` = torch.cuda.max_memory_allocated over
+Read off benchmarks/results/train_run{1,2,3}.json and train_run4_run5.json (``peak_alloc`` = torch.cuda.max_memory_allocated over
 the training steps). Every run: 224x224 images at budget 280 (256 image tokens, 2,520 patches), ~29 text
 tokens, LoRA all-linear; ``plan`` keyword arguments as recorded. Reference rows quantize with the seed's
 default skip list (the vision tower in NF4).
@@ -28,4 +28,22 @@ MEASURED = [
                             "loss": "full", "skip_modules": REF_SKIP}, 12_158_641_664),
     ("E4B ours-bf16", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16, "lora_dtype": "fp32"},
      120_213_404_160),
+    # run 4 (one process per row; micro-batch 1 x 4, 2 optimizer steps, so the optimizer state is counted)
+    ("31B ours-q-mb1-r16 (2 steps)", "31B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
+                                             "gradient_checkpointing": True}, 20_997_935_616),
+    ("31B ours-q-mb1-r16-adam8", "31B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
+                                         "gradient_checkpointing": True, "optimizer": "adamw_8bit"}, 20_734_764_544),
+    ("31B ours-qv-mb1-r16", "31B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
+                                    "gradient_checkpointing": True, "quantize_towers": True}, 20_188_349_440),
+    ("31B ours-qv-mb1-r16-adam8", "31B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
+                                          "gradient_checkpointing": True, "quantize_towers": True,
+                                          "optimizer": "adamw_8bit"}, 19_925_178_368),
+    # run 5 (E4B bf16 LoRA, fast clamps with finite bounds)
+    ("E4B ours-bf16 (fast clamps)", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16,
+                                            "lora_dtype": "fp32"}, 112_781_620_736),
+    ("E4B ours-bf16-lora16", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16}, 108_304_979_456),
+    ("E4B ours-bf16-liger", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16, "lora_dtype": "fp32",
+                                    "liger": True}, 96_757_303_296),
+    ("E4B ours-bf16-compile", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 32, "lora_dtype": "fp32",
+                                      "compiled": True}, 133_953_498_624),
 ]

@@ -3,7 +3,7 @@
 # are installed to /tmp/site first. Logs and JSON results go to $OUT (7 files at most).
 #   STAGES="train eval tests" TRAIN_SIZES=E4B,31B EVAL_SIZES=E4B,31B benchmarks/run_gpu.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -24,7 +24,8 @@ import time
 
 BASE = {"emb_std": None, "lr": 2e-3, "r": 16, "alpha": 16, "batch": 32, "train_size": 1000, "augment": False,
         "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None,
-        "answer_tokens": False, "vision_layers": 2}
+        "answer_tokens": False, "vision_layers": 2, "rslora": False, "loraplus": None, "warmup": 10,
+        "text_hidden": 64}
 VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps transformers' 0.02)
     "base": {},
     "emb125": {"emb_std": 0.125},
@@ -66,9 +67,52 @@ VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps tra
     "allpost25_lr2": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 2e-3,
                       "train_size": None},
 }
+# seventh round (the main job's 516 steps at batch 32 = 12 epochs of the 1,347 digits): rank, LoRA+, rsLoRA,
+# the answer tokens' embedding rows, warm-up; the default recipe is "main"
+MAIN = {"emb_std": 0.125, "lr": 1e-3, "train_size": None}
+VARIANTS.update({
+    "main": MAIN,
+    "main_r64": {**MAIN, "r": 64, "alpha": 64},
+    "main_r64_lr5": {**MAIN, "r": 64, "alpha": 64, "lr": 5e-4},
+    "main_lr15": {**MAIN, "lr": 1.5e-3},
+    "main_tti": {**MAIN, "answer_tokens": True},
+    "main_tti_r64": {**MAIN, "answer_tokens": True, "r": 64, "alpha": 64},
+    "main_lp4": {**MAIN, "loraplus": 4},
+    "main_lp16": {**MAIN, "loraplus": 16},
+    "main_lp16_lr5": {**MAIN, "loraplus": 16, "lr": 5e-4},
+    "main_rs_r64": {**MAIN, "r": 64, "alpha": 16, "rslora": True},
+    "main_lr2_w50": {**MAIN, "lr": 2e-3, "warmup": 50},
+})
+# eighth round: round seven's best was a higher rate with a longer warm-up (lr 2e-3, 50 steps)
+VARIANTS.update({
+    "lr2_w50": {**MAIN, "lr": 2e-3, "warmup": 50},
+    "lr2_w100": {**MAIN, "lr": 2e-3, "warmup": 100},
+    "lr3_w100": {**MAIN, "lr": 3e-3, "warmup": 100},
+    "lr3_w50": {**MAIN, "lr": 3e-3, "warmup": 50},
+    "lr15_w50": {**MAIN, "lr": 1.5e-3, "warmup": 50},
+    "lr25_w75": {**MAIN, "lr": 2.5e-3, "warmup": 75},
+    "lr2_w50_tti": {**MAIN, "lr": 2e-3, "warmup": 50, "answer_tokens": True},
+    "lr2_w50_a32": {**MAIN, "lr": 2e-3, "warmup": 50, "alpha": 32},
+    "lr2_w50_s650": {**MAIN, "lr": 2e-3, "warmup": 50, "steps": 650},
+    "lr2_w50_s800": {**MAIN, "lr": 2e-3, "warmup": 50, "steps": 800},
+})
+# ninth round: a wider text model (128: the last position's state is 64 numbers at the default), and one
+# vision layer with the steps its faster CPU step buys (text 64: ~1.4x; text 128 + one layer vs text 128: ~1.4x)
+T128 = {**MAIN, "text_hidden": 128, "emb_std": 128 ** -0.5}
+VARIANTS.update({
+    "t128": T128,
+    "t128_lr2_w50": {**T128, "lr": 2e-3, "warmup": 50},
+    "t128_lr15_w50": {**T128, "lr": 1.5e-3, "warmup": 50},
+    "t128_tti": {**T128, "answer_tokens": True},
+    "t128_lr2_w50_tti": {**T128, "lr": 2e-3, "warmup": 50, "answer_tokens": True},
+    "t128_r32": {**T128, "r": 32, "alpha": 32},
+    "t128_v1_lr2_w50_s700": {**T128, "lr": 2e-3, "warmup": 50, "vision_layers": 1, "steps": 700},
+    "v1_lr2_w50_s700": {**MAIN, "lr": 2e-3, "warmup": 50, "vision_layers": 1, "steps": 700},
+    "v1_lr1_s700": {**MAIN, "vision_layers": 1, "steps": 700},
+})
 
 
-def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str) -> list[dict]:
+def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, test_size: int | None = 300) -> list[dict]:
     import torch
 
     from helpers.collator import VisionChatCollator
@@ -78,9 +122,11 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str) -
     from helpers.tiny import build_tiny_gemma4
 
     settings = {**BASE, **VARIANTS[variant]}
+    steps = settings.get("steps", steps)
     emb_std, lr, batch_size = settings["emb_std"], settings["lr"], settings["batch"]
     torch.manual_seed(seed)
-    path = build_tiny_gemma4(tempfile.mkdtemp(), seed=seed, vision_layers=settings["vision_layers"])
+    path = build_tiny_gemma4(tempfile.mkdtemp(), seed=seed, vision_layers=settings["vision_layers"],
+                             text_hidden=settings["text_hidden"])
     processor = load_processor(str(path))
     model = load_model(str(path), dtype=torch.float32)
     if emb_std is not None:
@@ -107,19 +153,31 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str) -
         model = get_peft_model(model, LoraConfig(
             r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
             target_modules="all-linear", trainable_token_indices={"embed_tokens": ids}, ensure_weight_tying=True,
-            task_type="CAUSAL_LM")).to(device)
+            use_rslora=settings["rslora"], task_type="CAUSAL_LM")).to(device)
+    elif settings["rslora"]:
+        from peft import LoraConfig, get_peft_model
+
+        model.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], use_rslora=True,
+                                                 lora_dropout=settings["dropout"], target_modules="all-linear")).to(device)
     else:
         model = apply_lora(model, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"]).to(device)
     train = load_digits_examples("train", size=settings["train_size"], augment=settings["augment"])
-    test = load_examples("digits", "test", size=300)
+    test = load_examples("digits", "test", size=test_size)
     names = train.class_names
     train_batch = VisionChatCollator(processor, names)(train.examples)
     test_batch = VisionChatCollator(processor, names, mode="eval")(test.examples)
     name_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(n) for n in names], device=device)
     test_labels = torch.tensor([e["label"] for e in test.examples], device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = 10
+    if settings["loraplus"]:
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=settings["loraplus"],
+                                        weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = settings["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / steps))))
     generator = torch.Generator().manual_seed(seed)
@@ -147,7 +205,7 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str) -
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step % eval_every == 0:
+        if step % eval_every == 0 or step == steps:
             rows.append({"variant": variant, "seed": seed, "step": step, "loss": round(loss.item(), 4),
                          "acc": accuracy(), "s": round(time.time() - start, 1)})
             print(json.dumps(rows[-1]), flush=True)
@@ -162,10 +220,11 @@ def main():
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--test-size", type=int, default=300, help="held-out digits scored (0: all 450)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one[0], int(args.one[1]), args.steps, args.eval_every, args.device)
+        run_one(args.one[0], int(args.one[1]), args.steps, args.eval_every, args.device, args.test_size or None)
         return
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     running, lines = [], []
@@ -173,7 +232,7 @@ def main():
         while jobs and len(running) < args.parallel:
             v, s = jobs.pop(0)
             cmd = [sys.executable, __file__, "--one", v, str(s), "--steps", str(args.steps),
-                   "--eval-every", str(args.eval_every), "--device", args.device]
+                   "--eval-every", str(args.eval_every), "--device", args.device, "--test-size", str(args.test_size)]
             running.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
         for proc in list(running):
             if proc.poll() is not None:

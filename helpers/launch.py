@@ -74,7 +74,7 @@ def load_lora_model(config: RunConfig, model_path: str, local_rank: int, adapter
 
     torch.manual_seed(config.seed)  # the same initial adapter on every rank (DDP also broadcasts rank 0's)
     processor = load_processor(model_path, config.image_soft_tokens)
-    model = load_model(model_path, quantization=config.quantization,
+    model = load_model(model_path, quantization=config.quantization, quantize_towers=config.quantize_towers,
                        device_map=device_map_for(local_rank, config.quantization))
     if adapter_dir is not None:
         from peft import PeftModel

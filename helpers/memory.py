@@ -142,8 +142,8 @@ def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
 # They are large because Gemma 4's RMSNorm computes in float32 and autograd keeps those float32 copies, and
 # because the vision tower runs on all 9 x budget patches (2,520 at the default 280), padding included.
 ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in benchmarks/README.md
-    "E2B": 20.5,  # not measured: E4B's value (same clipped vision tower family)
-    "E4B": 20.5,
+    "E2B": 19.0,  # not measured: E4B's value (same clipped vision tower family)
+    "E4B": 19.0,  # with helpers.clippable's fast clamps (the default); transformers' own clamps: 20.5
     "26B-A4B": 18.2,
     "31B": 16.0,
 }
@@ -151,6 +151,8 @@ LIGER_ACTIVATION_FACTOR = 0.78  # Liger's RMSNorm + GeGLU keep bf16, not float32
 FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own loss (bf16 logits, fp32
 # upcast, softmax and gradient): 1.5 GB for one 31B sample of 290 tokens; the labelled-position loss: ~0
 LORA_STATE_BYTES = {"bf16": 8, "fp32": 16}  # parameter + gradient + AdamW's two moments
+EIGHT_BIT_STATE_SAVING = {"bf16": 2, "fp32": 6}  # bitsandbytes' 8-bit AdamW: two 1-byte moments per parameter
+COMPILED_ACTIVATION_FACTOR = 0.61  # compile_layers fuses the float32 RMSNorm copies (E4B mb 32, measured)
 TEXT_TOKENS = 29  # chat scaffolding + a short question + a class name (the benchmark's stream)
 
 
@@ -181,7 +183,8 @@ def checkpoint_bytes(config, image_tokens: int, patches: int, text_tokens: int =
 def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: int = 1, soft_tokens: int = 280,
          gradient_checkpointing: bool = False, *, image_tokens: int | None = None, text_tokens: int = TEXT_TOKENS,
          lora_dtype: str = "bf16", loss: str = "labelled", liger: bool = False,
-         skip_modules: list[str] | None = None) -> dict:
+         skip_modules: list[str] | None = None, quantize_towers: bool = False, optimizer: str = "adamw_torch",
+         compiled: bool = False) -> dict:
     """Predicted peak training memory (bytes) and its terms, for one GPU. Taught in notebook 01.
 
     ``soft_tokens`` is the image budget (70 ... 1120): the vision tower sees ``9 x soft_tokens`` patches
@@ -189,16 +192,24 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     non-square images, e.g. 256 for 224 x 224 at 280). ``loss``: ``"labelled"`` (ours) or ``"full"`` (the
     model's own loss over the full vocabulary at every position, as the seed). ``lora_dtype``: the
     adapters' dtype (``"bf16"`` as TRL casts them for QLoRA; PEFT's default is ``"fp32"``).
+    ``quantize_towers``, ``optimizer`` (``"adamw_8bit"``) and ``compiled`` (``compile_layers``) are
+    ``RunConfig``'s options of the same names.
     """
     from helpers.presets import preset_config
 
     config = preset_config(size)
     image_tokens = soft_tokens if image_tokens is None else image_tokens
     patches = 9 * soft_tokens
+    if quantize_towers and skip_modules is None:
+        from helpers.modeling import NF4_SKIP_MODULES, TOWERS
+
+        skip_modules = [m for m in NF4_SKIP_MODULES if not m.endswith(TOWERS)]
     weights = weight_bytes(config, quantization, skip_modules)
-    lora = LORA_STATE_BYTES[lora_dtype] * lora_parameter_count(config, lora_r)
+    state_bytes = LORA_STATE_BYTES[lora_dtype] - (EIGHT_BIT_STATE_SAVING[lora_dtype] if optimizer == "adamw_8bit" else 0)
+    lora = state_bytes * lora_parameter_count(config, lora_r)
     units = activation_units(config, image_tokens, patches, text_tokens)
-    per_unit = ACTIVATION_BYTES_PER_UNIT[size] * (LIGER_ACTIVATION_FACTOR if liger else 1.0)
+    per_unit = ACTIVATION_BYTES_PER_UNIT[size] * (LIGER_ACTIVATION_FACTOR if liger else 1.0) * (
+        COMPILED_ACTIVATION_FACTOR if compiled else 1.0)
     text = config.get_text_config()
     if gradient_checkpointing:
         one_layer = units / text.num_hidden_layers  # the layer being recomputed (the widest: a text layer)
@@ -216,3 +227,13 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
 def fits(size: str, gpu_gb: float, **kwargs) -> bool:
     """``plan(...)["total"]`` under the GPU's memory, keeping ~1 GB for the CUDA context and allocator."""
     return plan(size, **kwargs)["total"] + 1 * GB <= gpu_gb * GB
+
+
+def largest_micro_batch(size: str, gpu_gb: float, candidates=(64, 32, 16, 8, 4, 2, 1), **kwargs) -> int | None:
+    """The largest micro-batch whose ``plan`` fits ``gpu_gb`` (``None``: not even 1). Taught in notebook 01.
+
+    Use it for ``batch_size`` instead of the seed's 1 x 16: with the same global batch (raise
+    ``gradient_accumulation`` to match), fewer, larger steps keep the GPU busy (31B NF4 on an H200:
+    micro-batch 8 trained 11x faster than 1 x 16 with checkpointing; benchmarks/README.md).
+    """
+    return next((mb for mb in sorted(candidates, reverse=True) if fits(size, gpu_gb, micro_batch=mb, **kwargs)), None)

@@ -78,6 +78,9 @@ TINY_SEED = 0
 # image becomes 64 soft tokens, which keeps a CPU step fast.
 TINY_MAX_SOFT_TOKENS = 70
 TINY_VISION_LAYERS = 2
+TINY_PATCH_SIZE = 4
+TINY_POOLING = 2
+TINY_TEXT_HIDDEN = 64
 
 
 def tokenizer_training_corpus() -> list[str]:
@@ -117,13 +120,15 @@ def build_tokenizer(vocab_size: int = 768):
     )
 
 
-def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS):
-    """The real Gemma 4 processor pieces, sized for the tiny vision tower (patch 4, pooling 2)."""
+def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS, patch_size: int = TINY_PATCH_SIZE,
+                    pooling: int = TINY_POOLING):
+    """The real Gemma 4 processor pieces, sized for the tiny vision tower."""
     from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor
     from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
 
-    image_processor = Gemma4ImageProcessor(patch_size=4, pooling_kernel_size=2, max_soft_tokens=max_soft_tokens)
-    video_processor = Gemma4VideoProcessor(patch_size=4, pooling_kernel_size=2, max_soft_tokens=max_soft_tokens)
+    geometry = {"patch_size": patch_size, "pooling_kernel_size": pooling, "max_soft_tokens": max_soft_tokens}
+    image_processor = Gemma4ImageProcessor(**geometry)
+    video_processor = Gemma4VideoProcessor(**geometry)
     return Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
         image_processor=image_processor,
@@ -134,7 +139,8 @@ def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS):
     )
 
 
-def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS):
+def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS, patch_size: int = TINY_PATCH_SIZE,
+                pooling: int = TINY_POOLING, text_hidden: int = TINY_TEXT_HIDDEN):
     """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer clipped vision tower, no audio."""
     from transformers import Gemma4Config
 
@@ -143,8 +149,8 @@ def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS):
     text = {
         "vocab_size": vocab,
         "vocab_size_per_layer_input": vocab,
-        "hidden_size": 64,
-        "intermediate_size": 256,
+        "hidden_size": text_hidden,
+        "intermediate_size": 4 * text_hidden,
         "num_hidden_layers": 2,
         "layer_types": ["sliding_attention", "full_attention"],
         "num_attention_heads": 2,
@@ -166,8 +172,8 @@ def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS):
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "head_dim": 32,
-        "patch_size": 4,
-        "pooling_kernel_size": 2,
+        "patch_size": patch_size,
+        "pooling_kernel_size": pooling,
         "position_embedding_size": 512,
         "use_clipped_linears": True,
     }
@@ -214,23 +220,26 @@ def reinit_token_embeddings(model, std: float = 0.125) -> None:
     table.copy_(torch.randn_like(table) * std)
 
 
-def build_tiny_model(tokenizer, seed: int = TINY_SEED, vision_layers: int = TINY_VISION_LAYERS):
-    """``Gemma4ForConditionalGeneration`` from ``tiny_config``, seeded so two builds are identical."""
+def build_tiny_model(tokenizer, seed: int = TINY_SEED, **shape):
+    """``Gemma4ForConditionalGeneration`` from ``tiny_config`` (``shape``: its keyword arguments), seeded so
+    two builds are identical."""
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(tiny_config(tokenizer, vision_layers)).eval()
+    config = tiny_config(tokenizer, **shape)
+    model = Gemma4ForConditionalGeneration(config).eval()
     reinit_vision_positions(model)
-    reinit_token_embeddings(model)
+    reinit_token_embeddings(model, std=config.text_config.hidden_size ** -0.5)
     model.tie_weights()
     return model
 
 
-def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEED,
-                      vision_layers: int = TINY_VISION_LAYERS) -> Path:
+def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEED, **shape) -> Path:
     """Write a complete tiny Gemma 4 checkpoint folder (config, weights, tokenizer, processor).
 
-    Taught in notebook 01. Load it back like any hub model::
+    ``shape`` overrides ``tiny_config``'s defaults (``vision_layers``, ``patch_size``, ``pooling``,
+    ``text_hidden``); the benchmarks use it, the notebooks take the defaults. Taught in notebook 01.
+    Load it back like any hub model::
 
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForMultimodalLM.from_pretrained(path)
@@ -238,11 +247,12 @@ def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEE
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_tiny_model(tokenizer, seed=seed, vision_layers=vision_layers)
+    geometry = {k: shape[k] for k in ("patch_size", "pooling") if k in shape}
+    processor = build_processor(tokenizer, **geometry)
+    model = build_tiny_model(tokenizer, seed=seed, **shape)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    (path / "TINY_GEMMA4.json").write_text(json.dumps({"seed": seed, "built_by": "helpers.tiny"}) + "\n")
+    (path / "TINY_GEMMA4.json").write_text(json.dumps({"seed": seed, "built_by": "helpers.tiny", **shape}) + "\n")
     return path
 
 

@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from helpers.losses import labelled_positions_loss
+from helpers.modeling import compile_layers, should_compile_layers, uncompile_layers
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -124,6 +125,8 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
     """TrainingArguments from a ``RunConfig``: the fast, honest defaults this project uses."""
     on_gpu = torch.cuda.is_available()
+    if config.optimizer == "adamw_8bit" and not on_gpu:
+        raise ValueError("optimizer='adamw_8bit' (bitsandbytes) needs a CUDA GPU; use 'adamw_torch' on the CPU")
     return TrainingArguments(
         output_dir=str(Path(output_dir) / CHECKPOINTS),
         per_device_train_batch_size=config.batch_size,
@@ -147,6 +150,7 @@ def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
         remove_unused_columns=False,  # the collator takes raw {"image", "label"} examples
         report_to="none",
         disable_tqdm=False,
+        **({"optim": "adamw_bnb_8bit"} if config.optimizer == "adamw_8bit" else {}),
     )  # gradient checkpointing is applied by helpers.modeling.apply_lora when asked
 
 
@@ -199,6 +203,7 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     output_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    compiled = should_compile_layers(config) and compile_layers(model)
     args = training_arguments(config, output_dir)
     args.ddp_find_unused_parameters = ddp_find_unused_parameters(model)
     trainer = LabelledPositionsTrainer(model=model, args=args, train_dataset=list(train_examples),
@@ -212,7 +217,11 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
     else:
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            if compiled:
+                uncompile_layers(model)  # evaluation and generation run eager (no recompiles per length)
     wall = time.perf_counter() - start
     adapter = save_final_adapter(trainer, model, output_dir)
     peak, kind = peak_memory()

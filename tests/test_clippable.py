@@ -18,6 +18,8 @@ from helpers.clippable import (
     saved_adapter_keys,
     set_clip_bounds,
     trainable_by_target,
+    use_fast_clamps,
+    use_stock_clamps,
 )
 from helpers.modeling import apply_lora
 from helpers.presets import build_meta_model, preset_config
@@ -103,3 +105,53 @@ def test_merged_model_still_clamps(tiny_model, bound):
     merged = peft_model.merge_and_unload()
     output = find_clippable_linears(merged)[Q_PROJ](torch.randn(3, 64) * 5)
     assert output.abs().max().item() <= bound
+
+
+def _loss_and_grads(model, pixels):
+    """A scalar through the vision tower (whose linears all clip), and the LoRA gradients it gives."""
+    model.zero_grad()
+    positions = torch.stack(torch.meshgrid(torch.arange(16), torch.arange(16), indexing="xy"), -1).reshape(1, 256, 2)
+    out = model.get_image_features(pixel_values=pixels, image_position_ids=positions.expand(len(pixels), -1, -1))
+    loss = sum(part.pow(2).sum() for part in out.pooler_output)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("bounds", [(float("inf"), float("inf")), (0.6, 0.3), (3.0, float("inf"))])
+def test_fast_clamps_give_stock_values_and_gradients(tiny_model, bounds):
+    set_clip_bounds(tiny_model, input_bound=bounds[0], output_bound=bounds[1])
+    stock = apply_lora(copy.deepcopy(tiny_model).double(), r=4, alpha=4).double()  # float64: order-free sums
+    enlarge_lora_update(stock, 0.5)  # non-zero LoRA B, so the clamps see the adapter's update
+    fast = copy.deepcopy(stock)
+    assert use_fast_clamps(fast) == 14
+    pixels = torch.rand(2, 256, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 2
+    stock_loss, stock_grads = _loss_and_grads(stock, pixels)
+    fast_loss, fast_grads = _loss_and_grads(fast, pixels)
+    torch.testing.assert_close(fast_loss, stock_loss)
+    assert stock_grads.keys() == fast_grads.keys() and len(stock_grads) > 0
+    for name, stock_grad in stock_grads.items():
+        torch.testing.assert_close(fast_grads[name], stock_grad, rtol=1e-12, atol=1e-12 * stock_grad.abs().max())
+    if bounds[1] < 1:  # the bounds bit: some outputs were clipped, so equal gradients mean equal masks
+        inner = find_clippable_linears(stock)[Q_PROJ].linear(torch.rand(1, 256, 64, dtype=torch.float64) * 4 - 2)
+        assert inner.abs().max() > bounds[1]
+
+
+def test_fast_clamps_follow_new_bounds_and_undo(tiny_model):
+    use_fast_clamps(tiny_model)
+    clippable = find_clippable_linears(tiny_model)[Q_PROJ]
+    inputs = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 5
+    assert clippable(inputs).abs().max() > 0.25  # bounds still infinite
+    set_clip_bounds(tiny_model, input_bound=10.0, output_bound=0.25)  # seen without re-patching
+    assert clippable(inputs).abs().max() <= 0.25
+    assert "Gemma4ClippableLinear" in repr(clippable) and "Gemma4ClippableLinear" in naive_lora_error(tiny_model)
+    assert use_stock_clamps(tiny_model) == 14 and "forward" not in clippable.__dict__
+    assert clippable(inputs).abs().max() <= 0.25
+
+
+def test_load_model_uses_fast_clamps(tiny_path):
+    from helpers.modeling import load_model
+
+    model = load_model(tiny_path, dtype=torch.float32)
+    assert all("forward" in m.__dict__ for m in find_clippable_linears(model).values())
+    model = load_model(tiny_path, dtype=torch.float32, fast_clamps=False)
+    assert not any("forward" in m.__dict__ for m in find_clippable_linears(model).values())

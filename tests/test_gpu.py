@@ -75,3 +75,51 @@ def test_cached_scoring_equals_naive_on_gpu():
         extra = {k: batch[k][b:b + 1] for k in ("pixel_values", "image_position_ids", "mm_token_type_ids")}
         slow = naive_class_scores(model, tokenizer, batch["input_ids"][b], extra, names)
         torch.testing.assert_close(fast[b], slow, atol=2e-3, rtol=1e-3)
+
+
+def test_train_with_compiled_layers_matches_eager_on_gpu(tmp_path):
+    """The notebook path on a GPU: train() compiles each layer (bf16 LoRA), trains, and leaves them eager."""
+    from transformers import AutoProcessor
+
+    from helpers.collator import VisionChatCollator
+    from helpers.config import RunConfig, resolve_model_id
+    from helpers.data import load_examples
+    from helpers.losses import labelled_positions_loss
+    from helpers.modeling import apply_lora, compile_layers, load_model, uncompile_layers
+    from helpers.training import train
+
+    path = resolve_model_id("tiny")
+    processor = AutoProcessor.from_pretrained(path)
+    data = load_examples("digits", "train", size=32)
+    collator = VisionChatCollator(processor, data.class_names)
+    batch = {k: v.cuda() for k, v in collator(data.examples[:8]).items()}
+    model = apply_lora(load_model(path, device_map={"": 0}))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = labelled_positions_loss(model, batch)
+        compile_layers(model)
+        compiled = labelled_positions_loss(model, batch)
+        uncompile_layers(model)
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)  # bf16: fused kernels round differently
+    config = RunConfig(train_size=32, batch_size=8, max_steps=4, save_steps=2)
+    result = train(model, collator, data.examples, config, tmp_path)
+    assert result.global_step == 4 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
+
+
+def test_eight_bit_optimizer_trains_on_gpu(tmp_path):
+    from transformers import AutoProcessor
+
+    from helpers.collator import VisionChatCollator
+    from helpers.config import RunConfig, resolve_model_id
+    from helpers.data import load_examples
+    from helpers.modeling import apply_lora, load_model
+    from helpers.training import train
+
+    path = resolve_model_id("tiny")
+    data = load_examples("digits", "train", size=16)
+    collator = VisionChatCollator(AutoProcessor.from_pretrained(path), data.class_names)
+    model = apply_lora(load_model(path, device_map={"": 0}))
+    config = RunConfig(train_size=16, batch_size=8, max_steps=2, save_steps=2, optimizer="adamw_8bit",
+                       compile_layers=False)
+    result = train(model, collator, data.examples, config, tmp_path)
+    assert result.global_step == 2 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.memory import GB, fits, plan
+from helpers.memory import GB, fits, largest_micro_batch, plan
 
 spec = importlib.util.spec_from_file_location(
     "measured_memory", Path(__file__).resolve().parent.parent / "benchmarks" / "measured_memory.py")
@@ -38,3 +38,12 @@ def test_fits_answers_the_notebook_question():
     assert fits("31B", 24, quantization="4bit", lora_r=16, gradient_checkpointing=True)
     assert not fits("31B", 48, quantization="none")
     assert fits("E4B", 80, quantization="none", lora_r=16, micro_batch=8)
+
+
+def test_largest_micro_batch_is_the_largest_that_fits():
+    kwargs = {"quantization": "4bit", "lora_r": 16}
+    best = largest_micro_batch("31B", 96, **kwargs)
+    assert best is not None and fits("31B", 96, micro_batch=best, **kwargs)
+    assert best == 64 or not fits("31B", 96, micro_batch=2 * best, **kwargs)
+    assert largest_micro_batch("31B", 96, gradient_checkpointing=True, **kwargs) >= best
+    assert largest_micro_batch("31B", 16, quantization="none") is None  # 62 GB of bf16 weights

@@ -74,3 +74,31 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path, tiny_path, tiny_pro
         train(model, collator, data.examples, config, tmp_path)
     assert last_complete_checkpoint(tmp_path).endswith("checkpoint-2")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_compile_layers_auto_rule_and_undo(tiny_path, monkeypatch):
+    from helpers.modeling import compile_layers, should_compile_layers, uncompile_layers
+
+    assert not should_compile_layers(RunConfig())  # no GPU here: eager
+    assert should_compile_layers(RunConfig(compile_layers=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert should_compile_layers(RunConfig())  # bf16 LoRA on a GPU: compiled
+    assert not should_compile_layers(RunConfig(quantization="4bit"))  # not measured in 4-bit: eager
+    assert not should_compile_layers(RunConfig(gradient_checkpointing=True))
+    assert not should_compile_layers(RunConfig(compile_layers=False))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not should_compile_layers(RunConfig())  # DDP / FSDP: not measured compiled
+    monkeypatch.undo()
+    model = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path))
+    assert compile_layers(model) == 4  # 2 decoder + 2 vision-encoder layers; compiled lazily, on first call
+    assert uncompile_layers(model) == 4 and uncompile_layers(model) == 0
+
+
+def test_eight_bit_optimizer_needs_a_gpu(tmp_path):
+    from helpers.config import ConfigError
+    from helpers.training import training_arguments
+
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        RunConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="adamw_8bit.*needs a CUDA GPU"):
+        training_arguments(RunConfig(optimizer="adamw_8bit"), tmp_path)
