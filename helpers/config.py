@@ -18,8 +18,8 @@ SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 
 _FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.PathLike), "lora_targets": (str, list),
                 "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
-                "max_steps": (int,), "seed": (int,), "image_soft_tokens": (int,), "max_length": (int,),
-                "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
+                "max_steps": (int,), "warmup_steps": (int,), "seed": (int,), "image_soft_tokens": (int,),
+                "max_length": (int,), "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
                 "compile_layers": (bool,)}
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 
@@ -44,6 +44,7 @@ class RunConfig:
     optimizer: str = "adamw_torch"  # or "adamw_8bit" (bitsandbytes: 8-bit AdamW states, GPU only)
     compile_layers: bool | None = None  # torch.compile each layer; None: on for bf16 LoRA on a GPU
     learning_rate: float = 1e-3
+    warmup_steps: int = 10  # linear warm-up, then a cosine decay to zero
     epochs: float = 12.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 32
@@ -78,6 +79,8 @@ class RunConfig:
             raise ConfigError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.quantization not in ("none", "4bit"):

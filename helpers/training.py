@@ -135,7 +135,7 @@ def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         lr_scheduler_type="cosine",
-        warmup_steps=config.extra.get("warmup_steps", 10),
+        warmup_steps=config.warmup_steps,
         weight_decay=0.0,
         max_grad_norm=1.0,
         logging_steps=0.02,  # a fraction: about 50 loss points per run, whatever its length

@@ -283,6 +283,8 @@ def test_a_relative_path_with_folders_is_not_mistaken_for_a_hub_id(tmp_path, mon
     (["--train-size", "-1"], "train_size"), (["-p", "max_steps", "ten"], "max_steps"),
     (["-p", "learning_rate", "fast"], "learning_rate"), (["-p", "max_steps", "2.5"], "max_steps"),
     (["-p", "gradient_checkpointing", "1"], "gradient_checkpointing"), (["-p", "batchsize", "4"], "batchsize"),
+    (["-p", "warmup_steps", "-1"], "warmup_steps"), (["-p", "optimizer", "adam"], "optimizer"),
+    (["-p", "compile_layers", "yes"], "compile_layers"), (["-p", "quantize_towers", "1"], "quantize_towers"),
 ])
 def test_bad_runner_parameters_name_the_parameter(args, name, tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path), *args]) == 2
