@@ -203,7 +203,6 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     output_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    compiled = should_compile_layers(config) and compile_layers(model)
     args = training_arguments(config, output_dir)
     args.ddp_find_unused_parameters = ddp_find_unused_parameters(model)
     trainer = LabelledPositionsTrainer(model=model, args=args, train_dataset=list(train_examples),
@@ -217,6 +216,7 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
     else:
+        compiled = should_compile_layers(config) and compile_layers(model)  # in place, lazily on first call
         try:
             trainer.train(resume_from_checkpoint=resume)
         finally:

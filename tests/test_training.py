@@ -102,3 +102,21 @@ def test_eight_bit_optimizer_needs_a_gpu(tmp_path):
         RunConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="adamw_8bit.*needs a CUDA GPU"):
         training_arguments(RunConfig(optimizer="adamw_8bit"), tmp_path)
+
+
+def test_train_leaves_compiled_layers_eager_again(tmp_path, tiny_path, tiny_processor, monkeypatch):
+    import helpers.training as training
+
+    marked = []
+
+    def mark_layers(model):  # stands in for torch.compile (slow on a CPU): routes calls through a wrapper
+        layers = list(model.get_base_model().model.language_model.layers)
+        for layer in layers:
+            layer._compiled_call_impl = layer._call_impl
+        marked.extend(layers)
+        return len(layers)
+
+    monkeypatch.setattr(training, "compile_layers", mark_layers)
+    config, data, model, collator = _setup(tiny_path, tiny_processor, max_steps=2, compile_layers=True)
+    assert train(model, collator, data.examples, config, tmp_path).global_step == 2
+    assert len(marked) == 2 and all(layer._compiled_call_impl is None for layer in marked)
