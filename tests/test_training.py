@@ -105,7 +105,7 @@ def test_eight_bit_optimizer_needs_a_gpu(tmp_path):
 
 
 def test_train_leaves_compiled_layers_eager_again(tmp_path, tiny_path, tiny_processor, monkeypatch):
-    import helpers.training as training
+    from helpers import training
 
     marked = []
 
