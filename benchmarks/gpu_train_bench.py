@@ -174,14 +174,14 @@ def add_lora(model, v: dict):
     config = LoraConfig(r=v["r"], lora_alpha=v["r"], lora_dropout=v["dropout"], target_modules="all-linear",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    if v["name"].startswith("ours"):
-        from helpers.clippable import use_fast_clamps, use_stock_clamps
-
-        use_stock_clamps(model) if v.get("compile") else use_fast_clamps(model)  # compile fuses the stock ones
     if v.get("compile"):
-        base = model.get_base_model().model
-        for layer in [*base.language_model.layers, *base.vision_tower.encoder.layers]:
-            layer.compile()  # regional: one graph per layer kind, reused across the stack
+        from helpers.modeling import compile_layers
+
+        compile_layers(model)  # what train() does for bf16 LoRA on one GPU (stock clamps, fused)
+    elif v["name"].startswith("ours"):
+        from helpers.clippable import use_fast_clamps
+
+        use_fast_clamps(model)  # what load_model() does
     if v["lora_dtype"] == "bf16":
         for p in model.parameters():
             if p.requires_grad:

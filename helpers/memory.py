@@ -201,9 +201,9 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     image_tokens = soft_tokens if image_tokens is None else image_tokens
     patches = 9 * soft_tokens
     if quantize_towers and skip_modules is None:
-        from helpers.modeling import NF4_SKIP_MODULES, TOWERS
+        from helpers.modeling import nf4_skip_modules
 
-        skip_modules = [m for m in NF4_SKIP_MODULES if not m.endswith(TOWERS)]
+        skip_modules = nf4_skip_modules(quantize_towers=True)
     weights = weight_bytes(config, quantization, skip_modules)
     state_bytes = LORA_STATE_BYTES[lora_dtype] - (EIGHT_BIT_STATE_SAVING[lora_dtype] if optimizer == "adamw_8bit" else 0)
     lora = state_bytes * lora_parameter_count(config, lora_r)

@@ -20,6 +20,11 @@ NF4_SKIP_MODULES = ["lm_head", "model.vision_tower", "model.audio_tower", "model
 TOWERS = ("vision_tower", "audio_tower")
 
 
+def nf4_skip_modules(quantize_towers: bool = False) -> list[str]:
+    """The modules kept out of NF4: ``NF4_SKIP_MODULES``, less the vision/audio towers if they are quantized."""
+    return [m for m in NF4_SKIP_MODULES if not m.endswith(TOWERS)] if quantize_towers else list(NF4_SKIP_MODULES)
+
+
 class ModelLoadError(ValueError):
     """The model path or id cannot be loaded as a Gemma 4 checkpoint."""
 
@@ -62,7 +67,6 @@ def nf4_config(compute_dtype=torch.bfloat16, quantize_towers: bool = False):
     """
     from transformers import BitsAndBytesConfig
 
-    skip = [m for m in NF4_SKIP_MODULES if not m.endswith(TOWERS)] if quantize_towers else NF4_SKIP_MODULES
     # Stored as bf16-typed words (same bytes): the vision patch embedder casts pixels to its weight's dtype
     # only when that dtype is floating point; with the default uint8 storage they would stay float32.
     storage = {"bnb_4bit_quant_storage": compute_dtype} if quantize_towers else {}
@@ -71,7 +75,7 @@ def nf4_config(compute_dtype=torch.bfloat16, quantize_towers: bool = False):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=skip,
+        llm_int8_skip_modules=nf4_skip_modules(quantize_towers),
         **storage,
     )
 

@@ -120,13 +120,12 @@ def build_tokenizer(vocab_size: int = 768):
     )
 
 
-def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS, patch_size: int = TINY_PATCH_SIZE,
-                    pooling: int = TINY_POOLING):
-    """The real Gemma 4 processor pieces, sized for the tiny vision tower."""
+def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS):
+    """The real Gemma 4 processor pieces, sized for the tiny vision tower (patch 4, pooling 2)."""
     from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor
     from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
 
-    geometry = {"patch_size": patch_size, "pooling_kernel_size": pooling, "max_soft_tokens": max_soft_tokens}
+    geometry = {"patch_size": TINY_PATCH_SIZE, "pooling_kernel_size": TINY_POOLING, "max_soft_tokens": max_soft_tokens}
     image_processor = Gemma4ImageProcessor(**geometry)
     video_processor = Gemma4VideoProcessor(**geometry)
     return Gemma4Processor(
@@ -139,8 +138,7 @@ def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS, patc
     )
 
 
-def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS, patch_size: int = TINY_PATCH_SIZE,
-                pooling: int = TINY_POOLING, text_hidden: int = TINY_TEXT_HIDDEN):
+def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS, text_hidden: int = TINY_TEXT_HIDDEN):
     """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer clipped vision tower, no audio."""
     from transformers import Gemma4Config
 
@@ -172,8 +170,8 @@ def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS, patch_size: 
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "head_dim": 32,
-        "patch_size": patch_size,
-        "pooling_kernel_size": pooling,
+        "patch_size": TINY_PATCH_SIZE,
+        "pooling_kernel_size": TINY_POOLING,
         "position_embedding_size": 512,
         "use_clipped_linears": True,
     }
@@ -237,8 +235,8 @@ def build_tiny_model(tokenizer, seed: int = TINY_SEED, **shape):
 def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEED, **shape) -> Path:
     """Write a complete tiny Gemma 4 checkpoint folder (config, weights, tokenizer, processor).
 
-    ``shape`` overrides ``tiny_config``'s defaults (``vision_layers``, ``patch_size``, ``pooling``,
-    ``text_hidden``); the benchmarks use it, the notebooks take the defaults. Taught in notebook 01.
+    ``shape`` overrides ``tiny_config``'s defaults (``vision_layers``, ``text_hidden``); the benchmarks
+    use it, the notebooks take the defaults. Taught in notebook 01.
     Load it back like any hub model::
 
         processor = AutoProcessor.from_pretrained(path)
@@ -247,8 +245,7 @@ def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEE
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    geometry = {k: shape[k] for k in ("patch_size", "pooling") if k in shape}
-    processor = build_processor(tokenizer, **geometry)
+    processor = build_processor(tokenizer)
     model = build_tiny_model(tokenizer, seed=seed, **shape)
     model.save_pretrained(path)
     processor.save_pretrained(path)
