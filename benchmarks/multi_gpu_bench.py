@@ -26,9 +26,11 @@ CPU smoke test of the orchestration (shrunk configs, gloo, FSDP falls back to DD
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -64,7 +66,7 @@ def synthetic_rows(config, n_unique: int) -> list[dict]:
     return rows
 
 
-def step_timer():
+def step_timer(progress_path=None):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -82,8 +84,27 @@ def step_timer():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.start)
+            if progress_path is not None and state.is_world_process_zero:  # kept if the run dies later
+                peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+                Path(progress_path).write_text(json.dumps({"step_seconds": self.times, "peak_allocated_rank0": peak}))
 
     return StepTimer()
+
+
+def trace_slow_first_step(seconds: float):
+    """A callback that prints every thread's stack if the first step is still running after ``seconds``:
+    the first step on 2 GPUs once took 84 s, and this shows where such time goes."""
+    from transformers import TrainerCallback
+
+    class SlowFirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                faulthandler.dump_traceback_later(seconds, repeat=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            faulthandler.cancel_dump_traceback_later()
+
+    return SlowFirstStep()
 
 
 def build_lora_model(case: dict, shrink: bool, local_rank: int):
@@ -98,7 +119,11 @@ def build_lora_model(case: dict, shrink: bool, local_rank: int):
     if on_gpu:
         torch.cuda.set_device(local_rank)
     quant = case["quant"] if on_gpu else "none"  # NF4 needs CUDA; the CPU smoke test runs fp32
-    model = build_model(config, quant, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    # FSDP shards a model that starts on the CPU; its random values are still drawn on the GPU (seconds, not
+    # the ~10 minutes the CPU took for the 31B), one module at a time.
+    init_device = f"cuda:{local_rank}" if on_gpu else None
+    model = build_model(config, quant, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
+                        init_device=init_device)
     return config, apply_lora(model, r=16, alpha=16, gradient_checkpointing=case["ckpt"])
 
 
@@ -111,15 +136,23 @@ def worker(name: str, args) -> None:
     from helpers.training import train
 
     case = CASES[name]
+    start = time.perf_counter()
     state = distributed_state()
     config, model = build_lora_model(case, args.shrink, state.local_process_index)
+    build_seconds = time.perf_counter() - start
+    print(f"rank {state.process_index}: model built in {build_seconds:.1f} s", flush=True)
     steps = args.warmup + args.steps
     n = case["mb"] * args.accumulation * state.num_processes * steps
     rows = synthetic_rows(config, min(n, 16))
+    # The case's own quantization and checkpointing, and no compiled layers: 1 and 2 GPUs run the same code
+    # (compile_layers=None would compile on one process only, and read "none" for the NF4 model).
     run = RunConfig(train_size=n, batch_size=case["mb"], gradient_accumulation=args.accumulation, max_steps=steps,
-                    save_steps=10**6, learning_rate=1e-4, output_dir=str(args.run_dir))
-    timer = step_timer()
-    result = train(model, collate, [rows[i % len(rows)] for i in range(n)], run, args.run_dir, callbacks=[timer])
+                    save_steps=10**6, learning_rate=1e-4, output_dir=str(args.run_dir),
+                    quantization=case["quant"] if torch.cuda.is_available() else "none",
+                    gradient_checkpointing=case["ckpt"], compile_layers=False)
+    timer = step_timer(Path(args.result).with_suffix(".progress.json"))
+    result = train(model, collate, [rows[i % len(rows)] for i in range(n)], run, args.run_dir,
+                   callbacks=[timer, trace_slow_first_step(30.0)])
     per_rank = gather_object([{"rank": state.process_index, "peak_allocated": result.peak_memory_bytes,
                                "peak_reserved": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}])
@@ -127,8 +160,11 @@ def worker(name: str, args) -> None:
         timed = timer.times[args.warmup:]
         samples = case["mb"] * args.accumulation * state.num_processes * len(timed)
         report = {"case": name, "gpus": state.num_processes, "fsdp": fsdp_launch(),  # False: DDP on the CPU
-                  "micro_batch": case["mb"], "accumulation": args.accumulation, "step_seconds": timer.times,
-                  "samples_per_second": samples / sum(timed), "ranks": per_rank, "shrink": args.shrink}
+                  "micro_batch": case["mb"], "accumulation": args.accumulation, "build_seconds": build_seconds,
+                  "train_seconds": result.wall_seconds, "step_seconds": timer.times,
+                  "warmup": args.warmup, "samples_per_second": samples / sum(timed),
+                  "median_samples_per_second": samples / len(timed) / statistics.median(timed),
+                  "ranks": per_rank, "shrink": args.shrink}
         Path(args.result).write_text(json.dumps(report, indent=1))
 
 
@@ -153,12 +189,13 @@ def run_case(name: str, gpus: int, args) -> dict:
     """One (case, GPU count) in its own processes; a failure (e.g. out of memory) becomes a row, not a crash."""
     tag = f"{name}-{gpus}gpu"
     result = args.out / f"{tag}.json"
-    worker_args = ["--run-dir", str(args.out / "runs" / tag), "--result", str(result), "--steps", str(args.steps),
+    worker_args = ["--run-dir", str((args.runs or args.out / "runs") / tag), "--result", str(result), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--accumulation", str(args.accumulation)]
     worker_args += ["--shrink"] if args.shrink else []
     env = {**NCCL_SAFE_ENV, **os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if not torch.cuda.is_available():
-        env["OMP_NUM_THREADS"] = "1"
+    # torchrun would set 1 thread per process: building the 31B's random weights on the CPU (FSDP) then takes
+    # minutes. Give each process its share of the cores.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // gpus)) if torch.cuda.is_available() else "1")
     start = time.perf_counter()
     with open(args.out / f"{tag}.log", "w") as log:
         try:
@@ -178,7 +215,7 @@ def peak_text(row: dict) -> str:
     return " / ".join(f"{r['peak_allocated'] / GIB:.1f}" for r in ranks if r.get("peak_allocated")) or "-"
 
 
-HEADER = ("| case | 1 GPU samples/s | 2 GPUs samples/s | speed-up | efficiency | target "
+HEADER = ("| case | 1 GPU samples/s | 2 GPUs samples/s | speed-up | efficiency | target | speed-up, median steps "
           "| peak GiB 1 GPU | peak GiB per GPU (2) |")
 
 
@@ -194,9 +231,15 @@ def target_text(name: str, speedup: float | None, two: dict) -> str:
     return "-" if speedup is None else ("met" if speedup >= TARGET_SPEEDUP else "missed") + " (>= 1.8x)"
 
 
+def median_speedup(one: dict, two: dict) -> str:
+    """The speed-up from each row's median step: on a shared host a single 3-5 s step moves the mean."""
+    m1, m2 = one.get("median_samples_per_second"), two.get("median_samples_per_second")
+    return f"{m2 / m1:.2f}x" if m1 and m2 else "-"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: per case, 1 vs 2 GPUs, speed-up, efficiency, peak GiB per GPU (rank 0 / rank 1)."""
-    lines = [HEADER, "|---|---|---|---|---|---|---|---|"]
+    lines = [HEADER, "|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["case"] for r in rows):
         one = next((r for r in rows if r["case"] == name and r["gpus"] == 1), {})
         two = next((r for r in rows if r["case"] == name and r["gpus"] == 2), {})
@@ -205,6 +248,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {name} | {number(s1, '.2f') if s1 else one.get('status', '-')} "
                      f"| {number(s2, '.2f') if s2 else two.get('status', '-')} | {number(speedup, '.2f')}x "
                      f"| {number(speedup and speedup / 2, '.0%')} | {target_text(name, speedup, two)} "
+                     f"| {median_speedup(one, two)} "
                      f"| {peak_text(one)} | {peak_text(two)} |")
     return "\n".join(lines)
 
@@ -218,7 +262,8 @@ def parent(args) -> int:
         return 2
     if torch.cuda.is_available():
         print("device:", torch.cuda.device_count(), "x", torch.cuda.get_device_name(), flush=True)
-    rows = [run_case(name, gpus, args) for name in names for gpus in (1, 2)]
+    counts = [int(n) for n in args.gpu_counts.split(",")]
+    rows = [run_case(name, gpus, args) for name in names for gpus in counts]
     text = table(rows)
     print(text)
     (args.out / "multi_gpu.md").write_text(text + "\n")
@@ -235,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation per step")
     parser.add_argument("--case-timeout", type=int, default=420, help="seconds per (case, GPU count)")
     parser.add_argument("--shrink", action="store_true", help="shrunk configs: a CPU smoke test")
+    parser.add_argument("--gpu-counts", default="1,2", help="GPU counts to run, in this order (e.g. 2,1)")
+    parser.add_argument("--runs", type=Path, default=None, help="where the training runs go (default OUT/runs)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)

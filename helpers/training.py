@@ -34,7 +34,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 STAGING = ".staging"
 # Modules that "all-linear" LoRA wraps but image + text training never runs (E2B/E4B's audio tower and its
-# projector): their adapters get no gradient, and DDP must then look for unused parameters every step.
+# projector): their adapters would get no gradient, so train() freezes them (see freeze_unused_adapters).
 NOT_RUN_IN_IMAGE_TRAINING = ("audio_tower", "embed_audio")
 
 
@@ -177,15 +177,38 @@ def save_adapter(model, output_dir: str | Path, state_dict: dict | None = None) 
     return final
 
 
+def gathered_lora_state(model) -> dict:
+    """The full LoRA tensors of an FSDP2-sharded model, on the CPU; a collective: call it on every rank.
+
+    Only the adapter is gathered, not the frozen base model (accelerator.get_state_dict would gather all
+    62 GB of a bf16 31B to rank 0), in the state dict's own order, which is the same on every rank."""
+    return {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).cpu()
+            for name, value in model.state_dict().items() if "lora_" in name}
+
+
 def save_final_adapter(trainer: Trainer, model, output_dir: str | Path) -> Path:
     """The adapter, written once (by rank 0); the other ranks wait until it is there."""
     state_dict = None
-    if trainer.is_fsdp_enabled:  # the weights are sharded: gather a full copy (every rank takes part)
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.is_fsdp_enabled:  # the weights are sharded: gather the LoRA ones (every rank takes part)
+        state_dict = gathered_lora_state(trainer.model_wrapped)
     if trainer.args.should_save:
         save_adapter(model, output_dir, state_dict)
     trainer.accelerator.wait_for_everyone()
     return Path(output_dir) / ADAPTER
+
+
+def freeze_unused_adapters(model) -> int:
+    """Freeze the LoRA weights of modules image training never runs; returns how many tensors.
+
+    They would get no gradient anyway (AdamW skips them), so training is unchanged; but while they ask for
+    one, DDP must search the autograd graph for unused parameters on every step (``find_unused_parameters``).
+    They stay in the saved adapter, still at their initial value (B = 0: no effect)."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and any(part in name for part in NOT_RUN_IN_IMAGE_TRAINING):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
 
 
 def ddp_find_unused_parameters(model) -> bool:
@@ -204,6 +227,7 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     args = training_arguments(config, output_dir)
+    freeze_unused_adapters(model)
     args.ddp_find_unused_parameters = ddp_find_unused_parameters(model)
     trainer = LabelledPositionsTrainer(model=model, args=args, train_dataset=list(train_examples),
                                        data_collator=collator, callbacks=callbacks)

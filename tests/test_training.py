@@ -13,7 +13,14 @@ from helpers.collator import VisionChatCollator
 from helpers.config import RunConfig
 from helpers.data import load_examples
 from helpers.modeling import apply_lora
-from helpers.training import NonFiniteLossError, last_complete_checkpoint, train
+from helpers.training import (
+    NonFiniteLossError,
+    ddp_find_unused_parameters,
+    freeze_unused_adapters,
+    gathered_lora_state,
+    last_complete_checkpoint,
+    train,
+)
 
 
 def _setup(tiny_path, tiny_processor, **overrides):
@@ -48,6 +55,46 @@ def test_trains_saves_and_resumes(tmp_path, tiny_path, tiny_processor):
     assert again.global_step == 6
     state = json.loads((Path(again.resumed_from).parent / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+
+
+def test_audio_adapters_are_frozen_so_ddp_needs_no_graph_search():
+    # E2B/E4B's audio tower gets "all-linear" LoRA too, but image training never runs it
+    model = torch.nn.ModuleDict({"audio_tower": torch.nn.Linear(2, 2), "embed_audio": torch.nn.Linear(2, 2),
+                                 "language_model": torch.nn.Linear(2, 2)})
+    model.requires_grad_(True)
+    assert ddp_find_unused_parameters(model)
+    assert freeze_unused_adapters(model) == 4  # weight and bias of the two audio modules
+    assert not ddp_find_unused_parameters(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["language_model.weight",
+                                                                          "language_model.bias"]
+
+
+def test_fsdp_sharded_lora_weights_are_gathered_whole(monkeypatch):
+    # FSDP2 on one CPU process (gloo): parameters become DTensors; the saved adapter must hold plain tensors
+    import socket
+
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)),
+                               LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
+        want = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+        got = gathered_lora_state(model)
+        assert sorted(got) == sorted(want) and len(want) == 4  # A and B of two layers, nothing else
+        assert all(type(got[k]) is torch.Tensor and torch.equal(got[k], want[k]) for k in want)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
