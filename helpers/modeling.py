@@ -200,17 +200,19 @@ def compile_layers(model) -> int:
         layers += list(inner.vision_tower.encoder.layers)
     for layer in layers:
         layer.compile()
+    model._compiled_layers = layers  # what uncompile_layers undoes, and nothing a user compiled
     return len(layers)
 
 
 def uncompile_layers(model) -> int:
-    """Undo ``compile_layers`` (evaluation and generation then run eager); returns how many."""
-    undone = 0
-    for module in model.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
-            undone += 1
-    return undone
+    """Undo ``compile_layers`` (evaluation and generation then run eager); returns how many.
+
+    Only the layers ``compile_layers`` compiled: a module the user compiled themselves stays compiled."""
+    layers = getattr(model, "_compiled_layers", [])
+    for layer in layers:
+        layer._compiled_call_impl = None
+    model._compiled_layers = []
+    return len(layers)
 
 
 def trainable_parameters(model) -> tuple[int, int]:
