@@ -160,5 +160,5 @@ def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary
     if shard[1] > 1:
         write_shard_metrics(run_dir / SHARD_METRICS_FILE, indices, labels, predictions, class_names,
                             shard_index=shard[0], shard_count=shard[1], n_total=None,
-                            meta={"model_id": config.model_id, "dataset": config.dataset})
+                            meta={"model_id": config.model_id, "dataset": config.dataset, "skipped": skipped or {}})
     return report

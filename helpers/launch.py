@@ -155,20 +155,23 @@ def write_gathered_metrics(config, model_path, rows, train_summary, processes) -
     """``metrics.json`` (rank 0 only): the summary keys notebook 05 writes, plus the per-example rows."""
     from helpers.data import load_examples
     from helpers.io import atomic_write_json
+    from helpers.validation import skipped_summary
 
     eval_set = load_examples(config.dataset, "test", config.eval_size, config.seed)
     metrics = merge_rows(rows, len(eval_set), eval_set.class_names)
+    skipped = skipped_summary(eval_set)
     train = train_summary.get("train", {})
     report = {
         "summary": {"baseline_accuracy": metrics["baseline"]["constrained"]["accuracy"],
                     "finetuned_accuracy": metrics["finetuned"]["constrained"]["accuracy"],
                     "finetuned_macro_f1": metrics["finetuned"]["constrained"]["macro_f1"],
-                    "n_eval": len(rows)},
+                    "n_eval": len(rows), "n_skipped": skipped[eval_set.split]["n_skipped"]},
         "model_id": config.model_id, "model_path": model_path, "dataset": config.dataset,
         "processes": processes, "optimizer_steps": train.get("global_step"),
         "peak_memory_bytes": train.get("peak_memory_bytes"), "peak_memory_kind": train.get("peak_memory_kind"),
         "wall_seconds": {"train": train.get("wall_seconds"),
                          "eval_per_rank": {r["rank"]: r["seconds"] for r in rows}},
+        "skipped": skipped,
         "metrics": metrics,
         "predictions": sorted(rows, key=lambda row: row["index"]),
         "config": config.to_dict(),

@@ -197,8 +197,9 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
 
     Checks that the shards agree (class names, systems, shard count, split size), that each shard index
     appears once, that no example is evaluated twice and, when the split size is known, that none is
-    missing. Returns ``{"summary", "n_examples", "n_shards", "class_names", "systems",
-    "metrics": {system: ...}, "predictions": [...]}`` (predictions in index order).
+    missing. Returns ``{"summary", "n_examples", "n_shards", "class_names", "systems", "skipped",
+    "metrics": {system: ...}, "predictions": [...]}`` (predictions in index order; ``skipped`` from the
+    first shard's ``meta``, as ``helpers.validation.skipped_summary`` gives it).
     """
     paths = list(paths)
     if not paths:
@@ -214,6 +215,9 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
         for key in ("shard_count", "class_names", "systems", "n_total"):
             if data.get(key) != first.get(key):
                 raise ShardError(f"{path}: {key} {data.get(key)!r} differs from {first_path}'s {first.get(key)!r}")
+        skipped, first_skipped = data.get("meta", {}).get("skipped"), first.get("meta", {}).get("skipped")
+        if skipped != first_skipped:  # the shards did not read the same data
+            raise ShardError(f"{path}: skipped rows {skipped!r} differ from {first_path}'s {first_skipped!r}")
         s = data["shard_index"]
         if s in seen_shards:
             raise ShardError(f"shard {s} given twice: {seen_shards[s]} and {path}")
@@ -238,7 +242,10 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
         name: compute_metrics(labels, [ex["predictions"][name] for ex in ordered], class_names)
         for name in first["systems"]
     }
-    summary = {"n_eval": len(ordered)}
+    # Every shard loads (and validates) the whole split before taking its part, so each one carries the
+    # same skipped-row counts: keep them once.
+    skipped = first.get("meta", {}).get("skipped") or {}
+    summary = {"n_eval": len(ordered), "n_skipped": sum(split.get("n_skipped", 0) for split in skipped.values())}
     for name, m in metrics.items():
         summary[f"{name}_accuracy"] = m["accuracy"]
         summary[f"{name}_macro_f1"] = m["macro_f1"]
@@ -248,6 +255,7 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
         "n_shards": count,
         "class_names": class_names,
         "systems": first["systems"],
+        "skipped": skipped,
         "metrics": metrics,
         "predictions": ordered,
     }

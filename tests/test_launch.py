@@ -94,6 +94,7 @@ def test_two_ranks_of_two_equal_one_process_of_four(two_ranks, one_process):
 def test_metrics_cover_every_example_once(two_ranks, one_process):
     report = json.loads((two_ranks / "metrics.json").read_text())
     assert report["processes"] == 2 and report["summary"]["n_eval"] == 8
+    assert report["summary"]["n_skipped"] == 0 and report["skipped"]["test"]["kept"] == 8
     assert [row["index"] for row in report["predictions"]] == list(range(8))
     assert {row["rank"] for row in report["predictions"]} == {0, 1}
     single = json.loads((one_process / "metrics.json").read_text())

@@ -90,14 +90,14 @@ def test_class_absent_from_labels_has_no_recall_and_is_left_out_of_macro_f1():
     assert m["macro_f1"] == pytest.approx((2 / 3 + 1) / 2)
 
 
-def write_all(tmp_path, labels, systems, count, strategy):
+def write_all(tmp_path, labels, systems, count, strategy, meta=None):
     paths = []
     for i in range(count):
         idx = shard_indices(len(labels), i, count, strategy)
         preds = {name: [p[j] for j in idx] for name, p in systems.items()}
         path = tmp_path / f"task-{i:05d}" / shards.SHARD_METRICS_FILE
         write_shard_metrics(path, idx, [labels[j] for j in idx], preds, CLASSES,
-                            shard_index=i, shard_count=count, n_total=len(labels))
+                            shard_index=i, shard_count=count, n_total=len(labels), meta=meta)
         paths.append(path)
     return paths
 
@@ -139,6 +139,19 @@ def test_merge_rejects_missing_duplicate_and_inconsistent_shards(tmp_path):
     # a truncated file (task killed mid-write without the atomic rename)
     paths[1].write_text('{"format": ')
     with pytest.raises(ShardError, match="not valid JSON"):
+        merge_shard_metrics(paths)
+
+
+def test_merge_keeps_the_skipped_rows_once_and_checks_the_shards_agree(tmp_path):
+    labels, systems = synthetic(20)
+    skipped = {"test": {"kept": 20, "skipped": {"corrupt image": 2, "unknown label": 1}, "n_skipped": 3}}
+    paths = write_all(tmp_path, labels, systems, 2, "contiguous", meta={"skipped": skipped})
+    merged = merge_shard_metrics(paths)
+    assert merged["summary"]["n_skipped"] == 3 and merged["skipped"] == skipped  # not 6: one split, read twice
+    data = json.loads(paths[1].read_text())
+    data["meta"]["skipped"]["test"]["n_skipped"] = 0
+    paths[1].write_text(json.dumps(data))
+    with pytest.raises(ShardError, match="skipped rows"):
         merge_shard_metrics(paths)
 
 
