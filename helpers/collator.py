@@ -199,11 +199,18 @@ def token_roles(batch: dict, tokenizer, labels: torch.Tensor | None = None) -> t
     return roles
 
 
+def _describe(name) -> str:
+    """A sample's name in an error: its answer, and its row in the loaded split when known."""
+    if isinstance(name, tuple):  # (row, answer), as VisionChatCollator passes them
+        return f"row {name[0]} of the data set, {name[1]!r}"
+    return repr(name)
+
+
 def _raise_for(bad: torch.Tensor, problem: str, names=None) -> None:
-    """Raise CollatorError naming the first bad sample (its index and, when known, its class name)."""
+    """Raise CollatorError naming the first bad sample (its place in the batch and, when known, its name)."""
     if bad.any():
         index = int(bad.nonzero()[0, 0])
-        name = f" ({names[index]!r})" if names is not None else ""
+        name = f" ({_describe(names[index])})" if names is not None else ""
         raise CollatorError(f"sample {index}{name}: {problem}")
 
 
@@ -280,27 +287,28 @@ class VisionChatCollator:
         texts, answers = self.texts(examples)
         # One list per sample: each conversation has exactly one image. Some data sets carry
         # greyscale, RGBA, CMYK or 16-bit images; the image processor expects 8-bit RGB.
-        images = [[_rgb(example.get("image"), i, answer)] for i, (example, answer) in enumerate(zip(examples, answers))]
+        names = [(ex["row"], answer) if "row" in ex else answer for ex, answer in zip(examples, answers)]
+        images = [[_rgb(example.get("image"), i, name)] for i, (example, name) in enumerate(zip(examples, names))]
         # The template already writes <bos>; a tokenizer that also adds one would double it.
         encoded = self.processor(text=texts, images=images, return_tensors="pt", padding=True,
                                  padding_side=self.padding_side, add_special_tokens=False)
         batch = {key: encoded[key] for key in MODEL_INPUT_KEYS if key in encoded}
         if self.mode == "train":
-            batch["labels"] = mask_prompt_tokens(batch["input_ids"], batch["attention_mask"], self.markers, answers)
-        return self._fit_max_length(batch, answers)
+            batch["labels"] = mask_prompt_tokens(batch["input_ids"], batch["attention_mask"], self.markers, names)
+        return self._fit_max_length(batch, names)
 
-    def _fit_max_length(self, batch: dict, answers: list[str]) -> dict:
+    def _fit_max_length(self, batch: dict, names: list) -> dict:
         """Truncate to ``max_length``; an error when that would cut the prompt (eval) or the answer (train)."""
         if self.max_length is None or batch["input_ids"].shape[1] <= self.max_length:
             return batch
         lengths = batch["attention_mask"].sum(dim=1)
         if self.mode == "eval":
-            _raise_for(lengths > self.max_length, f"the prompt is longer than max_length={self.max_length}", answers)
+            _raise_for(lengths > self.max_length, f"the prompt is longer than max_length={self.max_length}", names)
         kept = (batch["labels"] != IGNORE_INDEX).sum(dim=1)
         batch = truncate_right(batch, self.max_length, self.padding_side, self.tokenizer.pad_token_id)
         cut = (batch["labels"] != IGNORE_INDEX).sum(dim=1) < kept
         _raise_for(cut, f"max_length={self.max_length} cuts into the answer (sequence of "
-                        f"{int(lengths.max())} tokens); raise max_length or lower the image budget", answers)
+                        f"{int(lengths.max())} tokens); raise max_length or lower the image budget", names)
         return batch
 
 
@@ -308,7 +316,7 @@ def _rgb(image, index: int = 0, name: str | None = None):
     """8-bit RGB via ``helpers.validation.to_rgb_image`` (loaders already did this; direct callers may not)."""
     if isinstance(image, Image.Image) and image.mode == "RGB" and max(image.size) <= MAX_SIDE:
         return image
-    label = f"sample {index}" + (f" ({name!r})" if name is not None else "")
+    label = f"sample {index}" + (f" ({_describe(name)})" if name is not None else "")
     try:
         return to_rgb_image(image, label)
     except BadExampleError as err:

@@ -185,6 +185,7 @@ def check_example(example: dict, n_classes: int, where: str) -> dict:
 def validate_examples(examples, class_names, name: str, split: str) -> tuple[list[dict], dict[str, int]]:
     """(good examples, skipped counts by reason). Taught in notebook 04.
 
+    Each good example gains ``"row"``, its index in ``examples``, so a later error can name it.
     Each bad row is skipped and counted; the first row of each reason is logged (a warning naming the
     data set, split and row). Raises ``EmptySplitError`` when no row is left.
     """
@@ -195,7 +196,8 @@ def validate_examples(examples, class_names, name: str, split: str) -> tuple[lis
         try:
             if not isinstance(example, dict):
                 raise BadExampleError(MISSING_IMAGE, f"{where}: a {type(example).__name__}, not a row")
-            good.append(check_example(example, len(class_names), where))
+            # "row": its place in the loaded split, which errors at training time name (helpers.collator)
+            good.append({**check_example(example, len(class_names), where), "row": n - 1})
         except BadExampleError as err:
             if not skipped[err.reason]:
                 log.warning("skipping %s (the first %r row; all are counted)", err, err.reason)

@@ -247,6 +247,19 @@ def test_eval_prompt_longer_than_max_length_is_an_error(processor):
         collator(make_examples([(32, 32)], [0]))
 
 
+def test_errors_name_the_data_set_row_of_validated_examples(processor):
+    # examples that went through helpers.validation carry their row: a failing batch names it
+    from helpers.data import load_examples
+
+    set_budget(processor, 70)
+    digits = load_examples("digits", "test", size=6)
+    assert [ex["row"] for ex in digits.examples] == list(range(6))
+    collator = VisionChatCollator(processor, digits.class_names, mode="eval", max_length=20)
+    name = digits.class_names[digits.examples[4]["label"]]
+    with pytest.raises(CollatorError, match=f"sample 0 \\(row 4 of the data set, '{name}'\\): the prompt is longer"):
+        collator(digits.examples[4:])
+
+
 def test_greyscale_images_are_converted(processor):
     set_budget(processor, 70)
     batch = VisionChatCollator(processor, ["one"])([{"image": Image.new("L", (30, 20)), "label": 0}])

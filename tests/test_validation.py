@@ -311,6 +311,6 @@ def test_an_answer_cut_by_max_length_stops_training_before_the_first_step(tmp_pa
     data = load_examples("digits", "train", size=8)
     model = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path))
     collator = VisionChatCollator(tiny_processor, data.class_names, max_length=config.max_length)
-    with pytest.raises(CollatorError, match=r"sample \d+ \('\w+'\): max_length=40 cuts into the answer"):
+    with pytest.raises(CollatorError, match=r"sample \d+ \(row \d+ of the data set, '\w+'\): max_length=40 cuts"):
         train(model, collator, data.examples, config, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))
