@@ -26,7 +26,6 @@ CPU smoke test of the orchestration (shrunk configs, gloo, FSDP falls back to DD
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
 import socket
@@ -91,22 +90,6 @@ def step_timer(progress_path=None):
     return StepTimer()
 
 
-def trace_slow_first_step(seconds: float):
-    """A callback that prints every thread's stack if the first step is still running after ``seconds``:
-    the first step on 2 GPUs once took 84 s, and this shows where such time goes."""
-    from transformers import TrainerCallback
-
-    class SlowFirstStep(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0:
-                faulthandler.dump_traceback_later(seconds, repeat=False)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            faulthandler.cancel_dump_traceback_later()
-
-    return SlowFirstStep()
-
-
 def build_lora_model(case: dict, shrink: bool, local_rank: int):
     """Real-shape random model on this rank's GPU (on the CPU for FSDP, which shards it), then our LoRA."""
     from helpers.modeling import apply_lora
@@ -151,8 +134,7 @@ def worker(name: str, args) -> None:
                     quantization=case["quant"] if torch.cuda.is_available() else "none",
                     gradient_checkpointing=case["ckpt"], compile_layers=False)
     timer = step_timer(Path(args.result).with_suffix(".progress.json"))
-    result = train(model, collate, [rows[i % len(rows)] for i in range(n)], run, args.run_dir,
-                   callbacks=[timer, trace_slow_first_step(30.0)])
+    result = train(model, collate, [rows[i % len(rows)] for i in range(n)], run, args.run_dir, callbacks=[timer])
     per_rank = gather_object([{"rank": state.process_index, "peak_allocated": result.peak_memory_bytes,
                                "peak_reserved": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}])

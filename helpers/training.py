@@ -211,12 +211,6 @@ def freeze_unused_adapters(model) -> int:
     return frozen
 
 
-def ddp_find_unused_parameters(model) -> bool:
-    """True when some trainable parameter gets no gradient (DDP then walks the graph every step)."""
-    return any(p.requires_grad and any(part in name for part in NOT_RUN_IN_IMAGE_TRAINING)
-               for name, p in model.named_parameters())
-
-
 def train(model, collator, train_examples, config, output_dir: str | Path, callbacks=None) -> TrainResult:
     """Fine-tune ``model`` (already wrapped with LoRA) on ``train_examples``; resumes when it can.
 
@@ -228,7 +222,9 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
         torch.cuda.reset_peak_memory_stats()
     args = training_arguments(config, output_dir)
     freeze_unused_adapters(model)
-    args.ddp_find_unused_parameters = ddp_find_unused_parameters(model)
+    # Nothing trainable is left without a gradient. Said explicitly: left None, the Trainer turns DDP's
+    # search for unused parameters on for any model that is not a PreTrainedModel, a PeftModel included.
+    args.ddp_find_unused_parameters = False
     trainer = LabelledPositionsTrainer(model=model, args=args, train_dataset=list(train_examples),
                                        data_collator=collator, callbacks=callbacks)
     resume = last_complete_checkpoint(output_dir)
