@@ -192,9 +192,8 @@ def compile_layers(model) -> int:
     """
     from helpers.clippable import use_stock_clamps
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = base.model
-    use_stock_clamps(inner)
+    inner = _inner_model(model)
+    model._fast_clamps_were_on = use_stock_clamps(inner) > 0  # uncompile_layers puts them back
     layers = list(inner.language_model.layers)
     if getattr(inner, "vision_tower", None) is not None:
         layers += list(inner.vision_tower.encoder.layers)
@@ -207,12 +206,24 @@ def compile_layers(model) -> int:
 def uncompile_layers(model) -> int:
     """Undo ``compile_layers`` (evaluation and generation then run eager); returns how many.
 
-    Only the layers ``compile_layers`` compiled: a module the user compiled themselves stays compiled."""
+    Only the layers ``compile_layers`` compiled: a module the user compiled themselves stays compiled. The
+    fast clamps come back if ``compile_layers`` had switched them off."""
+    from helpers.clippable import use_fast_clamps
+
     layers = getattr(model, "_compiled_layers", [])
     for layer in layers:
         layer._compiled_call_impl = None
     model._compiled_layers = []
+    if getattr(model, "_fast_clamps_were_on", False):
+        use_fast_clamps(_inner_model(model))
+        model._fast_clamps_were_on = False
     return len(layers)
+
+
+def _inner_model(model):
+    """The ``Gemma4Model`` inside a PEFT-wrapped or plain ``Gemma4ForConditionalGeneration``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -141,6 +141,23 @@ def test_compile_layers_auto_rule_and_undo(tiny_path, monkeypatch):
     assert users_own._compiled_call_impl is not None
 
 
+def test_uncompiling_puts_the_fast_clamps_back(tiny_path):
+    from helpers.clippable import find_clippable_linears
+    from helpers.modeling import compile_layers, load_model, uncompile_layers
+
+    model = apply_lora(load_model(tiny_path))  # fast clamps on, as load_model gives them
+
+    def fast():
+        return sum("forward" in m.__dict__ for m in find_clippable_linears(model).values())
+
+    before = fast()
+    assert before > 0
+    compile_layers(model)
+    assert fast() == 0  # the compiler gets transformers' own forward
+    uncompile_layers(model)
+    assert fast() == before
+
+
 def test_eight_bit_optimizer_needs_a_gpu(tmp_path):
     from helpers.config import ConfigError
     from helpers.training import training_arguments
