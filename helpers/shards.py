@@ -209,15 +209,19 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
     count = first["shard_count"]
     if expected_count is not None and count != expected_count:
         raise ShardError(f"{first_path}: shard_count {count}, expected {expected_count}")
+    # Every shard loads (and validates) the whole split before taking its part, so each one carries the
+    # same skipped-row counts: they must agree, and are kept once.
+    first_skipped = first.get("meta", {}).get("skipped")
+    skipped = first_skipped or {}
     seen_shards: dict[int, str] = {}
     by_index: dict[int, dict] = {}
     for path, data in shards:
         for key in ("shard_count", "class_names", "systems", "n_total"):
             if data.get(key) != first.get(key):
                 raise ShardError(f"{path}: {key} {data.get(key)!r} differs from {first_path}'s {first.get(key)!r}")
-        skipped, first_skipped = data.get("meta", {}).get("skipped"), first.get("meta", {}).get("skipped")
-        if skipped != first_skipped:  # the shards did not read the same data
-            raise ShardError(f"{path}: skipped rows {skipped!r} differ from {first_path}'s {first_skipped!r}")
+        if data.get("meta", {}).get("skipped") != first_skipped:  # the shards did not read the same data
+            raise ShardError(f"{path}: skipped rows {data.get('meta', {}).get('skipped')!r} differ from "
+                             f"{first_path}'s {first_skipped!r}")
         s = data["shard_index"]
         if s in seen_shards:
             raise ShardError(f"shard {s} given twice: {seen_shards[s]} and {path}")
@@ -242,9 +246,6 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
         name: compute_metrics(labels, [ex["predictions"][name] for ex in ordered], class_names)
         for name in first["systems"]
     }
-    # Every shard loads (and validates) the whole split before taking its part, so each one carries the
-    # same skipped-row counts: keep them once.
-    skipped = first.get("meta", {}).get("skipped") or {}
     summary = {"n_eval": len(ordered), "n_skipped": sum(split.get("n_skipped", 0) for split in skipped.values())}
     for name, m in metrics.items():
         summary[f"{name}_accuracy"] = m["accuracy"]
