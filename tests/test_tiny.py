@@ -1,12 +1,22 @@
 """The tiny offline Gemma 4: a real checkpoint folder that round-trips through the Auto classes."""
 
+import json
+
 import torch
 from PIL import Image
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
+from helpers.collator import VisionChatCollator
 from helpers.data import DIGIT_NAMES, PET_BREEDS, QUESTION, load_examples, to_messages
 from helpers.modeling import apply_lora
-from helpers.tiny import ALL_SPECIAL_TOKENS, NAMED_SPECIAL_TOKENS, build_tiny_gemma4, count_parameters
+from helpers.tiny import (
+    ALL_SPECIAL_TOKENS,
+    NAMED_SPECIAL_TOKENS,
+    TINY_INIT_VERSION,
+    build_tiny_gemma4,
+    count_parameters,
+    ensure_tiny_gemma4,
+)
 
 
 def test_round_trips_through_auto_classes(tiny_path, tiny_processor):
@@ -90,3 +100,38 @@ def test_lora_all_linear_applies_to_the_tiny_model(tiny_path):
 
 def test_processor_loads_with_auto_processor(tiny_path):
     assert AutoProcessor.from_pretrained(tiny_path).image_processor.max_soft_tokens == 70
+
+
+def _answer_position_attention_peaks(model, processor):
+    """Per layer, the answer position's largest attention weight, averaged over heads and eight digits."""
+    examples = load_examples("digits", "test", size=8)
+    batch = VisionChatCollator(processor, examples.class_names, mode="eval")(examples.examples)
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    return [a[:, :, -1].max(-1).values.mean().item() for a in attentions]
+
+
+def test_answer_position_attends_to_many_tokens(tiny_path, tiny_processor):
+    # Gemma 4's attention scaling is 1.0; with q/k norm scales at ones a random model's attention piles onto a
+    # few tokens (largest weight ~0.65 on average, measured) and the answer sees little of the image.
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_path, attn_implementation="eager")
+    assert max(_answer_position_attention_peaks(model, tiny_processor)) < 0.2
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.fill_(1.0)
+    assert min(_answer_position_attention_peaks(model, tiny_processor)) > 0.4
+
+
+def test_ensure_rebuilds_a_folder_from_an_older_init(tmp_path):
+    path = ensure_tiny_gemma4(tmp_path / "tiny")
+    marker = path / "TINY_GEMMA4.json"
+    assert json.loads(marker.read_text())["init_version"] == TINY_INIT_VERSION
+    weights = path / "model.safetensors"
+    weights.write_bytes(b"stale")  # reused as is while the marker says this init
+    ensure_tiny_gemma4(path)
+    assert weights.read_bytes() == b"stale"
+    marker.write_text(json.dumps({"seed": 0, "built_by": "helpers.tiny"}))  # built before init_version existed
+    ensure_tiny_gemma4(path)
+    assert json.loads(marker.read_text())["init_version"] == TINY_INIT_VERSION
+    assert AutoModelForMultimodalLM.from_pretrained(path) is not None
