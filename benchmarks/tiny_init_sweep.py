@@ -4,10 +4,11 @@ Each run builds the tiny checkpoint with one seed, then sets the scales under st
 embeddings, the q/k norm scales (``qk``) and the vision position table (``pos_std``). Every variant sets
 the last two explicitly, at the first init (rounds 1-9: norms at ones, positions at std 0.02) unless it
 says otherwise, so the earlier rounds (benchmarks/README.md) stay reproducible now that ``helpers.tiny``
-builds round 11's choice (variant ``qk1_pos1``); ``RunConfig``'s recipe is round 12's ``lr15_w30_e8``. It wraps the model with LoRA all-linear and trains on
-1,000 digits (all 1,347 from round 2 on) with the labelled-positions loss, printing held-out accuracy (constrained: the argmax over the ten single-token class names) every
-``--eval-every`` steps. Batches are collated once up front with the real collator, so the loop
-measures learning, not image preprocessing.
+builds round 11's choice (variant ``qk1_pos1``); ``RunConfig``'s recipe is round 12's ``lr15_w30_e8``.
+It wraps the model with LoRA all-linear and trains on 1,000 digits (all 1,347 from round 2 on) with the
+labelled-positions loss, printing held-out accuracy (constrained: the argmax over the ten single-token
+class names) every ``--eval-every`` steps. Batches are collated once up front with the real collator, so
+the loop measures learning, not image preprocessing.
 
     python benchmarks/tiny_init_sweep.py --variants main qk1_pos1 --seeds 0 1 2 --steps 516 --parallel 2
 
@@ -115,7 +116,7 @@ VARIANTS.update({
 })
 
 # tenth round: Gemma 4 scales attention logits by 1.0 and relies on learned q/k norm scales; at their init (ones)
-# the logits have std sqrt(head_dim) = 5.7 and attention is nearly one-hot. "qk" sets both norm scales to
+# the logits have std sqrt(head_dim) = 5.7 and attention piles onto a few tokens. "qk" sets both norm scales to
 # qk * head_dim**-0.25 (qk 1: the usual 1/sqrt(head_dim) temperature); "pos_std" redraws the vision positions.
 VARIANTS.update({
     "qk1": {**MAIN, "qk": 1.0},
@@ -128,7 +129,7 @@ VARIANTS.update({
     "qk1_r64_lr5": {**MAIN, "qk": 1.0, "r": 64, "alpha": 64, "lr": 5e-4},
 })
 # eleventh round: around round ten's best (qk 1 with vision positions at std 0.1), more seeds. QK1_POS1 is
-# what helpers.tiny now builds (scale_attention_norms, reinit_vision_positions at 0.1): the default recipe.
+# the init helpers.tiny now builds (scale_attention_norms, reinit_vision_positions at 0.1).
 QK1_POS1 = {**MAIN, "qk": 1.0, "pos_std": 0.1}
 VARIANTS.update({
     "qk1_pos3": {**MAIN, "qk": 1.0, "pos_std": 0.3},

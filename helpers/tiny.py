@@ -78,12 +78,12 @@ TINY_SEED = 0
 # image becomes 64 soft tokens, which keeps a CPU step fast.
 TINY_MAX_SOFT_TOKENS = 70
 TINY_VISION_LAYERS = 2
-# Bumped whenever build_tiny_model draws different weights, so ensure_tiny_gemma4 rebuilds an older folder.
-# 2: q/k norm scales at head_dim**-0.25 and vision positions at std 0.1 (benchmarks/tiny_init_sweep.py round 11).
-TINY_INIT_VERSION = 2
 TINY_PATCH_SIZE = 4
 TINY_POOLING = 2
 TINY_TEXT_HIDDEN = 64
+# Bumped whenever build_tiny_model draws different weights, so ensure_tiny_gemma4 rebuilds an older folder.
+# 2: q/k norm scales at head_dim**-0.25 and vision positions at std 0.1 (benchmarks/tiny_init_sweep.py round 11).
+TINY_INIT_VERSION = 2
 
 
 def tokenizer_training_corpus() -> list[str]:
@@ -274,8 +274,8 @@ def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEE
     model = build_tiny_model(tokenizer, seed=seed, **shape)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    (path / "TINY_GEMMA4.json").write_text(json.dumps({"seed": seed, "built_by": "helpers.tiny",
-                                                                "init_version": TINY_INIT_VERSION, **shape}) + "\n")
+    built = {"seed": seed, "built_by": "helpers.tiny", "init_version": TINY_INIT_VERSION, **shape}
+    (path / "TINY_GEMMA4.json").write_text(json.dumps(built) + "\n")
     return path
 
 
