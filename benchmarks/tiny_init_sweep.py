@@ -155,7 +155,7 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, t
     from helpers.data import load_digits_examples, load_examples
     from helpers.losses import labelled_positions_loss, softcapped_logits, unwrap_gemma4
     from helpers.modeling import apply_lora, load_model, load_processor
-    from helpers.tiny import build_tiny_gemma4
+    from helpers.tiny import build_tiny_gemma4, reinit_vision_positions, scale_attention_norms
 
     settings = {**BASE, **VARIANTS[variant]}
     steps = settings.get("steps", steps)
@@ -181,14 +181,9 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, t
                 for name, param in tower.named_parameters():
                     if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
                         param.fill_(settings[key])
-    with torch.no_grad():
-        # q_norm/k_norm scales: qk * head_dim**-0.25 each (Gemma 4's attention scaling is 1.0); 32**0.25 gives
-        # transformers' ones, qk 1 the usual 1/sqrt(head_dim) temperature (helpers.tiny.scale_attention_norms)
-        for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.fill_(settings["qk"] * param.numel() ** -0.25)
-        table = model.model.vision_tower.patch_embedder.position_embedding_table
-        table.copy_(torch.randn(table.shape, generator=gen) * settings["pos_std"])
+    # qk 32**0.25 gives transformers' ones; qk 1 the usual 1/sqrt(head_dim) temperature
+    scale_attention_norms(model, settings["qk"])
+    reinit_vision_positions(model, settings["pos_std"], generator=gen)
     if settings["answer_tokens"]:
         from peft import LoraConfig, get_peft_model
 

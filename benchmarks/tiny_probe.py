@@ -44,7 +44,7 @@ def main():
 
     from helpers.data import load_digits_examples
     from helpers.modeling import load_model, load_processor
-    from helpers.tiny import build_tiny_gemma4
+    from helpers.tiny import build_tiny_gemma4, reinit_vision_positions, scale_attention_norms
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="the tiny checkpoint's seed")
@@ -54,14 +54,10 @@ def main():
     torch.set_num_threads(1)
     path = build_tiny_gemma4(tempfile.mkdtemp(), seed=args.seed)
     processor, model = load_processor(str(path)), load_model(str(path), dtype=torch.float32)
-    with torch.no_grad():
-        if args.qk is not None:
-            for name, param in model.named_parameters():
-                if name.endswith(("q_norm.weight", "k_norm.weight")):
-                    param.fill_(args.qk * param.numel() ** -0.25)
-        if args.pos_std is not None:
-            table = model.model.vision_tower.patch_embedder.position_embedding_table
-            table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(args.seed)) * args.pos_std)
+    if args.qk is not None:
+        scale_attention_norms(model, args.qk)
+    if args.pos_std is not None:
+        reinit_vision_positions(model, args.pos_std, generator=torch.Generator().manual_seed(args.seed))
     train, test = load_digits_examples("train"), load_digits_examples("test")
     train_feats = features(model, processor, train.examples, train.class_names)
     test_feats = features(model, processor, test.examples, train.class_names)

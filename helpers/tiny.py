@@ -196,8 +196,9 @@ def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS, text_hidden:
 
 
 @torch.no_grad()
-def reinit_vision_positions(model, std: float = 0.1) -> None:
-    """Replace the all-ones vision position table with random values of std 0.1.
+def reinit_vision_positions(model, std: float = 0.1, generator: torch.Generator | None = None) -> None:
+    """Replace the all-ones vision position table with random values of std ``std`` (drawn from ``generator``,
+    else from torch's global generator, which ``build_tiny_model`` seeds).
 
     transformers initialises ``position_embedding_table`` to ones (the released checkpoints overwrite
     it). Left at ones, every patch gets the same large offset, which swamps the pixel projection: after
@@ -208,12 +209,13 @@ def reinit_vision_positions(model, std: float = 0.1) -> None:
     (``benchmarks/tiny_init_sweep.py``, variants ``qk1`` vs ``qk1_pos1``, with ``scale_attention_norms``).
     """
     table = model.model.vision_tower.patch_embedder.position_embedding_table
-    table.copy_(torch.randn_like(table) * std)
+    table.copy_(torch.randn(table.shape, generator=generator, dtype=table.dtype) * std)
 
 
 @torch.no_grad()
-def scale_attention_norms(model) -> None:
-    """Set every ``q_norm`` and ``k_norm`` scale to ``head_dim ** -0.25``: attention logits of std ~1.
+def scale_attention_norms(model, multiple: float = 1.0) -> None:
+    """Set every ``q_norm`` and ``k_norm`` scale to ``multiple * head_dim ** -0.25``: attention logits of std
+    ~``multiple**2`` (``multiple = head_dim ** 0.25`` gives back transformers' ones; the benchmarks sweep it).
 
     Gemma 4 computes attention with ``scaling = 1.0``, not ``1/sqrt(head_dim)``; trained checkpoints carry
     learned q/k norm scales instead. At transformers' init (ones) a random model's logits have std
@@ -226,7 +228,7 @@ def scale_attention_norms(model) -> None:
     """
     for name, param in model.named_parameters():
         if name.endswith(("q_norm.weight", "k_norm.weight")):
-            param.fill_(param.numel() ** -0.25)
+            param.fill_(multiple * param.numel() ** -0.25)
 
 
 @torch.no_grad()
