@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from helpers.losses import unwrap_gemma4
+
 # bitsandbytes quantizes nn.Linear only. Passing llm_int8_skip_modules replaces transformers' default
 # skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16
 # (quantizing the 31B's vision tower would save only 0.88 GB; the seed passes no skip list and so does
@@ -192,7 +194,7 @@ def compile_layers(model) -> int:
     """
     from helpers.clippable import use_stock_clamps
 
-    inner = _inner_model(model)
+    inner = unwrap_gemma4(model).model
     model._fast_clamps_were_on = use_stock_clamps(inner) > 0  # uncompile_layers puts them back
     layers = list(inner.language_model.layers)
     if getattr(inner, "vision_tower", None) is not None:
@@ -215,15 +217,9 @@ def uncompile_layers(model) -> int:
         layer._compiled_call_impl = None
     model._compiled_layers = []
     if getattr(model, "_fast_clamps_were_on", False):
-        use_fast_clamps(_inner_model(model))
+        use_fast_clamps(unwrap_gemma4(model).model)
         model._fast_clamps_were_on = False
     return len(layers)
-
-
-def _inner_model(model):
-    """The ``Gemma4Model`` inside a PEFT-wrapped or plain ``Gemma4ForConditionalGeneration``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
 
 
 def trainable_parameters(model) -> tuple[int, int]:
