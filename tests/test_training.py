@@ -66,21 +66,15 @@ def test_audio_adapters_are_frozen_before_training():
                                                                           "language_model.bias"]
 
 
-def test_fsdp_sharded_lora_weights_are_gathered_whole(monkeypatch):
+def test_fsdp_sharded_lora_weights_are_gathered_whole(tmp_path):
     # FSDP2 on one CPU process (gloo): parameters become DTensors; the saved adapter must hold plain tensors
-    import socket
-
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # a file store: one process needs no free port
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)),
                                LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
