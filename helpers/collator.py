@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from helpers.data import QUESTION, to_messages
-from helpers.tiny import NAMED_SPECIAL_TOKENS
+from helpers.chat import NAMED_SPECIAL_TOKENS, QUESTION, to_messages
 from helpers.validation import MAX_SIDE, BadExampleError, to_rgb_image
 
 IGNORE_INDEX = -100

@@ -10,6 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from helpers.chat import BASE_SPECIAL_TOKENS, NAMED_SPECIAL_TOKENS, QUESTION, VIDEO_TOKEN
 from helpers.data import DIGITS
 
 OFFLINE_MODEL = "tiny"  # resolved to the tiny checkpoint folder, built on first use (helpers.tiny)
@@ -20,7 +21,7 @@ _FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.Pa
                 "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
                 "max_steps": (int,), "warmup_steps": (int,), "seed": (int,), "image_soft_tokens": (int,),
                 "max_length": (int,), "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
-                "compile_layers": (bool,)}
+                "compile_layers": (bool,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,)}
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 
 
@@ -55,6 +56,10 @@ class RunConfig:
     save_steps: int = 100
     save_total_limit: int = 2
     max_length: int | None = None
+    # The prompt (helpers.chat): saved in the run folder, so evaluation and serving use what training used.
+    question: str = QUESTION
+    system_prompt: str | None = None
+    enable_thinking: bool = False  # the released templates' switch; off: the large family's empty thought channel
     shard_index: int = 0  # evaluate shard k of shard_count (notebook 05; Cloud Run parallel tasks)
     shard_count: int = 1
     extra: dict = field(default_factory=dict)
@@ -65,7 +70,7 @@ class RunConfig:
     def validate(self) -> None:
         for name, kinds in _FIELD_TYPES.items():  # "-p max_steps ten" names the parameter, not a TypeError
             value = getattr(self, name)
-            if value is None and name in ("image_soft_tokens", "max_length", "compile_layers"):
+            if value is None and name in ("image_soft_tokens", "max_length", "compile_layers", "system_prompt"):
                 continue
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ConfigError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
@@ -95,6 +100,21 @@ class RunConfig:
             raise ConfigError(f"shard_index must be in [0, shard_count={self.shard_count}), got {self.shard_index!r}")
         if self.max_length is not None and self.max_length <= 0:
             raise ConfigError(f"max_length must be positive, got {self.max_length!r}")
+        self._validate_prompt()
+
+    def _validate_prompt(self) -> None:
+        """The question and system prompt: non-empty text, with no special token that would fool the template."""
+        specials = [*BASE_SPECIAL_TOKENS, *NAMED_SPECIAL_TOKENS.values(), VIDEO_TOKEN]
+        for name in ("question", "system_prompt"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not value.strip():
+                raise ConfigError(f"{name} must be non-empty text" + (" (or null for none)" if name != "question" else "")
+                                  + f", got {value!r}")
+            found = [token for token in specials if token in value]
+            if found:
+                raise ConfigError(f"{name} contains Gemma 4 special token(s) {found}; the chat template writes those")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -30,7 +30,6 @@ PET_BREEDS = (
     "Ragdoll", "Russian Blue", "Saint Bernard", "Samoyed", "Scottish Terrier", "Shiba Inu", "Siamese",
     "Sphynx", "Staffordshire Bull Terrier", "Wheaten Terrier", "Yorkshire Terrier",
 )  # fmt: skip
-QUESTION = "What is in this image?"
 
 DIGIT_IMAGE_SIZE = 32  # 8x8 digits upscaled (nearest) so the strokes stay crisp
 
@@ -162,18 +161,3 @@ def load_examples(name: str = DIGITS, split: str = "train", size: int | None = N
     if name == DIGITS:
         return load_digits_examples(split, size, seed)
     return load_hf_examples(name, split, size, seed)
-
-
-def to_messages(question: str = QUESTION, answer: str | None = None, system: str | None = None) -> list[dict]:
-    """Chat messages for one example: the image first, then the question; the answer as the model turn.
-
-    The image comes first because that is how Gemma 4 is prompted in Google's examples and how the
-    seed trains; the collator (notebook 03) relies only on the last ``<|turn>`` marker, not on order.
-    """
-    messages = []
-    if system:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages

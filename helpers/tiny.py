@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from helpers.data import DIGIT_NAMES, PET_BREEDS, QUESTION
+from helpers.chat import QUESTION
+from helpers.data import DIGIT_NAMES, PET_BREEDS
 
 # The real Gemma 4 special-token strings (tokenizer_config.json of the published checkpoints):
 # attribute name on the tokenizer -> token string.

@@ -20,7 +20,7 @@ from helpers.collator import (
     turn_markers,
 )
 from helpers.config import SOFT_TOKEN_BUDGETS
-from helpers.data import QUESTION, to_messages
+from helpers.chat import QUESTION, to_messages
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

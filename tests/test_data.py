@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.data import DIGIT_NAMES, PET_BREEDS, QUESTION, load_examples, readable_class_name, to_messages
+from helpers.chat import QUESTION, to_messages
+from helpers.data import DIGIT_NAMES, PET_BREEDS, load_examples, readable_class_name
 
 
 def _check_schema(example_set, n_classes):
@@ -80,4 +81,5 @@ def test_messages_put_the_image_first():
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[1]["content"][0] == {"type": "image"}
     assert messages[1]["content"][1] == {"type": "text", "text": QUESTION}
-    assert messages[2]["content"][0]["text"] == "Beagle"
+    assert messages[2]["content"] == "Beagle"
+    assert messages[0]["content"] == "Be brief."  # a string: the released templates print a list as its repr

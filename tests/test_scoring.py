@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from helpers.data import DIGIT_NAMES, QUESTION, load_digits_examples, to_messages
+from helpers.chat import QUESTION, to_messages
+from helpers.data import DIGIT_NAMES, load_digits_examples
 from helpers.scoring import class_token_ids, naive_class_scores, predict, score_class_names
 
 QUESTIONS = [QUESTION, "Which digit is this? Answer with its name.", QUESTION + " One word."]

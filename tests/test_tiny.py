@@ -7,7 +7,8 @@ from PIL import Image
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
 from helpers.collator import VisionChatCollator
-from helpers.data import DIGIT_NAMES, PET_BREEDS, QUESTION, load_examples, to_messages
+from helpers.chat import QUESTION, to_messages
+from helpers.data import DIGIT_NAMES, PET_BREEDS, load_examples
 from helpers.modeling import apply_lora
 from helpers.tiny import (
     ALL_SPECIAL_TOKENS,
