@@ -29,7 +29,7 @@ import time
 BASE = {"emb_std": None, "lr": 2e-3, "r": 16, "alpha": 16, "batch": 32, "train_size": 1000, "augment": False,
         "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None,
         "answer_tokens": False, "vision_layers": 2, "rslora": False, "loraplus": None, "warmup": 10,
-        "text_hidden": 64, "qk": 32 ** 0.25, "pos_std": 0.02}  # qk, pos_std: the first init (rounds 1-9)
+        "text_hidden": 64, "vision_hidden": 64, "qk": 32 ** 0.25, "pos_std": 0.02}  # qk, pos_std: the first init (rounds 1-9)
 VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps transformers' 0.02)
     "base": {},
     "emb125": {"emb_std": 0.125},
@@ -147,6 +147,21 @@ VARIANTS.update({
     "lr15_w30_e8": {**QK1_POS1, "lr": 1.5e-3, "warmup": 30, "steps": 344},
 })
 
+# thirteenth round: Gemma 4 in miniature (TINY_INIT_VERSION 3: released chat templates, Gemma-style tokenizer,
+# pooling 3 at patch 8 so 630 patches per image instead of 280, a 64-wide full-attention head): the recipe's
+# learning on the new shapes, fewer steps (the CPU step is slower), and a narrower or shallower vision tower
+V3 = {**QK1_POS1, "lr": 1.5e-3, "warmup": 30, "train_size": None}
+VARIANTS.update({
+    "v3_e8": {**V3, "steps": 344},
+    "v3_e6": {**V3, "steps": 258},
+    "v3_e5": {**V3, "steps": 215},
+    "v3_lr2_e6": {**V3, "lr": 2e-3, "steps": 258},
+    "v3_lr2_e5": {**V3, "lr": 2e-3, "steps": 215},
+    "v3_vh32_e8": {**V3, "vision_hidden": 32, "steps": 344},
+    "v3_vh32_e6": {**V3, "vision_hidden": 32, "steps": 258},
+    "v3_1l_e8": {**V3, "vision_layers": 1, "steps": 344},
+})
+
 
 def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, test_size: int | None = 300) -> list[dict]:
     import torch
@@ -162,7 +177,7 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, t
     emb_std, lr, batch_size = settings["emb_std"], settings["lr"], settings["batch"]
     torch.manual_seed(seed)
     path = build_tiny_gemma4(tempfile.mkdtemp(), seed=seed, vision_layers=settings["vision_layers"],
-                             text_hidden=settings["text_hidden"])
+                             text_hidden=settings["text_hidden"], vision_hidden=settings["vision_hidden"])
     processor = load_processor(str(path))
     model = load_model(str(path), dtype=torch.float32)
     if emb_std is not None:

@@ -15,7 +15,9 @@ the generation prompt: **prompt + answer + ``<turn|>`` + what the template write
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 # The real Gemma 4 special-token strings (tokenizer_config.json of the published checkpoints):
 # attribute name on the tokenizer -> token string.
@@ -42,12 +44,16 @@ NAMED_SPECIAL_TOKENS = {
 # Ids 0..4 as in Gemma 4 (pad 0, eos 1, bos 2, unk 3, mask 4).
 BASE_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 VIDEO_TOKEN = "<|video|>"
+ALL_SPECIAL_TOKENS = (*BASE_SPECIAL_TOKENS, *NAMED_SPECIAL_TOKENS.values(), VIDEO_TOKEN)
 
 QUESTION = "What is in this image?"
 LARGE, E_SERIES = "large", "e-series"
 FAMILIES = (LARGE, E_SERIES)
 EMPTY_THOUGHT = "<|channel>thought\n<channel|>"  # the large family's generation prompt, thinking off
 _PROBE_QUESTION, _PROBE_ANSWER = "?", "probe"
+# Written beside the adapter: the prompt it was trained with, read back by evaluation (and later serving).
+PROMPT_FILE = "chat_prompt.json"
+PROMPT_FIELDS = ("question", "system_prompt", "enable_thinking")  # RunConfig's names
 
 
 class ChatFormatError(ValueError):
@@ -114,13 +120,19 @@ class ChatFormat:
     family: str
     prompt: str
     suffix: str  # "<turn|>" + what the template writes after a model turn ("\n")
+    question: str = QUESTION
+    system_prompt: str | None = None
     enable_thinking: bool = False
 
     def training_text(self, answer: str) -> str:
         return self.prompt + answer + self.suffix
 
+    def settings(self) -> dict:
+        """What rendered ``prompt``, by RunConfig's names: saved beside the adapter (``save_prompt``)."""
+        return {name: getattr(self, name) for name in PROMPT_FIELDS}
 
-def chat_format(processor, question: str = QUESTION, system: str | None = None,
+
+def chat_format(processor, question: str = QUESTION, system_prompt: str | None = None,
                 enable_thinking: bool = False) -> ChatFormat:
     """Read the evaluation prompt and the training suffix from the processor's own template.
 
@@ -128,9 +140,9 @@ def chat_format(processor, question: str = QUESTION, system: str | None = None,
     renders as the generation prompt (less the large family's empty thought channel) + answer + ``<turn|>``.
     """
     family = template_family(processor)
-    messages = to_messages(question, system=system)
+    messages = to_messages(question, system=system_prompt)
     prompt = render_generation_prompt(processor, messages, enable_thinking)
-    history = processor.apply_chat_template(to_messages(question, _PROBE_ANSWER, system), tokenize=False,
+    history = processor.apply_chat_template(to_messages(question, _PROBE_ANSWER, system_prompt), tokenize=False,
                                             enable_thinking=enable_thinking)
     eot = special_token(processor.tokenizer, "eot_token")
     turn_start = prompt.removesuffix(EMPTY_THOUGHT) if family == LARGE else prompt
@@ -138,7 +150,33 @@ def chat_format(processor, question: str = QUESTION, system: str | None = None,
     if not history.startswith(expected):
         raise ChatFormatError(f"the chat template does not render a model turn as the generation prompt + answer + "
                               f"{eot}:\n  rendered: {history!r}\n  expected: {expected!r}...")
-    return ChatFormat(family, prompt, eot + history[len(expected):], enable_thinking)
+    return ChatFormat(family, prompt, eot + history[len(expected):], question, system_prompt, enable_thinking)
+
+
+def prompt_settings(config) -> dict:
+    """A RunConfig's prompt fields, as ``VisionChatCollator``, ``predict`` and ``chat_format`` take them."""
+    return {name: getattr(config, name) for name in PROMPT_FIELDS}
+
+
+def save_prompt(folder: str | Path, settings: dict) -> Path:
+    path = Path(folder) / PROMPT_FILE
+    path.write_text(json.dumps({name: settings[name] for name in PROMPT_FIELDS}, indent=1) + "\n")
+    return path
+
+
+def load_prompt(folder: str | Path) -> dict | None:
+    """The prompt saved beside an adapter, or None for an adapter saved without one."""
+    path = Path(folder) / PROMPT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def prompt_for_adapter(folder: str | Path, config) -> tuple[dict, list[str]]:
+    """The prompt to evaluate an adapter with: the one it was trained with when saved, else ``config``'s;
+    and the fields where ``config`` asked for something else (evaluation uses the trained prompt)."""
+    saved, asked = load_prompt(folder), prompt_settings(config)
+    if saved is None:
+        return asked, []
+    return saved, [name for name in PROMPT_FIELDS if saved.get(name) != asked[name]]
 
 
 def answer_from_generation(text: str, tokenizer) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from helpers.chat import NAMED_SPECIAL_TOKENS, QUESTION, to_messages
+from helpers.chat import QUESTION, ChatFormat, chat_format, special_token
 from helpers.validation import MAX_SIDE, BadExampleError, to_rgb_image
 
 IGNORE_INDEX = -100
@@ -26,7 +26,6 @@ IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids")
 # Tensors with one entry per token: truncated and re-padded together, with these padding values.
 TOKEN_PAD_VALUES = {"attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
-_PROBE_ANSWER = "probe"
 
 
 class CollatorError(ValueError):
@@ -39,14 +38,7 @@ class TurnMarkers:
 
     start_of_turn: int  # <|turn>
     end_of_turn: int  # <turn|>
-    header: tuple[int, ...]  # "model\n", as the template writes it after <|turn>
-    empty_thought: tuple[int, ...]  # "<|channel>thought\n<channel|>", () when the template has none
-
-
-def special_token(tokenizer, attribute: str) -> str:
-    """A named special token's text (``sot_token`` -> ``<|turn>``): the tokenizer's attribute when it has
-    one, else Gemma 4's published string for that name."""
-    return getattr(tokenizer, attribute, None) or NAMED_SPECIAL_TOKENS[attribute]
+    header: tuple[int, ...]  # what the generation prompt writes after the last <|turn>: "model\n" (+ empty thought)
 
 
 def token_id(tokenizer, attribute: str) -> int:
@@ -58,49 +50,37 @@ def token_id(tokenizer, attribute: str) -> int:
     return token_ids[0]
 
 
-def render_prompt(processor, messages, empty_thought_block: bool = False) -> str:
-    """The chat template with the generation prompt: what the model sees before it answers."""
-    kwargs = {"empty_thought_block": True} if empty_thought_block else {}
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+def text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def tokens_after_last(tokenizer, text: str, marker: str) -> tuple[int, ...]:
     """Token ids of ``text`` after its last ``marker``, tokenized in context (as the processor will)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = text_ids(tokenizer, text)
     marker_id = tokenizer.convert_tokens_to_ids(marker)
     last = max(i for i, t in enumerate(ids) if t == marker_id)
     return tuple(ids[last + 1:])
 
 
-def turn_markers(processor) -> TurnMarkers:
-    """Read the markers from the tokenizer and from how the template renders a generation prompt."""
+def turn_markers(processor, chat: ChatFormat) -> TurnMarkers:
+    """The markers of ``chat``'s model turn: the answer starts right where the evaluation prompt ends."""
     tokenizer = processor.tokenizer
     start, end = token_id(tokenizer, "sot_token"), token_id(tokenizer, "eot_token")
-    messages = to_messages("?")
-    plain = render_prompt(processor, messages)
-    with_thought = render_prompt(processor, messages, empty_thought_block=True)
-    header = tokens_after_last(tokenizer, plain, special_token(tokenizer, "sot_token"))
-    # Templates that ignore the flag (E2B/E4B's) give the same text: no thought block to skip.
-    full = tokens_after_last(tokenizer, with_thought, special_token(tokenizer, "sot_token"))
-    if full[:len(header)] != header:
-        raise CollatorError("the template's thought block changes the model header; cannot locate answers")
-    return TurnMarkers(start, end, header, full[len(header):])
+    return TurnMarkers(start, end, tokens_after_last(tokenizer, chat.prompt, special_token(tokenizer, "sot_token")))
 
 
-def template_trailer(processor) -> str:
-    """What the template writes after a model turn's ``<turn|>`` (``"\\n"`` for Gemma 4).
-
-    Also checks the premise of the collator: a finished conversation renders as the generation prompt
-    followed by the answer and ``<turn|>``.
-    """
-    eot = special_token(processor.tokenizer, "eot_token")
-    prompt = render_prompt(processor, to_messages("?"))
-    full = processor.apply_chat_template(to_messages("?", _PROBE_ANSWER), tokenize=False)
-    expected = prompt + _PROBE_ANSWER + eot
-    if not full.startswith(expected):
-        raise CollatorError(f"the chat template does not render the model turn as prompt + answer + {eot}: "
-                            f"{full!r} does not start with {expected!r}")
-    return full[len(expected):]
+def check_prompt_is_prefix(tokenizer, chat: ChatFormat, answers) -> None:
+    """Each answer's training sequence must be the evaluation prompt's tokens followed by the answer's own
+    tokens (as scoring encodes it, ``helpers.scoring``), not merely the same text: a tokenizer that merged
+    the prompt's last piece with the answer would train a prefix that is never served."""
+    prompt = text_ids(tokenizer, chat.prompt)
+    for answer in answers:
+        full = text_ids(tokenizer, chat.training_text(answer))
+        alone = text_ids(tokenizer, answer)
+        if full[:len(prompt)] != prompt or full[len(prompt):len(prompt) + len(alone)] != alone:
+            raise CollatorError(f"the answer {answer!r} tokenizes differently after the prompt: "
+                                f"{tokenizer.convert_ids_to_tokens(full[len(prompt) - 2:])} against the prompt's "
+                                f"end {tokenizer.convert_ids_to_tokens(prompt[-2:])} + {tokenizer.convert_ids_to_tokens(alone)}")
 
 
 # -- the backward search, one small step per function (notebook 03 shows each) ------------------------
@@ -130,15 +110,13 @@ def matches_at(input_ids: torch.Tensor, starts: torch.Tensor, pattern: tuple[int
 
 def answer_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor, markers: TurnMarkers,
                   names=None) -> torch.Tensor:
-    """Per sample, the first answer position: after the last ``<|turn>``, its header and any empty thought."""
+    """Per sample, the first answer position: after the last ``<|turn>`` and the generation prompt's header."""
     turn = last_marker_positions(input_ids, attention_mask, markers.start_of_turn)
     _raise_for(turn < 0, f"no <|turn> marker (id {markers.start_of_turn}): no model turn", names)
     starts = turn + 1
     _raise_for(~matches_at(input_ids, starts, markers.header),
                "the last <|turn> is not followed by the model header (not a model turn, or cut)", names)
-    starts = starts + len(markers.header)
-    has_thought = matches_at(input_ids, starts, markers.empty_thought)
-    return starts + has_thought * len(markers.empty_thought) if markers.empty_thought else starts
+    return starts + len(markers.header)
 
 
 def answer_ends(input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: torch.Tensor,
@@ -240,8 +218,8 @@ class VisionChatCollator:
     ``mode="eval"``: the prompt ending with the generation prompt, identical to the training prefix.
     """
 
-    def __init__(self, processor, class_names, question: str = QUESTION, system: str | None = None,
-                 max_length: int | None = None, mode: str = "train", empty_thought_block: bool = False,
+    def __init__(self, processor, class_names, question: str = QUESTION, system_prompt: str | None = None,
+                 enable_thinking: bool = False, max_length: int | None = None, mode: str = "train",
                  padding_side: str | None = None):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -249,10 +227,11 @@ class VisionChatCollator:
         self.class_names = list(class_names)
         self.max_length, self.mode = max_length, mode
         self.padding_side = padding_side or self.tokenizer.padding_side
-        self.markers = turn_markers(processor)
-        self.trailer = template_trailer(processor)
-        # The question and system are fixed, so the prompt text is rendered once, not per step.
-        self.prompt_text = render_prompt(processor, to_messages(question, system=system), empty_thought_block)
+        # The question, system turn and thinking setting are fixed, so the prompt is rendered once, not per step.
+        self.chat = chat_format(processor, question, system_prompt, enable_thinking)
+        self.markers = turn_markers(processor, self.chat)
+        check_prompt_is_prefix(self.tokenizer, self.chat, self.class_names)
+        self._checked_answers = set(self.class_names)
         self._special_tokens = [t for t in self.tokenizer.all_special_tokens if t]
 
     def answer_for(self, example: dict, index: int = 0) -> str:
@@ -270,15 +249,17 @@ class VisionChatCollator:
         bad = [t for t in self._special_tokens if t in answer]
         if bad:
             raise CollatorError(f"sample {index} ({answer!r}): the answer contains special token(s) {bad}")
+        if answer not in self._checked_answers:
+            check_prompt_is_prefix(self.tokenizer, self.chat, [answer])
+            self._checked_answers.add(answer)
         return answer
 
     def texts(self, examples: list[dict]) -> tuple[list[str], list[str]]:
-        """(texts, answers): the prompt, plus answer + <turn|> + trailer in train mode."""
+        """(texts, answers): the evaluation prompt, or in train mode each answer's training sequence."""
         answers = [self.answer_for(example, i) for i, example in enumerate(examples)]
         if self.mode == "eval":
-            return [self.prompt_text] * len(examples), answers
-        suffix = special_token(self.tokenizer, "eot_token") + self.trailer
-        return [self.prompt_text + answer + suffix for answer in answers], answers
+            return [self.chat.prompt] * len(examples), answers
+        return [self.chat.training_text(answer) for answer in answers], answers
 
     def __call__(self, examples: list[dict]) -> dict:
         if not examples:

@@ -10,10 +10,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from helpers.chat import BASE_SPECIAL_TOKENS, NAMED_SPECIAL_TOKENS, QUESTION, VIDEO_TOKEN
+from helpers.chat import ALL_SPECIAL_TOKENS, E_SERIES, LARGE, QUESTION
 from helpers.data import DIGITS
 
 OFFLINE_MODEL = "tiny"  # resolved to the tiny checkpoint folder, built on first use (helpers.tiny)
+# The offline model ids and the chat-template family of each (helpers.chat): "tiny" is the large family's
+# format (12B, 26B-A4B, 31B, as the seed's 31B), "tiny-e-series" E2B/E4B's.
+OFFLINE_MODELS = {OFFLINE_MODEL: LARGE, "tiny-e-series": E_SERIES}
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 
 
@@ -104,7 +107,6 @@ class RunConfig:
 
     def _validate_prompt(self) -> None:
         """The question and system prompt: non-empty text, with no special token that would fool the template."""
-        specials = [*BASE_SPECIAL_TOKENS, *NAMED_SPECIAL_TOKENS.values(), VIDEO_TOKEN]
         for name in ("question", "system_prompt"):
             value = getattr(self, name)
             if value is None:
@@ -112,7 +114,7 @@ class RunConfig:
             if not value.strip():
                 raise ConfigError(f"{name} must be non-empty text" + (" (or null for none)" if name != "question" else "")
                                   + f", got {value!r}")
-            found = [token for token in specials if token in value]
+            found = [token for token in ALL_SPECIAL_TOKENS if token in value]
             if found:
                 raise ConfigError(f"{name} contains Gemma 4 special token(s) {found}; the chat template writes those")
 
@@ -133,9 +135,10 @@ class RunConfig:
 
 
 def resolve_model_id(model_id: str) -> str:
-    """``"tiny"`` -> the tiny offline checkpoint folder (built once); anything else is returned as is."""
-    if model_id == OFFLINE_MODEL:
+    """``"tiny"`` / ``"tiny-e-series"`` -> that tiny offline checkpoint's folder (built once); anything else
+    is returned as is."""
+    if model_id in OFFLINE_MODELS:
         from helpers.tiny import ensure_tiny_gemma4
 
-        return str(ensure_tiny_gemma4())
+        return str(ensure_tiny_gemma4(family=OFFLINE_MODELS[model_id]))
     return model_id

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from helpers.chat import answer_from_generation
 from helpers.collator import VisionChatCollator
 from helpers.scoring import score_class_names
 from helpers.shards import compute_metrics
@@ -61,17 +62,19 @@ def match_class_name(text: str, class_names: list[str]) -> str | None:
 @torch.no_grad()
 def generate_answers(model, processor, examples: list[dict], class_names: list[str], batch_size: int = 32,
                      max_new_tokens: int | None = None, progress: bool = True, **collator_kwargs) -> list[str]:
-    """Greedy answers as text (left-padded prompts, as generation needs)."""
+    """Greedy answers as text (left-padded prompts, as generation needs): with thinking on, what follows the
+    thought channel (``helpers.chat.answer_from_generation``)."""
     collator = VisionChatCollator(processor, class_names, mode="eval", padding_side="left", **collator_kwargs)
     tokenizer = processor.tokenizer
-    if max_new_tokens is None:  # room for the longest class name and the closing marker
+    if max_new_tokens is None:  # room for the longest class name and the closing marker (and a thought)
         max_new_tokens = max(len(tokenizer(n, add_special_tokens=False).input_ids) for n in class_names) + 2
+        max_new_tokens += 64 if collator.chat.enable_thinking else 0
     texts = []
     for chunk in tqdm(list(batches(examples, batch_size)), desc="generation", disable=not progress):
         batch = {k: v.to(model.device) for k, v in collator(chunk).items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = out[:, batch["input_ids"].shape[1]:]
-        texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts += [answer_from_generation(text, tokenizer) for text in tokenizer.batch_decode(new_tokens)]
     return texts
 
 
@@ -116,11 +119,12 @@ def confusion_matrix(labels: list[str], predictions: list[str | None], class_nam
 
 def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary: dict, n_examples: int,
                   shard=(0, 1), indices=None, labels=None, predictions=None, class_names=None,
-                  skipped=None) -> dict:
+                  skipped=None, prompt=None) -> dict:
     """Write ``metrics.json`` (and, for a shard of a split, ``shard_metrics.json``) atomically.
 
     ``skipped`` (``helpers.validation.skipped_summary``): per split, the examples kept and the rows
-    skipped by reason; the summary carries the total so a bad data set is visible at a glance.
+    skipped by reason; the summary carries the total so a bad data set is visible at a glance. ``prompt``:
+    the question, system prompt and thinking setting the evaluation used (``helpers.chat``).
     """
     from pathlib import Path
 
@@ -153,6 +157,7 @@ def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary
         "wall_seconds": seconds,
         "shard": {"index": shard[0], "count": shard[1]},
         "skipped": skipped or {},
+        "prompt": prompt,
         "metrics": metrics,
         "config": config.to_dict(),
     }

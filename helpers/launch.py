@@ -92,13 +92,15 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 def train_on_this_rank(config, model, processor, state) -> dict:
     """Notebook 04's training call, unchanged; rank 0 writes ``train_result.json`` as the notebook does."""
+    from helpers.chat import prompt_settings
     from helpers.collator import VisionChatCollator
     from helpers.data import load_examples
     from helpers.io import atomic_write_json
     from helpers.training import train
 
     train_set = load_examples(config.dataset, "train", config.train_size, config.seed)
-    collator = VisionChatCollator(processor, train_set.class_names, max_length=config.max_length)
+    collator = VisionChatCollator(processor, train_set.class_names, max_length=config.max_length,
+                                  **prompt_settings(config))
     result = train(model, collator, train_set.examples, config, config.output_dir)
     summary = {"config": config.to_dict(), "train": result.to_dict(), "processes": state.num_processes}
     if state.is_main_process:
@@ -106,22 +108,26 @@ def train_on_this_rank(config, model, processor, state) -> dict:
     return summary
 
 
-def score_shard(model, processor, examples, class_names, batch_size: int, progress: bool) -> dict[str, list]:
-    """Constrained-scoring predictions of the base model (adapter off) and of the fine-tuned model."""
+def score_shard(model, processor, examples, class_names, batch_size: int, progress: bool,
+                prompt: dict | None = None) -> dict[str, list]:
+    """Constrained-scoring predictions of the base model (adapter off) and of the fine-tuned model, both
+    with ``prompt`` (``helpers.chat``: the question, system prompt and thinking setting)."""
     from helpers.evaluation import adapter_disabled, constrained_scores
 
     if not examples:  # more processes than examples: this rank has nothing to score
         return {system: [] for system in SYSTEMS}
     model.eval()
+    prompt = prompt or {}
     with adapter_disabled(model):
-        baseline = constrained_scores(model, processor, examples, class_names, batch_size, progress)
-    finetuned = constrained_scores(model, processor, examples, class_names, batch_size, progress)
+        baseline = constrained_scores(model, processor, examples, class_names, batch_size, progress, **prompt)
+    finetuned = constrained_scores(model, processor, examples, class_names, batch_size, progress, **prompt)
     return {system: [class_names[i] for i in scores.argmax(dim=1).tolist()]
             for system, scores in zip(SYSTEMS, (baseline, finetuned))}
 
 
 def evaluate_on_this_rank(config, model, processor, state) -> list[dict]:
     """This rank's shard of the held-out split as rows ``{index, label, predictions}``."""
+    from helpers.chat import prompt_for_adapter
     from helpers.data import load_examples
     from helpers.shards import shard_indices
 
@@ -129,8 +135,10 @@ def evaluate_on_this_rank(config, model, processor, state) -> list[dict]:
     names = eval_set.class_names
     indices = shard_indices(len(eval_set), state.process_index, state.num_processes)
     examples = [eval_set.examples[i] for i in indices]
+    prompt, _ = prompt_for_adapter(Path(config.output_dir) / "adapter", config)  # the prompt it was trained with
     start = time.perf_counter()
-    predictions = score_shard(model, processor, examples, names, max(config.batch_size, 16), state.is_main_process)
+    predictions = score_shard(model, processor, examples, names, max(config.batch_size, 16), state.is_main_process,
+                              prompt)
     seconds = time.perf_counter() - start
     return [{"index": i, "label": names[ex["label"]], "rank": state.process_index, "seconds": seconds,
              "predictions": {system: predictions[system][k] for system in SYSTEMS}}
@@ -153,6 +161,7 @@ def merge_rows(rows: list[dict], n_total: int, class_names: list[str]) -> dict:
 
 def write_gathered_metrics(config, model_path, rows, train_summary, processes) -> dict:
     """``metrics.json`` (rank 0 only): the summary keys notebook 05 writes, plus the per-example rows."""
+    from helpers.chat import prompt_for_adapter
     from helpers.data import load_examples
     from helpers.io import atomic_write_json
     from helpers.validation import skipped_summary
@@ -172,6 +181,7 @@ def write_gathered_metrics(config, model_path, rows, train_summary, processes) -
         "wall_seconds": {"train": train.get("wall_seconds"),
                          "eval_per_rank": {r["rank"]: r["seconds"] for r in rows}},
         "skipped": skipped,
+        "prompt": prompt_for_adapter(Path(config.output_dir) / "adapter", config)[0],
         "metrics": metrics,
         "predictions": sorted(rows, key=lambda row: row["index"]),
         "config": config.to_dict(),

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers.config import OFFLINE_MODEL, ConfigError, RunConfig
+from helpers.config import OFFLINE_MODELS, ConfigError, RunConfig
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEFAULT_NOTEBOOKS = ("04_training", "05_evaluation")
@@ -68,7 +68,7 @@ def collect_parameters(args) -> dict:
         raise ConfigError(f"parameter(s) {carrying} carry the value of {'/'.join(TOKEN_VARIABLES)}: tokens stay in "
                           "the environment, never in parameters (papermill writes parameters into the notebook)")
     config = RunConfig.from_params(params)
-    if config.model_id != OFFLINE_MODEL:  # a missing or non-Gemma 4 folder fails here, before any notebook
+    if config.model_id not in OFFLINE_MODELS:  # a missing or non-Gemma 4 folder fails here, before any notebook
         from helpers.modeling import ModelLoadError, check_model_source
 
         try:

@@ -20,130 +20,152 @@ from pathlib import Path
 
 import torch
 
-from helpers.chat import QUESTION
+from helpers.chat import (
+    ALL_SPECIAL_TOKENS,
+    E_SERIES,
+    FAMILIES,
+    LARGE,
+    NAMED_SPECIAL_TOKENS,
+    QUESTION,
+    VIDEO_TOKEN,
+)
 from helpers.data import DIGIT_NAMES, PET_BREEDS
 
-# The real Gemma 4 special-token strings (tokenizer_config.json of the published checkpoints):
-# attribute name on the tokenizer -> token string.
-NAMED_SPECIAL_TOKENS = {
-    "image_token": "<|image|>",
-    "boi_token": "<|image>",
-    "eoi_token": "<image|>",
-    "audio_token": "<|audio|>",
-    "boa_token": "<|audio>",
-    "eoa_token": "<audio|>",
-    "sot_token": "<|turn>",
-    "eot_token": "<turn|>",
-    "soc_token": "<|channel>",
-    "eoc_token": "<channel|>",
-    "think_token": "<|think|>",
-    "escape_token": '<|"|>',
-    "str_token": "<|tool_response>",
-    "etr_token": "<tool_response|>",
-    "stc_token": "<|tool_call>",
-    "etc_token": "<tool_call|>",
-    "std_token": "<|tool>",
-    "etd_token": "<tool|>",
-}
-# Ids 0..3 as in Gemma 4 (pad 0, eos 1, bos 2, unk 3); the rest follow in a fixed order.
-BASE_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-VIDEO_TOKEN = "<|video|>"
-ALL_SPECIAL_TOKENS = BASE_SPECIAL_TOKENS + list(NAMED_SPECIAL_TOKENS.values()) + [VIDEO_TOKEN]
+# SentencePiece-style byte fallback, as in Gemma's vocabulary: any byte without a piece of its own.
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
-# Gemma 4's format (Google's prompt-formatting page): <bos><|turn>user\n...<turn|>\n<|turn>model\n...
-# Roles system/user/model; "assistant" is mapped to "model"; one <|image|> placeholder per image item.
-# transformers renders with trim_blocks, so newlines are written as {{ '\n' }} expressions.
-# `empty_thought_block` reproduces the large models' template, which appends an empty thought
-# block to the generation prompt when thinking is off.
-CHAT_TEMPLATE = (
+# Our own templates, written to render the released formats exactly (the strings in tests/test_chat.py):
+# the image wrapped in blank lines, text parts and the system turn trimmed, "assistant" read as "model",
+# thinking switched by `enable_thinking` in the system turn, and, for the large family only, the empty
+# thought channel after the generation prompt when thinking is off. transformers renders chat templates
+# with trim_blocks, so every newline is written as a {{ '\n' }} expression.
+_TEMPLATE_HEAD = (
     "{{- bos_token -}}"
-    "{%- for message in messages -%}"
+    "{%- set thinking = enable_thinking is defined and enable_thinking -%}"
+    "{%- set has_system = messages and messages[0]['role'] in ['system', 'developer'] -%}"
+    "{%- if thinking or has_system -%}"
+    "{{- '<|turn>system\\n' -}}"
+    "{%- if thinking -%}{{- THINK -}}{%- endif -%}"
+    "{%- if has_system -%}{{- messages[0]['content'] | trim -}}{%- endif -%}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in (messages[1:] if has_system else messages) -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{- '<|turn>' + role + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
     "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{- '<|image|>' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- if item['type'] == 'image' -%}{{- '\\n\\n<|image|>\\n\\n' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] | trim -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<turn|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}"
-    "{%- if empty_thought_block is defined and empty_thought_block -%}"
-    "{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
-    "{%- endif -%}"
 )
+CHAT_TEMPLATES = {
+    # 12B, 26B-A4B, 31B: "<|think|>\n" opens the system turn; an empty thought channel when thinking is off.
+    LARGE: _TEMPLATE_HEAD.replace("THINK", "'<|think|>\\n'")
+    + "{%- if not thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}{%- endif -%}",
+    # E2B, E4B: no thought channel in the generation prompt; "<|think|>" as in llama.cpp's generic Gemma 4 template.
+    E_SERIES: _TEMPLATE_HEAD.replace("THINK", "'<|think|>'") + "{%- endif -%}",
+}
 
 DEFAULT_TINY_PATH = Path(__file__).resolve().parent.parent / "artifacts" / "tiny-gemma4"
 TINY_SEED = 0
-# 70 is the smallest budget the real image processor accepts; with patch 4 and pooling 2 a square
-# image becomes 64 soft tokens, which keeps a CPU step fast.
+# 70 is the smallest budget the real image processor accepts: a square image becomes 8 x 8 = 64 soft tokens,
+# each pooled from 3 x 3 patches (pooling 3, as released) of 8 x 8 pixels. Released models use patch 16; the
+# miniature's patch 8 keeps the patch count (9 per soft token: 630 at this budget) and the image path's code,
+# but quarters the pixels (192 x 192 instead of 384 x 384): at patch 16 the image processor alone took
+# 0.7-1.6 s per batch of 32 on 2 cores (0.07 s at patch 8), more than the main job's 5 minutes allow over its
+# 344 steps. ``build_tiny_gemma4(patch_size=16)`` builds the released geometry.
 TINY_MAX_SOFT_TOKENS = 70
 TINY_VISION_LAYERS = 2
-TINY_PATCH_SIZE = 4
-TINY_POOLING = 2
+TINY_PATCH_SIZE = 8
+TINY_POOLING = 3
 TINY_TEXT_HIDDEN = 64
-# Bumped whenever build_tiny_model draws different weights, so ensure_tiny_gemma4 rebuilds an older folder.
-# 2: q/k norm scales at head_dim**-0.25 and vision positions at std 0.1 (benchmarks/tiny_init_sweep.py round 11).
-TINY_INIT_VERSION = 2
+TINY_VISION_HIDDEN = 64
+TINY_HEAD_DIM, TINY_GLOBAL_HEAD_DIM = 32, 64  # sliding vs full attention, distinct as in every released size
+# Bumped whenever build_tiny_model draws different weights or the folder's format changes, so
+# ensure_tiny_gemma4 rebuilds an older folder. 2: q/k norm scales at head_dim**-0.25 and vision positions at
+# std 0.1 (benchmarks/tiny_init_sweep.py round 11). 3: Gemma 4 in miniature (released chat templates per
+# family, a Gemma-style tokenizer, patch 16 / pooling 3, distinct full-attention head size).
+TINY_INIT_VERSION = 3
 
 
 def tokenizer_training_corpus() -> list[str]:
-    """Every text the tiny model will meet: prompts, class names, chat scaffolding, digits."""
+    """Every text the tiny model will meet, one piece per line: prompts, class names, chat scaffolding, digits.
+
+    The pieces are the spans between special tokens, less the newlines the template puts around them, so
+    no merge learns to join a newline to the text that follows it: a prompt then tokenizes the same alone
+    as in front of an answer (``helpers.chat.chat_format`` checks it).
+    """
     names = list(DIGIT_NAMES) + list(PET_BREEDS)
-    scaffolding = ["user\n", "model\n", "system\n", "thought\n", "\n", QUESTION, "You are a helpful assistant."]
-    lines = scaffolding * 10 + names + [n.lower() for n in names] + [f"{QUESTION} {n}." for n in names]
+    scaffolding = ["user\n", "model\n", "system\n", "thought\n", "\n\n", "\n", QUESTION,
+                   "You are a helpful assistant."]
+    lines = scaffolding * 10 + names + [n.lower() for n in names]
     lines += [str(i) for i in range(100)]
     return lines * 20
 
 
-def build_tokenizer(vocab_size: int = 768):
-    """A byte-level BPE (no unknown tokens, exact decoding) that carries Gemma 4's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(vocab_size: int = 1024):
+    """A Gemma-style tokenizer in miniature: transformers' ``GemmaTokenizer`` (BPE with byte fallback, spaces
+    as ``▁``, Gemma 4's special tokens) over a vocabulary trained on this repository's own prompts and names.
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=ALL_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(tokenizer_training_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-        extra_special_tokens=dict(NAMED_SPECIAL_TOKENS),
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
-    )
+    Its ids start as Gemma's do (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, ``<mask>`` 4); the named
+    special tokens and the 256 ``<0xNN>`` byte pieces follow, then the learned pieces.
+    """
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    fixed = [*ALL_SPECIAL_TOKENS, *BYTE_TOKENS]
+    learner = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    learner.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=fixed, show_progress=False)
+    learner.train_from_iterator(tokenizer_training_corpus(), trainer=trainer)
+    state = json.loads(learner.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = GemmaTokenizer(vocab=state["vocab"], merges=merges, extra_special_tokens=dict(NAMED_SPECIAL_TOKENS))
+    tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
+    return tokenizer
 
 
-def build_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS):
-    """The real Gemma 4 processor pieces, sized for the tiny vision tower (patch 4, pooling 2)."""
+def build_processor(tokenizer, family: str = LARGE, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS,
+                    patch_size: int = TINY_PATCH_SIZE):
+    """The real Gemma 4 processor pieces (pooling 3 as released, ``patch_size`` as the model's), with the
+    family's chat template."""
     from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor
     from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
 
-    geometry = {"patch_size": TINY_PATCH_SIZE, "pooling_kernel_size": TINY_POOLING, "max_soft_tokens": max_soft_tokens}
-    image_processor = Gemma4ImageProcessor(**geometry)
-    video_processor = Gemma4VideoProcessor(**geometry)
+    geometry = {"patch_size": patch_size, "pooling_kernel_size": TINY_POOLING, "max_soft_tokens": max_soft_tokens}
     return Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
-        image_processor=image_processor,
+        image_processor=Gemma4ImageProcessor(**geometry),
         tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
+        video_processor=Gemma4VideoProcessor(**geometry),
+        chat_template=CHAT_TEMPLATES[family],
         image_seq_length=max_soft_tokens,
     )
 
 
-def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS, text_hidden: int = TINY_TEXT_HIDDEN):
-    """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer clipped vision tower, no audio."""
+def family_text_config(family: str) -> dict:
+    """What differs between the families' text models, in miniature.
+
+    Large (26B-A4B, 31B): keys equal values on full-attention layers (``attention_k_eq_v``) with their own KV
+    head count, bidirectional attention over an image's soft tokens, no per-layer inputs. E-series (E2B, E4B):
+    per-layer input embeddings. (E-series KV sharing needs more than two layers; the miniature has none.)
+    """
+    if family == LARGE:
+        return {"attention_k_eq_v": True, "num_global_key_value_heads": 1, "use_bidirectional_attention": "vision",
+                "hidden_size_per_layer_input": 0}
+    return {"hidden_size_per_layer_input": 16}
+
+
+def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION_LAYERS,
+                text_hidden: int = TINY_TEXT_HIDDEN, patch_size: int = TINY_PATCH_SIZE,
+                vision_hidden: int = TINY_VISION_HIDDEN):
+    """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer vision tower, no audio.
+
+    The vision tower clips as the family's releases do: on for the E-series, off (standardized) for the large.
+    """
     from transformers import Gemma4Config
 
     vocab = len(tokenizer)
@@ -157,27 +179,28 @@ def tiny_config(tokenizer, vision_layers: int = TINY_VISION_LAYERS, text_hidden:
         "layer_types": ["sliding_attention", "full_attention"],
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
-        "head_dim": 32,
-        "global_head_dim": 32,
-        "hidden_size_per_layer_input": 16,
+        "head_dim": TINY_HEAD_DIM,
+        "global_head_dim": TINY_GLOBAL_HEAD_DIM,
         "sliding_window": 128,
         "max_position_embeddings": 4096,
         "final_logit_softcapping": 30.0,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": [tokenizer.eos_token_id, ids["eot_token"]],
         "bos_token_id": tokenizer.bos_token_id,
+        **family_text_config(family),
     }
     vision = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "hidden_size": vision_hidden,
+        "intermediate_size": 2 * vision_hidden,
         "num_hidden_layers": vision_layers,
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "head_dim": 32,
-        "patch_size": TINY_PATCH_SIZE,
+        "patch_size": patch_size,
         "pooling_kernel_size": TINY_POOLING,
         "position_embedding_size": 512,
-        "use_clipped_linears": True,
+        "use_clipped_linears": family == E_SERIES,
+        "standardize": family == LARGE,
     }
     return Gemma4Config(
         text_config=text,
@@ -246,8 +269,8 @@ def reinit_token_embeddings(model, std: float = 0.125) -> None:
 
 
 def build_tiny_model(tokenizer, seed: int = TINY_SEED, **shape):
-    """``Gemma4ForConditionalGeneration`` from ``tiny_config`` (``shape``: its keyword arguments), seeded so
-    two builds are identical."""
+    """``Gemma4ForConditionalGeneration`` from ``tiny_config`` (``shape``: its keyword arguments, ``family``
+    included), seeded so two builds are identical."""
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -260,8 +283,15 @@ def build_tiny_model(tokenizer, seed: int = TINY_SEED, **shape):
     return model
 
 
-def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEED, **shape) -> Path:
-    """Write a complete tiny Gemma 4 checkpoint folder (config, weights, tokenizer, processor).
+def tiny_path(family: str = LARGE) -> Path:
+    """Where the tiny checkpoint of a family is built: ``artifacts/tiny-gemma4`` (large, the default) or
+    ``artifacts/tiny-gemma4-e-series``."""
+    return DEFAULT_TINY_PATH if family == LARGE else DEFAULT_TINY_PATH.with_name(f"{DEFAULT_TINY_PATH.name}-{family}")
+
+
+def build_tiny_gemma4(path: str | Path | None = None, seed: int = TINY_SEED, family: str = LARGE, **shape) -> Path:
+    """Write a complete tiny Gemma 4 checkpoint folder (config, weights, tokenizer, processor) of ``family``
+    (``"large"``: the 12B/26B-A4B/31B format, the default; ``"e-series"``: E2B/E4B's).
 
     ``shape`` overrides ``tiny_config``'s defaults (``vision_layers``, ``text_hidden``); the benchmarks
     use it, the notebooks take the defaults. Taught in notebook 01.
@@ -270,26 +300,28 @@ def build_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH, seed: int = TINY_SEE
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForMultimodalLM.from_pretrained(path)
     """
-    path = Path(path)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    path = Path(path) if path is not None else tiny_path(family)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_tiny_model(tokenizer, seed=seed, **shape)
+    processor = build_processor(tokenizer, family, patch_size=shape.get("patch_size", TINY_PATCH_SIZE))
+    model = build_tiny_model(tokenizer, seed=seed, family=family, **shape)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    built = {"seed": seed, "built_by": "helpers.tiny", "init_version": TINY_INIT_VERSION, **shape}
+    built = {"seed": seed, "built_by": "helpers.tiny", "init_version": TINY_INIT_VERSION, "family": family, **shape}
     (path / "TINY_GEMMA4.json").write_text(json.dumps(built) + "\n")
     return path
 
 
-def ensure_tiny_gemma4(path: str | Path = DEFAULT_TINY_PATH) -> Path:
+def ensure_tiny_gemma4(path: str | Path | None = None, family: str = LARGE) -> Path:
     """Build the tiny checkpoint once; later calls reuse the folder, unless an older ``helpers.tiny`` built it
     (its ``TINY_GEMMA4.json`` names another ``init_version``): then it is rebuilt in place."""
-    path = Path(path)
+    path = Path(path) if path is not None else tiny_path(family)
     marker = path / "TINY_GEMMA4.json"
     built = json.loads(marker.read_text()) if marker.exists() and (path / "config.json").exists() else {}
-    if built.get("init_version") != TINY_INIT_VERSION:
-        build_tiny_gemma4(path)
+    if built.get("init_version") != TINY_INIT_VERSION or built.get("family", family) != family:
+        build_tiny_gemma4(path, family=family)
     return path
 
 

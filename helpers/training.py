@@ -27,6 +27,7 @@ import torch
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from helpers.chat import save_prompt
 from helpers.losses import labelled_positions_loss
 from helpers.modeling import compile_layers, should_compile_layers, uncompile_layers
 
@@ -165,12 +166,15 @@ def loss_history(trainer: Trainer) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
 
 
-def save_adapter(model, output_dir: str | Path, state_dict: dict | None = None) -> Path:
-    """``save_pretrained`` into a staging folder, then rename: the adapter is whole or absent."""
+def save_adapter(model, output_dir: str | Path, state_dict: dict | None = None, prompt: dict | None = None) -> Path:
+    """``save_pretrained`` into a staging folder, then rename: the adapter is whole or absent. ``prompt``
+    (``helpers.chat``: the question, system prompt and thinking setting it was trained with) goes in with it."""
     final = Path(output_dir) / ADAPTER
     staging = Path(output_dir) / (ADAPTER + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, state_dict=state_dict)
+    if prompt is not None:
+        save_prompt(staging, prompt)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
@@ -186,13 +190,13 @@ def gathered_lora_state(model) -> dict:
             for name, value in model.state_dict().items() if "lora_" in name}
 
 
-def save_final_adapter(trainer: Trainer, model, output_dir: str | Path) -> Path:
-    """The adapter, written once (by rank 0); the other ranks wait until it is there."""
+def save_final_adapter(trainer: Trainer, model, output_dir: str | Path, prompt: dict | None = None) -> Path:
+    """The adapter (with its prompt), written once (by rank 0); the other ranks wait until it is there."""
     state_dict = None
     if trainer.is_fsdp_enabled:  # the weights are sharded: gather the LoRA ones (every rank takes part)
         state_dict = gathered_lora_state(trainer.model_wrapped)
     if trainer.args.should_save:
-        save_adapter(model, output_dir, state_dict)
+        save_adapter(model, output_dir, state_dict, prompt)
     trainer.accelerator.wait_for_everyone()
     return Path(output_dir) / ADAPTER
 
@@ -243,7 +247,8 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
             if compiled:
                 uncompile_layers(model)  # evaluation and generation run eager (no recompiles per length)
     wall = time.perf_counter() - start
-    adapter = save_final_adapter(trainer, model, output_dir)
+    chat = getattr(collator, "chat", None)  # the prompt the collator trained with, saved with the adapter
+    adapter = save_final_adapter(trainer, model, output_dir, chat.settings() if chat is not None else None)
     peak, kind = peak_memory()
     return TrainResult(global_step=trainer.state.global_step, resumed_from=resume, wall_seconds=wall,
                        peak_memory_bytes=peak, peak_memory_kind=kind, adapter_dir=str(adapter),

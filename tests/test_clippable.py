@@ -27,6 +27,14 @@ from helpers.presets import build_meta_model, preset_config
 Q_PROJ = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
 
 
+@pytest.fixture()
+def tiny_model(tiny_e_series_path):
+    """The E-series miniature: its vision tower clips, as E2B/E4B's does (the large family ships it off)."""
+    from transformers import AutoModelForMultimodalLM
+
+    return AutoModelForMultimodalLM.from_pretrained(tiny_e_series_path)
+
+
 def test_tiny_model_has_14_clipping_linears_in_vision(tiny_model):
     # 2 vision layers x (q, k, v, o, gate, up, down); no audio tower in the tiny model
     assert clippable_linears_by_tower(tiny_model) == {"vision": {"clippable linears": 14, "clipping on": 14}}
@@ -148,10 +156,12 @@ def test_fast_clamps_follow_new_bounds_and_undo(tiny_model):
     assert clippable(inputs).abs().max() <= 0.25
 
 
-def test_load_model_uses_fast_clamps(tiny_path):
+def test_load_model_uses_fast_clamps(tiny_e_series_path, tiny_path):
     from helpers.modeling import load_model
 
-    model = load_model(tiny_path, dtype=torch.float32)
+    model = load_model(tiny_e_series_path, dtype=torch.float32)
     assert all("forward" in m.__dict__ for m in find_clippable_linears(model).values())
-    model = load_model(tiny_path, dtype=torch.float32, fast_clamps=False)
+    large = load_model(tiny_path, dtype=torch.float32)  # clipping off: nothing to speed up
+    assert find_clippable_linears(large) and not any("forward" in m.__dict__ for m in find_clippable_linears(large).values())
+    model = load_model(tiny_e_series_path, dtype=torch.float32, fast_clamps=False)
     assert not any("forward" in m.__dict__ for m in find_clippable_linears(model).values())

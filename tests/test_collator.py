@@ -9,6 +9,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers.chat import (
+    EMPTY_THOUGHT,
+    LARGE,
+    QUESTION,
+    ChatFormatError,
+    chat_format,
+    render_generation_prompt,
+    to_messages,
+)
 from helpers.collator import (
     IGNORE_INDEX,
     TOKEN_ROLES,
@@ -20,7 +29,6 @@ from helpers.collator import (
     turn_markers,
 )
 from helpers.config import SOFT_TOKEN_BUDGETS
-from helpers.chat import QUESTION, to_messages
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -29,10 +37,20 @@ answers = st.text(ANSWER_ALPHABET, min_size=1, max_size=24).filter(lambda s: s.s
 image_sizes = st.tuples(st.integers(4, 320), st.integers(4, 320))
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_processor):
-    """A private copy: these tests change the image budget, other modules must not see that."""
-    return copy.deepcopy(tiny_processor)
+@pytest.fixture(scope="module", params=["large", "e-series"])
+def processor(request, tiny_processor, tiny_e_series_processor):
+    """Each family's processor (every test here runs under both), as a private copy: these tests change the
+    image budget, other modules must not see that."""
+    return copy.deepcopy(tiny_processor if request.param == LARGE else tiny_e_series_processor)
+
+
+def markers(processor):
+    return turn_markers(processor, chat_format(processor))
+
+
+def model_header(processor) -> str:
+    """What the family's generation prompt writes after the last <|turn> ("model\\n", + the empty thought)."""
+    return chat_format(processor).prompt.rsplit("<|turn>", 1)[1]
 
 
 def set_budget(processor, budget: int) -> None:
@@ -64,7 +82,7 @@ def batches(draw):
         "labels": draw(st.lists(st.integers(0, len(class_names) - 1), min_size=size, max_size=size)),
         "budget": draw(st.sampled_from(SOFT_TOKEN_BUDGETS)),
         "system": draw(st.one_of(st.none(), st.sampled_from(["You are a helpful assistant.", "Answer briefly."]))),
-        "empty_thought_block": draw(st.booleans()),
+        "enable_thinking": draw(st.booleans()),
         "padding_side": draw(st.sampled_from(["left", "right"])),
     }
 
@@ -73,8 +91,8 @@ def batches(draw):
 @given(case=batches())
 def test_only_the_answer_and_end_of_turn_are_trained(processor, case):
     set_budget(processor, case["budget"])
-    options = {"system": case["system"], "empty_thought_block": case["empty_thought_block"],
-                   "padding_side": case["padding_side"]}
+    options = {"system_prompt": case["system"], "enable_thinking": case["enable_thinking"],
+               "padding_side": case["padding_side"]}
     examples = make_examples(case["sizes"], case["labels"])
     train = VisionChatCollator(processor, case["class_names"], mode="train", **options)(examples)
     prompts = VisionChatCollator(processor, case["class_names"], mode="eval", **options)(examples)
@@ -92,9 +110,12 @@ def test_only_the_answer_and_end_of_turn_are_trained(processor, case):
         assert torch.equal(sequence[:len(prompt)], prompt)
         first_kept = int(kept[0]) - int((~train["attention_mask"][i].bool()).cumsum(0)[int(kept[0])])
         assert first_kept == len(prompt)
-        # The generation prompt really ends as configured (thought block or the bare model header).
-        ending = "<|channel>thought\n<channel|>" if case["empty_thought_block"] else "<|turn>model\n"
-        assert tokenizer.decode(prompt).endswith(ending)
+        # ... and that prompt is what the template itself renders as the generation prompt (served text).
+        served = render_generation_prompt(processor, to_messages(system=case["system"]), case["enable_thinking"])
+        assert tokenizer.decode(prompt).replace("<|image|>" * int((prompt == tokenizer.image_token_id).sum()),
+                                                "<|image|>").replace("<|image><|image|><image|>", "<|image|>") == served
+        thought = chat_format(processor).family == LARGE and not case["enable_thinking"]
+        assert served.endswith(EMPTY_THOUGHT if thought else "<|turn>model\n")
     assert train["pixel_values"].shape[0] == len(examples)
 
 
@@ -194,38 +215,36 @@ def test_explicit_answer_wins_over_label(processor):
     assert processor.tokenizer.decode(labels[kept_positions(labels)]) == "a seven, surely<turn|>"
 
 
-def test_template_without_thought_block_still_works(processor):
-    """E2B/E4B's template ignores the flag: nothing to skip, and the answer is still found."""
-    plain = copy.deepcopy(processor)
-    set_budget(plain, 70)
-    plain.chat_template = plain.chat_template.replace("<|channel>thought\\n<channel|>", "")
-    assert turn_markers(plain).empty_thought == ()
-    batch = VisionChatCollator(plain, ["nine"], empty_thought_block=True)(make_examples([(32, 32)], [0]))
-    labels = batch["labels"][0]
-    assert plain.tokenizer.decode(labels[kept_positions(labels)]) == "nine<turn|>"
+def test_a_template_of_neither_family_is_refused_with_what_was_expected(processor):
+    odd = copy.deepcopy(processor)
+    odd.chat_template = odd.chat_template.replace("\\n\\n<|image|>\\n\\n", "<|image|>")
+    with pytest.raises(ChatFormatError, match="matches neither Gemma 4 family(.|\n)*rendered: .*<\\|image\\|>\\?"
+                                              "(.|\n)*expected one of(.|\n)*large(.|\n)*e-series"):
+        VisionChatCollator(odd, ["nine"])
 
 
 def test_missing_marker_names_the_sample(processor):
     tokenizer = processor.tokenizer
-    good = tokenizer("<bos><|turn>model\nfive<turn|>", add_special_tokens=False)["input_ids"]
+    good = tokenizer(f"<bos><|turn>{model_header(processor)}five<turn|>", add_special_tokens=False)["input_ids"]
     bad = tokenizer("<bos>six<turn|>", add_special_tokens=False)["input_ids"]
     padding = len(good) - len(bad)
     ids = torch.tensor([good, bad + [tokenizer.pad_token_id] * padding])
     mask = torch.tensor([[1] * len(good), [1] * len(bad) + [0] * padding])
     with pytest.raises(CollatorError, match=r"sample 1 \('six'\): no <\|turn> marker"):
-        mask_prompt_tokens(ids, mask, turn_markers(processor), names=["five", "six"])
+        mask_prompt_tokens(ids, mask, markers(processor), names=["five", "six"])
 
 
 def test_user_turn_last_is_not_mistaken_for_the_answer(processor):
     ids = torch.tensor([processor.tokenizer("<bos><|turn>user\nhi<turn|>", add_special_tokens=False)["input_ids"]])
     with pytest.raises(CollatorError, match="sample 0: the last <\\|turn> is not followed by the model header"):
-        mask_prompt_tokens(ids, torch.ones_like(ids), turn_markers(processor))
+        mask_prompt_tokens(ids, torch.ones_like(ids), markers(processor))
 
 
 def test_missing_end_of_turn_is_an_error(processor):
-    ids = torch.tensor([processor.tokenizer("<bos><|turn>model\nfive", add_special_tokens=False)["input_ids"]])
+    text = f"<bos><|turn>{model_header(processor)}five"
+    ids = torch.tensor([processor.tokenizer(text, add_special_tokens=False)["input_ids"]])
     with pytest.raises(CollatorError, match="sample 0: no closing <turn\\|>"):
-        mask_prompt_tokens(ids, torch.ones_like(ids), turn_markers(processor))
+        mask_prompt_tokens(ids, torch.ones_like(ids), markers(processor))
 
 
 @pytest.mark.parametrize("class_names, example, message", [

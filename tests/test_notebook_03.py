@@ -35,8 +35,9 @@ def test_notebook_03_executes_and_shows_the_masking(tmp_path):
     # The naive mask starts N + 1 tokens early and trains on image tokens.
     assert summary["naive_offset"] == summary["soft_tokens"] + 1
     assert "<|image|>" in summary["naive_trained_text"]
-    assert summary["mask_follows"] and summary["prompt_is_training_prefix"]
-    # N grows with the budget; 500×375 at the default 280 is 266, as measured on the real processor (FACTS.md).
+    assert summary["mask_follows"] and summary["prompt_is_training_prefix"] and summary["prompt_is_served_prompt"]
+    assert summary["families"] == ["e-series", "large"]
+    # N grows with the budget; 500×375 at the default 280 is 266, as measured on Google's released processor.
     by_budget = summary["soft_tokens_by_budget"]
     assert by_budget["280"] == 266
     assert [by_budget[b] for b in ("70", "140", "280", "560", "1120")] == sorted(by_budget.values())

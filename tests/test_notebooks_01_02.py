@@ -46,7 +46,7 @@ def test_notebook_01_runs_and_shows_the_31b_estimate(tmp_path):
 
 
 def test_notebook_02_runs_and_shows_the_clamps_hold(tmp_path):
-    text = execute("02_clippable_linear.ipynb", tmp_path, {"model_id": "tiny", "output_bound": 0.25})
+    text = execute("02_clippable_linear.ipynb", tmp_path, {"model_id": "tiny-e-series", "output_bound": 0.25})
     assert "is not supported" in text and "Gemma4ClippableLinear" in text
     assert "lm_head wrapped: False" in text
     assert "wrapped module output within [output_min, output_max]: True" in text

@@ -6,18 +6,11 @@ import torch
 from PIL import Image
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
+from helpers.chat import ALL_SPECIAL_TOKENS, NAMED_SPECIAL_TOKENS, QUESTION, to_messages
 from helpers.collator import VisionChatCollator
-from helpers.chat import QUESTION, to_messages
 from helpers.data import DIGIT_NAMES, PET_BREEDS, load_examples
 from helpers.modeling import apply_lora
-from helpers.tiny import (
-    ALL_SPECIAL_TOKENS,
-    NAMED_SPECIAL_TOKENS,
-    TINY_INIT_VERSION,
-    build_tiny_gemma4,
-    count_parameters,
-    ensure_tiny_gemma4,
-)
+from helpers.tiny import TINY_INIT_VERSION, build_tiny_gemma4, count_parameters, ensure_tiny_gemma4
 
 
 def test_round_trips_through_auto_classes(tiny_path, tiny_processor):
@@ -25,7 +18,10 @@ def test_round_trips_through_auto_classes(tiny_path, tiny_processor):
     assert type(model).__name__ == "Gemma4ForConditionalGeneration"
     assert type(tiny_processor).__name__ == "Gemma4Processor"
     assert type(tiny_processor.image_processor).__name__ == "Gemma4ImageProcessor"
-    assert model.config.vision_config.use_clipped_linears is True
+    # the large family's releases (26B-A4B, 31B) ship the vision tower with clipping off and standardized
+    assert model.config.vision_config.use_clipped_linears is False
+    assert model.config.vision_config.standardize is True
+    assert model.config.text_config.attention_k_eq_v is True
     assert model.config.audio_config is None
     assert 100_000 < count_parameters(model) < 1_000_000
 
@@ -56,11 +52,43 @@ def test_vocabulary_covers_every_prompt_and_class_name(tiny_processor):
         assert tok.decode(ids) == text
 
 
-def test_chat_template_is_gemma4_format(tiny_processor):
-    text = tiny_processor.apply_chat_template(to_messages(answer="seven"), tokenize=False)
-    assert text == f"<bos><|turn>user\n<|image|>{QUESTION}<turn|>\n<|turn>model\nseven<turn|>\n"
-    prompt = tiny_processor.apply_chat_template(to_messages(), tokenize=False, add_generation_prompt=True)
-    assert prompt.endswith("<|turn>model\n")
+def test_the_e_series_miniature_clips_and_has_per_layer_inputs(tiny_e_series_path):
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_e_series_path)
+    assert model.config.vision_config.use_clipped_linears is True
+    assert model.config.text_config.hidden_size_per_layer_input > 0
+    assert model.config.text_config.attention_k_eq_v is False
+
+
+def test_what_llama_cpp_converter_assumes(tiny_path):
+    """The checks of llama.cpp's Gemma 4 converter that need no llama.cpp (conversion/gemma.py, gguf-py's
+    LlamaHfVocab): a full-attention head size of its own in config.json, a SentencePiece-style BPE with byte
+    fallback and a Sequence decoder, and pooling 3 (the projector file carries no pooling; 3 is assumed)."""
+    config = json.loads((tiny_path / "config.json").read_text())
+    text = config["text_config"]
+    full = [i for i, kind in enumerate(text["layer_types"]) if kind == "full_attention"]
+    overrides = text.get("per_layer_config") or {}
+    assert text.get("global_head_dim") or all(overrides[str(i)]["head_dim"] != text["head_dim"] for i in full)
+    assert "num_kv_shared_layers" in text
+    assert text["rope_parameters"]["full_attention"]["rope_type"] == "proportional"
+    assert config["vision_config"]["pooling_kernel_size"] == 3
+    tokenizer_json = json.loads((tiny_path / "tokenizer.json").read_text())
+    model = tokenizer_json["model"]
+    assert model["type"] == "BPE" and model["byte_fallback"] is True and not model.get("ignore_merges")
+    assert tokenizer_json["decoder"]["type"] == "Sequence"
+    assert all(f"<0x{b:02X}>" in model["vocab"] for b in range(256))
+    processor_config = json.loads((tiny_path / "processor_config.json").read_text())
+    image = processor_config["image_processor"]
+    assert image["pooling_kernel_size"] == 3 and image["patch_size"] == config["vision_config"]["patch_size"]
+
+
+def test_tokenizer_is_gemma_style(tiny_processor):
+    tok = tiny_processor.tokenizer
+    assert type(tok).__name__ == "GemmaTokenizer"
+    assert tok.convert_ids_to_tokens(list(range(5))) == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    pieces = tok.tokenize("Great Pyrenees")
+    assert "\u2581" in "".join(pieces) and " " not in "".join(pieces)  # spaces are "▁", as in SentencePiece
+    unseen = tok.tokenize("ß")  # a character the vocabulary never saw: its UTF-8 bytes, not <unk>
+    assert unseen == ["<0xC3>", "<0x9F>"] and tok.decode(tok.convert_tokens_to_ids(unseen)) == "ß"
 
 
 def _soft_tokens(processor, size):
@@ -70,7 +98,7 @@ def _soft_tokens(processor, size):
 
 
 def test_image_expands_to_size_dependent_soft_token_counts(tiny_processor):
-    # patch 4, pooling 2, budget 70 -> at most 70 soft tokens, fewer for elongated images
+    # pooling 3, budget 70 -> at most 70 soft tokens, fewer for elongated images
     counts = {size: _soft_tokens(tiny_processor, size) for size in [(64, 64), (300, 100), (40, 200)]}
     assert counts[(64, 64)] == 64
     assert len(set(counts.values())) == 3
@@ -94,7 +122,7 @@ def test_lora_all_linear_applies_to_the_tiny_model(tiny_path):
     model = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
-    assert any("vision_tower" in n and ".linear.lora_A" in n for n in names)
+    assert any("vision_tower" in n and ".linear.lora_A" in n for n in names)  # ClippableLinear's inner Linear
     assert any("language_model" in n for n in names)
     assert not any("lm_head" in n for n in names)
 
