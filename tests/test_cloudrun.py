@@ -137,8 +137,9 @@ ACCEPTED_FLAGS = {
         "notification-channels", "aggregation", "condition-display-name", "condition-filter", "duration", "if",
         "trigger-count", "trigger-percent", "combiner", "display-name", "no-enabled", "user-labels",
         "documentation-format", "documentation", "documentation-from-file", "policy", "policy-from-file"},
-    ("monitoring", "channels", "create"): {"display-name", "type", "channel-labels", "description", "enabled"},
-    ("monitoring", "channels", "list"): {"filter", "limit"},
+    ("beta", "monitoring", "channels", "create"): {"display-name", "type", "channel-labels", "description",
+                                                   "enabled", "user-labels"},
+    ("beta", "monitoring", "channels", "list"): {"filter", "limit", "sort-by", "page-size"},
 }
 
 
@@ -224,12 +225,9 @@ def readme_gcloud_commands():
     found = []
     for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.DOTALL):
         joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = line.split(" #", 1)[0].strip().lstrip("# ")
-            if " | " in line:
-                line = line.split(" | ")[-1]
-            if line.startswith("gcloud "):
-                found.append(shlex.split(line.replace("<", "").replace(">", ""))[1:])
+        for line in joined.splitlines():  # a command, or one shown after "# =" or a pipe
+            for match in re.finditer(r"(?:^|[=|#] )\s*gcloud (.+?)(?=\s+# |$)", line.strip()):
+                found.append(shlex.split(match[1].replace("<", "").replace(">", "")))
     return found
 
 
