@@ -34,9 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers.training import COMPLETE_MARKER
+
 REPO = Path(__file__).resolve().parents[1]
 HOLD_MARKER = "KILL_TEST_HOLD_SAVE"  # path of the marker file the hook writes when it holds a save
 HOLD_STEP = "KILL_TEST_HOLD_STEP"  # hold only the save of checkpoint-N (all saves when unset)
+# Cloud Storage FUSE's semantics under this folder (a flat bucket mounted without rename-dir-limit, as in
+# gcsfuse's docs/semantics.md): renaming a directory fails, and file locks are refused.
+GCSFUSE_ROOT = "KILL_TEST_GCSFUSE_ROOT"
+HOLD_COPY = "KILL_TEST_HOLD_COPY"  # marker path: hold the copy of checkpoint-N (HOLD_STEP) after its first file
 
 # Loaded by every Python process of the run (the runner and the notebook kernel) when its folder is on
 # PYTHONPATH. Inactive unless KILL_TEST_HOLD_SAVE is set.
@@ -56,6 +62,46 @@ if os.environ.get("{HOLD_MARKER}"):
         return _replace(src, dst, *args, **kwargs)
 
     os.replace = _held_replace
+
+if os.environ.get("{GCSFUSE_ROOT}"):
+    import errno, fcntl, shutil, time
+    _bucket = os.path.realpath(os.environ["{GCSFUSE_ROOT}"])
+
+    def _on_bucket(path):
+        return os.path.realpath(os.fspath(path)).startswith(_bucket + os.sep)
+
+    def _refusing_directories(rename):
+        def refused(src, dst, *args, **kwargs):
+            if os.path.isdir(src) and (_on_bucket(src) or _on_bucket(dst)):
+                raise OSError(errno.ENOTSUP, "directory rename refused (simulated gcsfuse, flat bucket)", os.fspath(src))
+            return rename(src, dst, *args, **kwargs)
+        return refused
+
+    def _refusing_locks(lock):
+        def refused(fd, *args, **kwargs):
+            number = fd if isinstance(fd, int) else fd.fileno()
+            if _on_bucket(os.readlink(f"/proc/self/fd/{{number}}")):
+                raise OSError(errno.ENOLCK, "no file locking (simulated gcsfuse)")
+            return lock(fd, *args, **kwargs)
+        return refused
+
+    os.replace, os.rename = _refusing_directories(os.replace), _refusing_directories(os.rename)
+    fcntl.flock, fcntl.lockf = _refusing_locks(fcntl.flock), _refusing_locks(fcntl.lockf)
+
+    if os.environ.get("{HOLD_COPY}"):
+        _copyfile = shutil.copyfile
+        _held_folder = os.sep + "checkpoint-" + os.environ["{HOLD_STEP}"] + os.sep
+
+        def _held_copyfile(src, dst, *args, **kwargs):
+            result = _copyfile(src, dst, *args, **kwargs)
+            target = os.fspath(dst)
+            if _held_folder in target and ".staging" not in target:
+                with open(os.environ["{HOLD_COPY}"], "w") as fh:
+                    fh.write(target)
+                time.sleep(3600)  # one file copied into place, the rest not: until the test kills us
+            return result
+
+        shutil.copyfile = _held_copyfile
 '''
 
 
@@ -65,16 +111,22 @@ def runner_command(out: Path, train_size=24, max_steps=6, save_steps=2, batch_si
             "-p", "save_steps", str(save_steps), "-p", "batch_size", str(batch_size)]
 
 
-def run_env(hook_dir: Path, hold_marker: Path | None = None, hold_step: int | None = None) -> dict:
-    """The environment for a run: offline, the hook's folder on PYTHONPATH, the hold switched on or off."""
+def run_env(hook_dir: Path, hold_marker: Path | None = None, hold_step: int | None = None,
+            gcsfuse_root: Path | None = None, hold_copy: Path | None = None) -> dict:
+    """The environment for a run: offline, the hook's folder on PYTHONPATH, the hold switched on or off;
+    ``gcsfuse_root``: Cloud Storage FUSE's semantics under that folder (``hold_copy``: hold a checkpoint's copy)."""
     (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {k: v for k, v in os.environ.items() if k not in (HOLD_MARKER, HOLD_STEP)}
+    env = {k: v for k, v in os.environ.items() if k not in (HOLD_MARKER, HOLD_STEP, GCSFUSE_ROOT, HOLD_COPY)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH")) if p)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if hold_marker is not None:
         env[HOLD_MARKER] = str(hold_marker)
-        if hold_step is not None:
-            env[HOLD_STEP] = str(hold_step)
+    if gcsfuse_root is not None:
+        env[GCSFUSE_ROOT] = str(gcsfuse_root)
+        if hold_copy is not None:
+            env[HOLD_COPY] = str(hold_copy)
+    if hold_step is not None:
+        env[HOLD_STEP] = str(hold_step)
     return env
 
 
@@ -103,9 +155,10 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def complete_checkpoints(out: Path) -> list[int]:
-    """Steps of the checkpoints in place (a checkpoint in place is complete: it got there by a rename)."""
+    """Steps of the checkpoints in place that carry the completion marker (written last: resume trusts it)."""
     folder = out / "checkpoints"
-    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
+                  if (p / COMPLETE_MARKER).is_file()) if folder.is_dir() else []
 
 
 def snapshot(out: Path) -> dict:
@@ -148,7 +201,7 @@ def verify(out: Path, max_steps: int, expected_resume: int | None) -> list[str]:
     state_file = out / "checkpoints" / f"checkpoint-{max_steps}" / "trainer_state.json"
     if not state_file.exists() or json.loads(state_file.read_text())["global_step"] != max_steps:
         problems.append(f"checkpoint-{max_steps} missing or not at step {max_steps}")
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", f"adapter/{COMPLETE_MARKER}"):
         if not (out / name).exists():
             problems.append(f"no {name}")
     for leftover in ("checkpoints/.staging", "adapter.tmp"):

@@ -14,8 +14,14 @@
 #   --model-id /mnt/gcs/gemma-4-31b-it/ --train-size 4000
 #
 # Environment (all optional):
-#   GCS_MOUNT       where the bucket is mounted (default /mnt/gcs); must exist unless REQUIRE_MOUNT=0
-#   RUNS_DIR        where run folders go (default $GCS_MOUNT/runs)
+#   GCS_MOUNT       where the model bucket is mounted (default /mnt/gcs); must exist unless REQUIRE_MOUNT=0
+#   RUNS_DIR        where run folders go (default $GCS_MOUNT/runs; deploy.sh: /mnt/runs, the output bucket's
+#                   mount, which must then exist too)
+#   MODEL_BUCKET, MODEL_COPY_DIR   both set: a --model-id under $GCS_MOUNT is first copied from
+#                   gs://$MODEL_BUCKET/... to $MODEL_COPY_DIR with `gcloud storage cp` (concurrent; Google's GPU
+#                   best practices call it the fastest way to load a large model) and the runner gets the copy.
+#                   The copy lives in the container's in-memory file system: it needs MEMORY beside training.
+#   GCLOUD_CMD      the gcloud command for that copy (default gcloud; tests point it at a fake)
 #   RUN_ID          run folder name (default $CLOUD_RUN_EXECUTION; outside Cloud Run a timestamp)
 #   ADAPTER_RUN     eval-shard (required): the training run folder whose adapter/ is evaluated (its
 #                   execution id under RUNS_DIR, or absolute); results go to $ADAPTER_RUN/eval-$RUN_ID
@@ -35,6 +41,10 @@ RUNS_DIR="${RUNS_DIR:-${GCS_MOUNT}/runs}"
 JOB_MODE="${JOB_MODE:-train}"
 RUNNER_CMD="${RUNNER_CMD:-python -m helpers.runner}"
 MERGE_CMD="${MERGE_CMD:-python -m helpers.shards}"
+GCLOUD_CMD="${GCLOUD_CMD:-gcloud}"
+MODEL_BUCKET="${MODEL_BUCKET:-}"
+MODEL_COPY_DIR="${MODEL_COPY_DIR:-}"
+COMPLETE_MARKER="COMPLETE"  # helpers.training.COMPLETE_MARKER: written last into a whole adapter folder
 EVAL_NOTEBOOK="${EVAL_NOTEBOOK:-05_evaluation}"
 REQUIRE_MOUNT="${REQUIRE_MOUNT:-1}"
 attempt="${CLOUD_RUN_TASK_ATTEMPT:-0}"
@@ -61,8 +71,12 @@ for arg in "$@"; do
 done
 if [[ -n "${HF_TOKEN:-}" ]]; then log "HF_TOKEN: set in the environment (not shown)"; else log "HF_TOKEN: not set"; fi
 
-if [[ "${REQUIRE_MOUNT}" == "1" && ! -d "${GCS_MOUNT}" ]]; then
-  die "bucket mount ${GCS_MOUNT} not found: mount the bucket there (--add-volume type=cloud-storage + --add-volume-mount, as cloudrun/deploy.sh does), set GCS_MOUNT, or REQUIRE_MOUNT=0"
+if [[ "${REQUIRE_MOUNT}" == "1" ]]; then
+  for mount in "${GCS_MOUNT}" "${RUNS_DIR}"; do
+    # RUNS_DIR inside GCS_MOUNT is created on demand; elsewhere it is a mount of its own. Without it the run
+    # folder would land in the container's memory and vanish with the task.
+    [[ "${mount}" == "${GCS_MOUNT}"/* || -d "${mount}" ]] || die "bucket mount ${mount} not found: mount the bucket there (--add-volume type=cloud-storage + --add-volume-mount, as cloudrun/deploy.sh does), set GCS_MOUNT / RUNS_DIR, or REQUIRE_MOUNT=0"
+  done
 fi
 
 run_id="${RUN_ID:-${CLOUD_RUN_EXECUTION:-}}"
@@ -104,6 +118,54 @@ abs_under() {  # $1 absolute, or relative to $2
   if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$2" "$1"; fi
 }
 
+# A copy that a bucket mount can hold: files first, the completion marker last (no directory rename, which
+# gcsfuse refuses on a flat bucket; no lock). A folder without the marker is copied again.
+copy_complete_folder() {  # $1 source folder (marked complete), $2 target folder
+  rm -rf "$2"
+  mkdir -p "$2"
+  (cd "$1" && find . -type f ! -name "${COMPLETE_MARKER}" -print0) | while IFS= read -r -d '' file; do
+    mkdir -p "$2/$(dirname "${file}")"
+    cp "$1/${file}" "$2/${file}"
+  done
+  cp "$1/${COMPLETE_MARKER}" "$2/${COMPLETE_MARKER}"
+}
+
+# Prints the runner arguments, one per line, with a --model-id under the model mount replaced by a local
+# copy made with `gcloud storage cp` (when MODEL_BUCKET and MODEL_COPY_DIR are set).
+model_args() {
+  local arg expect_model=0
+  for arg in "$@"; do
+    if (( expect_model )); then arg="$(local_model "${arg}")" || return 1; expect_model=0
+    elif [[ "${arg}" == --model-id ]]; then expect_model=1
+    elif [[ "${arg}" == --model-id=* ]]; then arg="--model-id=$(local_model "${arg#--model-id=}")" || return 1
+    fi
+    printf '%s\n' "${arg}"
+  done
+}
+
+local_model() {  # $1: the --model-id value; prints the path the runner should load
+  local path="${1%/}" relative
+  if [[ -z "${MODEL_BUCKET}" || -z "${MODEL_COPY_DIR}" || "${path}" != "${GCS_MOUNT}"/* ]]; then
+    printf '%s' "$1"; return
+  fi
+  relative="${path#"${GCS_MOUNT}"/}"
+  log "copying gs://${MODEL_BUCKET}/${relative} to ${MODEL_COPY_DIR} (concurrent download: faster than reading the weights through the mount)"
+  mkdir -p "${MODEL_COPY_DIR}"
+  "${GCLOUD_CMD}" storage cp --recursive "gs://${MODEL_BUCKET}/${relative}" "${MODEL_COPY_DIR}/" >&2 \
+    || die "copying the model from gs://${MODEL_BUCKET}/${relative} failed (MODEL_BUCKET, MODEL_COPY_DIR)"
+  [[ -f "${MODEL_COPY_DIR}/${relative##*/}/config.json" ]] \
+    || die "the copy of gs://${MODEL_BUCKET}/${relative} has no config.json: not a model folder"
+  printf '%s' "${MODEL_COPY_DIR}/${relative##*/}"
+}
+
+# Sets the array runner_args from "$@" (model_args runs in a subshell: its failure must stop the task here).
+set_runner_args() {
+  local listed
+  listed="$(model_args "$@")" || exit 2
+  runner_args=()
+  if [[ -n "${listed}" ]]; then mapfile -t runner_args <<< "${listed}"; fi
+}
+
 case "${JOB_MODE}" in
   train)
     (( task_count == 1 )) || die "training runs as one task (got CLOUD_RUN_TASK_COUNT=${task_count}); parallel tasks are for JOB_MODE=eval-shard"
@@ -119,29 +181,29 @@ case "${JOB_MODE}" in
       log "attempt 0 of execution ${run_id}"
     fi
     (( has_output_dir )) || note_attempt "${out}"
-    run_forwarding "${runner[@]}" "$@"
+    set_runner_args "$@"
+    run_forwarding "${runner[@]}" "${runner_args[@]}"
     ;;
 
   eval-shard)
     (( has_output_dir )) && die "eval-shard mode chooses the output folders itself; drop --output-dir"
     [[ -n "${ADAPTER_RUN:-}" ]] || die "eval-shard mode needs ADAPTER_RUN: the training run whose adapter/ is evaluated (its folder name under ${RUNS_DIR}, i.e. the training execution id, or an absolute path)"
     adapter_run="$(abs_under "${ADAPTER_RUN}" "${RUNS_DIR}")"
-    [[ -d "${adapter_run}/adapter" ]] || die "no adapter/ in ${adapter_run} (ADAPTER_RUN)"
+    [[ -f "${adapter_run}/adapter/${COMPLETE_MARKER}" ]] || die "no complete adapter/ in ${adapter_run} (ADAPTER_RUN): the training run has not finished"
     eval_dir="${adapter_run}/eval-${run_id}"
     task_dir="${eval_dir}/task-$(printf '%05d' "${task_index}")"
     log "task ${task_index} of ${task_count}, attempt ${attempt}: shard output in ${task_dir}"
     note_attempt "${task_dir}"
     # Notebook 05 evaluates output_dir/adapter and writes its results beside it: each task gets its own
     # folder (a bucket mount has no file locking; the last writer of a shared file wins) with its own
-    # copy of the adapter, staged under a temporary name so that a killed copy is never taken for whole.
-    if [[ ! -d "${task_dir}/adapter" ]]; then
-      rm -rf "${task_dir}/.adapter.partial"
-      cp -R "${adapter_run}/adapter" "${task_dir}/.adapter.partial"
-      mv "${task_dir}/.adapter.partial" "${task_dir}/adapter"
+    # copy of the adapter, marked complete last so that a killed copy is never taken for whole.
+    if [[ ! -f "${task_dir}/adapter/${COMPLETE_MARKER}" ]]; then
+      copy_complete_folder "${adapter_run}/adapter" "${task_dir}/adapter"
     fi
     if [[ -f "${adapter_run}/train_result.json" ]]; then cp "${adapter_run}/train_result.json" "${task_dir}/"; fi
+    set_runner_args "$@"
     run_forwarding "${runner[@]}" --output-dir "${task_dir}" --notebook "${EVAL_NOTEBOOK}" \
-      -p shard_index "${task_index}" -p shard_count "${task_count}" "$@"
+      -p shard_index "${task_index}" -p shard_count "${task_count}" "${runner_args[@]}"
     if (( task_count == 1 )); then
       log "one task: the results are ${task_dir}/metrics.json"
     # The last task to finish finds every shard file and merges; a merge problem does not fail this

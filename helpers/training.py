@@ -3,8 +3,11 @@
 One ``train()`` serves notebook 04, the papermill runner and the multi-GPU launcher. What it adds to
 a plain ``Trainer``:
 - the loss only at labelled positions (``helpers.losses``), normalised over the whole accumulated batch;
-- checkpoints that are never half-written: each is saved under a staging folder, then renamed, so a run
-  killed mid-save resumes from the last complete one;
+- checkpoints that are never half-written: each is saved under a staging folder, moved into place, and
+  marked complete last (``COMPLETE_MARKER``), so a run killed mid-save resumes from the last complete one.
+  The move is a directory rename where the file system allows one (local disks: atomic) and a file-by-file
+  copy where it refuses one (a Cloud Storage FUSE mount of a flat bucket without ``rename-dir-limit``);
+  resume trusts only the marker, which also covers a bucket's non-atomic rename;
 - resume: when ``output_dir/checkpoints`` holds a checkpoint, training continues from it, so rerunning
   the same command finishes the run;
 - a non-finite loss stops training at once with the step named (the last checkpoint stays good);
@@ -25,7 +28,6 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from helpers.chat import save_prompt
 from helpers.losses import labelled_positions_loss
@@ -34,6 +36,9 @@ from helpers.modeling import compile_layers, should_compile_layers, uncompile_la
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 STAGING = ".staging"
+# Written last into a checkpoint or adapter folder once every other file is in place: a folder without it
+# is ignored by resume (a bucket mount has neither atomic directory renames nor locks to guarantee that).
+COMPLETE_MARKER = "COMPLETE"
 # Modules that "all-linear" LoRA wraps but image + text training never runs (E2B/E4B's audio tower and its
 # projector): their adapters would get no gradient, so train() freezes them (see freeze_unused_adapters).
 NOT_RUN_IN_IMAGE_TRAINING = ("audio_tower", "embed_audio")
@@ -100,27 +105,66 @@ class LabelledPositionsTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # rank 0 moves the folder only once every rank has written
         if self.args.should_save:
             name = f"checkpoint-{self.state.global_step}"
-            target = os.path.join(final_root, name)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)  # atomic: a checkpoint is whole or absent
+            publish_folder(Path(staging) / name, Path(final_root) / name)  # complete once marked, never half
             shutil.rmtree(staging, ignore_errors=True)
             _rotate_checkpoints(final_root, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
 
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Put the fully written ``staging`` folder at ``target``, then write the completion marker last.
+
+    A directory rename where the file system allows one; where it refuses (gcsfuse on a flat bucket without
+    ``rename-dir-limit``), a copy of every file, then the staging folder is removed. Either way a kill
+    before the marker leaves a folder that resume ignores."""
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)  # a refused or half-done rename may leave part of one
+        _copy_files(staging, target)
+        shutil.rmtree(staging, ignore_errors=True)
+    (target / COMPLETE_MARKER).write_text("complete\n")
+
+
+def _copy_files(source: Path, target: Path) -> None:
+    """Every file under ``source`` to the same place under ``target``: contents only, because a bucket mount
+    may refuse the permission and time changes that ``shutil.copytree`` also makes."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    """``checkpoint-N`` folders (complete or not), oldest step first."""
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=_step)
+
+
 def _rotate_checkpoints(folder: str, keep: int | None) -> None:
-    if not keep:
-        return
-    steps = sorted(int(p.name.split("-")[1]) for p in Path(folder).glob("checkpoint-*") if p.is_dir())
-    for step in steps[:-keep]:
-        shutil.rmtree(Path(folder) / f"checkpoint-{step}", ignore_errors=True)
+    """Keep the newest ``keep`` complete checkpoints; older folders, finished or not, are removed."""
+    folders = _checkpoint_folders(Path(folder))
+    kept = [p for p in folders if is_complete(p)][-keep:] if keep else []
+    for path in folders:
+        if kept and path not in kept and _step(path) < _step(kept[-1]):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` under ``output_dir/checkpoints`` (staging folders are ignored)."""
-    folder = Path(output_dir) / CHECKPOINTS
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    """The newest ``checkpoint-N`` under ``output_dir/checkpoints`` that carries the completion marker
+    (staging folders, and folders a kill left unmarked, are ignored)."""
+    complete = [p for p in _checkpoint_folders(Path(output_dir) / CHECKPOINTS) if is_complete(p)]
+    return str(complete[-1]) if complete else None
 
 
 def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
@@ -167,17 +211,16 @@ def loss_history(trainer: Trainer) -> list[tuple[int, float]]:
 
 
 def save_adapter(model, output_dir: str | Path, state_dict: dict | None = None, prompt: dict | None = None) -> Path:
-    """``save_pretrained`` into a staging folder, then rename: the adapter is whole or absent. ``prompt``
-    (``helpers.chat``: the question, system prompt and thinking setting it was trained with) goes in with it."""
+    """``save_pretrained`` into a staging folder, then ``publish_folder``: the adapter is whole once marked.
+    ``prompt`` (``helpers.chat``: the question, system prompt and thinking setting it was trained with) goes in
+    with it."""
     final = Path(output_dir) / ADAPTER
     staging = Path(output_dir) / (ADAPTER + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, state_dict=state_dict)
     if prompt is not None:
         save_prompt(staging, prompt)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    publish_folder(staging, final)
     return final
 
 

@@ -57,6 +57,34 @@ def test_killed_twice_then_rerun_resumes_from_the_last_complete_checkpoint(tmp_p
     assert (out / "04_training.ipynb").exists()
 
 
+def test_on_a_bucket_mount_killed_mid_copy_then_rerun_resumes_from_the_last_marked_checkpoint(tmp_path):
+    """The run folder on a simulated Cloud Storage FUSE mount (flat bucket, no rename-dir-limit): directory
+    renames fail and file locks are refused, as gcsfuse's semantics say. Checkpoints and the adapter are then
+    copied into place file by file with the completion marker last; the run is killed while checkpoint-4 is
+    half copied (one file in place, no marker), and the rerun must ignore that folder and resume from
+    checkpoint-2."""
+    bucket, hook, log = tmp_path / "bucket", tmp_path / "hook", tmp_path / "runner.log"
+    out = bucket / "runs" / "exec-1"
+    bucket.mkdir()
+    hook.mkdir()
+    command = kr.runner_command(out, train_size=24, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=6)
+
+    marker = tmp_path / "held"
+    first = kr.start(command, kr.run_env(hook, hold_step=4, gcsfuse_root=bucket, hold_copy=marker), log)
+    reached = kr.wait_for(first, marker.exists, timeout=600)
+    assert reached and first.poll() is None, f"run 1 never reached the copy of checkpoint-4:\n{log.read_text()[-3000:]}"
+    kr.kill_tree(first)
+    after = kr.snapshot(out)
+    assert after["complete"] == [2], after  # checkpoint-2 was copied and marked...
+    half = out / "checkpoints" / "checkpoint-4"
+    assert half.is_dir() and len([p for p in half.rglob("*") if p.is_file()]) == 1  # ...checkpoint-4 half copied
+
+    final = subprocess.run(command, env=kr.run_env(hook, gcsfuse_root=bucket), cwd=REPO, capture_output=True,
+                           text=True, timeout=900, check=False)
+    assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
+    assert kr.verify(out, MAX_STEPS, expected_resume=2) == []
+
+
 def test_rerun_of_a_run_killed_after_its_last_checkpoint_takes_no_extra_step(tmp_path, tiny_path, tiny_processor):
     """Killed after checkpoint-max_steps is in place (before the adapter is saved), or simply rerun when finished:
     max_steps=2 ends inside the first epoch (12 examples, batch 4: 3 steps per epoch)."""

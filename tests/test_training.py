@@ -1,7 +1,9 @@
 """train(): steps, atomic checkpoints, resume, a loadable adapter, and a stop on non-finite loss."""
 
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from helpers.config import RunConfig
 from helpers.data import load_examples
 from helpers.modeling import apply_lora
 from helpers.training import (
+    COMPLETE_MARKER,
     NonFiniteLossError,
     freeze_unused_adapters,
     gathered_lora_state,
@@ -92,7 +95,32 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / ".staging" / "checkpoint-9").mkdir(parents=True)
     assert last_complete_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints" / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).write_text("complete\n")
+    (tmp_path / "checkpoints" / "checkpoint-5").mkdir()  # in place but unmarked: a kill during its copy
     assert last_complete_checkpoint(tmp_path).endswith("checkpoint-3")
+
+
+def test_publish_folder_copies_when_directory_renames_are_refused(tmp_path, monkeypatch):
+    """A bucket mount that refuses directory renames (gcsfuse, flat bucket): the folder is copied, then marked."""
+    from helpers import training
+
+    staging, target = tmp_path / "stage", tmp_path / "final"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "a.bin").write_bytes(b"a")
+    (staging / "sub" / "b.json").write_text("{}")
+    (target / "old").mkdir(parents=True)  # a previous, unmarked attempt
+    real = os.replace
+
+    def refusing(src, dst):
+        if Path(src).is_dir():
+            raise OSError(errno.ENOTSUP, "directory rename refused")
+        return real(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", refusing)
+    training.publish_folder(staging, target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == \
+        sorted([COMPLETE_MARKER, "a.bin", "sub/b.json"])
+    assert not staging.exists() and training.is_complete(target)
 
 
 def test_non_finite_loss_stops_with_the_step_named(tmp_path, tiny_path, tiny_processor, monkeypatch):
