@@ -484,10 +484,12 @@ def dataset_rows(dataset, split: str, image_column: str = "image",
 
 
 def _load_dataset_dict(name: str):
-    from datasets import DatasetDict, load_dataset
+    """Every split of ``name``: a folder written by ``save_to_disk``, else whatever ``load_dataset`` loads."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
 
+    saved = any((Path(name) / marker).is_file() for marker in ("dataset_dict.json", "state.json"))
     try:
-        loaded = load_dataset(name)
+        loaded = load_from_disk(name) if saved else load_dataset(name)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds; each is "cannot load this name"
         raise DataError(f"dataset {name!r} is neither digits, an image folder, a table file, nor a data set "
                         f"that datasets.load_dataset can load ({type(err).__name__}: {err})") from None
