@@ -7,6 +7,7 @@ all fill in; its defaults are the offline default (tiny Gemma 4 + digits on a CP
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -24,7 +25,12 @@ _FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.Pa
                 "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
                 "max_steps": (int,), "warmup_steps": (int,), "seed": (int,), "image_soft_tokens": (int,),
                 "max_length": (int,), "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
-                "compile_layers": (bool,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,)}
+                "compile_layers": (bool,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
+                "image_column": (str,), "label_column": (str,), "train_split": (str,), "eval_split": (str,),
+                "test_fraction": (int, float), "class_map_file": (str, os.PathLike)}
+_OPTIONAL = ("image_soft_tokens", "max_length", "compile_layers", "system_prompt", "eval_split", "class_map_file")
+# Where the rows come from (helpers.data.describe_source's options): RunConfig.data_options() passes them on.
+DATA_OPTIONS = ("image_column", "label_column", "train_split", "eval_split", "test_fraction", "class_map_file")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 
 
@@ -35,7 +41,13 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     model_id: str = OFFLINE_MODEL
-    dataset: str = DIGITS
+    dataset: str = DIGITS  # "digits", an image folder, a CSV/JSONL/Parquet file, or a hub / local data set
+    image_column: str = "image"  # table files and data sets: the column of images (paths or bytes)
+    label_column: str = "label"  # ... and the column of labels (class names or indices)
+    train_split: str = "train"
+    eval_split: str | None = None  # None: "test", else "validation", else a held-out share of the training rows
+    test_fraction: float = 0.25  # the held-out share, when the data has no held-out split (seeded, stratified)
+    class_map_file: str | None = None  # JSON {"raw label": "class name"}: rename the data's classes
     train_size: int = 1347  # the whole digits training split (the offline default)
     eval_size: int = 450  # the whole held-out split
     image_soft_tokens: int | None = None  # None: the processor's own default (280 real, 70 tiny)
@@ -73,10 +85,12 @@ class RunConfig:
     def validate(self) -> None:
         for name, kinds in _FIELD_TYPES.items():  # "-p max_steps ten" names the parameter, not a TypeError
             value = getattr(self, name)
-            if value is None and name in ("image_soft_tokens", "max_length", "compile_layers", "system_prompt"):
+            if value is None and name in _OPTIONAL:
                 continue
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ConfigError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # -p learning_rate Infinity / NaN
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
         positive = ["train_size", "eval_size", "lora_r", "lora_alpha", "batch_size", "gradient_accumulation",
                     "save_steps", "save_total_limit"]
         for name in positive:
@@ -103,6 +117,11 @@ class RunConfig:
             raise ConfigError(f"shard_index must be in [0, shard_count={self.shard_count}), got {self.shard_index!r}")
         if self.max_length is not None and self.max_length <= 0:
             raise ConfigError(f"max_length must be positive, got {self.max_length!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        for name in ("dataset", "image_column", "label_column", "train_split", "eval_split", "class_map_file"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise ConfigError(f"{name} must be non-empty" + (" (or null)" if name in _OPTIONAL else ""))
         self._validate_prompt()
 
     def _validate_prompt(self) -> None:
@@ -129,6 +148,10 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown parameter(s) {unknown}; known: {cls.field_names()}")
         return cls(**params)
+
+    def data_options(self) -> dict:
+        """Where the rows come from, as ``helpers.data.load_examples`` / ``describe_source`` take it."""
+        return {name: getattr(self, name) for name in DATA_OPTIONS}
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}

@@ -98,7 +98,7 @@ def train_on_this_rank(config, model, processor, state) -> dict:
     from helpers.io import atomic_write_json
     from helpers.training import train
 
-    train_set = load_examples(config.dataset, "train", config.train_size, config.seed)
+    train_set = load_examples(config.dataset, "train", config.train_size, config.seed, **config.data_options())
     collator = VisionChatCollator(processor, train_set.class_names, max_length=config.max_length,
                                   **prompt_settings(config))
     result = train(model, collator, train_set.examples, config, config.output_dir)
@@ -131,7 +131,7 @@ def evaluate_on_this_rank(config, model, processor, state) -> list[dict]:
     from helpers.data import load_examples
     from helpers.shards import shard_indices
 
-    eval_set = load_examples(config.dataset, "test", config.eval_size, config.seed)
+    eval_set = load_examples(config.dataset, "test", config.eval_size, config.seed, **config.data_options())
     names = eval_set.class_names
     indices = shard_indices(len(eval_set), state.process_index, state.num_processes)
     examples = [eval_set.examples[i] for i in indices]
@@ -166,7 +166,7 @@ def write_gathered_metrics(config, model_path, rows, train_summary, processes) -
     from helpers.io import atomic_write_json
     from helpers.validation import skipped_summary
 
-    eval_set = load_examples(config.dataset, "test", config.eval_size, config.seed)
+    eval_set = load_examples(config.dataset, "test", config.eval_size, config.seed, **config.data_options())
     metrics = merge_rows(rows, len(eval_set), eval_set.class_names)
     skipped = skipped_summary(eval_set)
     train = train_summary.get("train", {})

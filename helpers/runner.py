@@ -4,9 +4,12 @@
     python -m helpers.runner --model-id /mnt/gcs/gemma-4-31b-it/ --train-size 4000 -p quantization 4bit
 
 Everything lands in one run folder (``--output-dir``): the executed notebooks, ``metrics.json``, the
-adapter, checkpoints and plots. Rerunning the same command resumes from the last checkpoint there.
-Parameters are validated before any notebook starts (unknown names and bad values are errors); secrets
-such as ``HF_TOKEN`` are never parameters: papermill writes parameters into the executed notebook.
+adapter, checkpoints and plots. Rerunning the same command resumes from the last checkpoint there; a
+rerun with other training settings or data is refused (``helpers.run_folder``: the manifest), unless
+``--fresh``; a second runner on a folder in use stops at once (the lock). Parameters, the output folder
+and the data are checked before any notebook starts (unknown names, bad values, a missing data path...
+are errors); secrets such as ``HF_TOKEN`` are never parameters: papermill writes parameters into the
+executed notebook.
 """
 
 from __future__ import annotations
@@ -19,9 +22,20 @@ import time
 from pathlib import Path
 
 from helpers.config import OFFLINE_MODELS, ConfigError, RunConfig
+from helpers.data import DIGITS
+from helpers.run_folder import (
+    METRICS,
+    SKIPPED,
+    RunFolderError,
+    build_manifest,
+    check_output_dir,
+    holding_lock,
+    start_run,
+)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-DEFAULT_NOTEBOOKS = ("04_training", "05_evaluation")
+TRAINING_NOTEBOOK = "04_training"
+DEFAULT_NOTEBOOKS = (TRAINING_NOTEBOOK, "05_evaluation")
 SECRET_WORDS = ("token", "secret", "password", "api_key")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -47,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="notebooks to run, in order (names under notebooks/, without .ipynb)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (a RunConfig field), e.g. -p max_steps 20")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the run folder over: delete its checkpoints, adapter and results first")
     return parser
 
 
@@ -68,6 +84,15 @@ def collect_parameters(args) -> dict:
         raise ConfigError(f"parameter(s) {carrying} carry the value of {'/'.join(TOKEN_VARIABLES)}: tokens stay in "
                           "the environment, never in parameters (papermill writes parameters into the notebook)")
     config = RunConfig.from_params(params)
+    for name in ("dataset", "class_map_file", "model_id"):  # the notebooks run in notebooks/: paths made absolute
+        value = getattr(config, name)
+        if value not in (None, DIGITS, *OFFLINE_MODELS) and Path(value).expanduser().exists():
+            params[name] = str(Path(value).expanduser().resolve())
+    config = RunConfig.from_params(params)
+    try:
+        check_output_dir(config.output_dir)
+    except RunFolderError as err:
+        raise ConfigError(str(err)) from None
     if config.model_id not in OFFLINE_MODELS:  # a missing or non-Gemma 4 folder fails here, before any notebook
         from helpers.modeling import ModelLoadError, check_model_source
 
@@ -77,6 +102,37 @@ def collect_parameters(args) -> dict:
             raise ConfigError(f"model_id: {err}") from None
     params["output_dir"] = str(Path(config.output_dir).resolve())
     return params
+
+
+def check_data(config: RunConfig):
+    """The data, read without decoding images and checked (``helpers.data.describe_source``), before any
+    model loads; a ``DataError`` becomes a ``ConfigError`` naming the file, split, column or class."""
+    from helpers.data import DataError, describe_source
+
+    try:
+        return describe_source(config.dataset, **config.data_options())
+    except DataError as err:
+        raise ConfigError(f"dataset: {err}") from None
+
+
+def planned_rows(source, config: RunConfig) -> str:
+    """How many rows the run will use, said before it starts (bad rows are replaced from the rest)."""
+    parts = []
+    for role, size in (("train_size", config.train_size), ("eval_size", config.eval_size)):
+        rows = source.train if role == "train_size" else source.held_out
+        parts.append(f"{role} {size}" if size <= len(rows) else f"{role} {size} > {len(rows)} rows: all {len(rows)}")
+    return ("data: " + source.summary() + "\nusing " + "; ".join(parts)
+            + " (a bad row is skipped and replaced by another, while there are any)")
+
+
+def used_rows(output_dir: Path) -> str | None:
+    """What notebook 04 kept and skipped (its ``skipped.json``), in one line."""
+    path = output_dir / SKIPPED
+    if not path.exists():
+        return None
+    counts = json.loads(path.read_text())
+    return "used: " + "; ".join(f"{split} {c['kept']} rows" + (f" ({c['n_skipped']} bad rows skipped: {c['skipped']})"
+                                                              if c["n_skipped"] else "") for split, c in counts.items())
 
 
 def notebook_path(name: str) -> Path:
@@ -103,18 +159,30 @@ def execute(name: str, params: dict, output_dir: Path) -> Path:
     return executed
 
 
+def run_manifest(config: RunConfig, source) -> dict:
+    model = {"model_id": config.model_id}
+    return build_manifest(config.to_dict(), source.fingerprint(), model)
+
+
 def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     params = collect_parameters(args)
+    config = RunConfig.from_params(params)
     output_dir = Path(params["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
     names = [notebook_path(n).stem for n in args.notebook]  # fail early on a mistyped name
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name} ...", flush=True)
-        start = time.perf_counter()
-        executed = execute(name, params, output_dir)
-        print(f"[{i}/{len(names)}] {name} done in {time.perf_counter() - start:.0f} s -> {executed}", flush=True)
-    metrics = output_dir / "metrics.json"
+    source = check_data(config)
+    print(planned_rows(source, config), flush=True)
+    with holding_lock(output_dir):
+        print(f"run folder: {start_run(output_dir, run_manifest(config, source), TRAINING_NOTEBOOK in names, args.fresh)}",
+              flush=True)
+        for i, name in enumerate(names, 1):
+            print(f"[{i}/{len(names)}] {name} ...", flush=True)
+            start = time.perf_counter()
+            executed = execute(name, params, output_dir)
+            print(f"[{i}/{len(names)}] {name} done in {time.perf_counter() - start:.0f} s -> {executed}", flush=True)
+            if name == TRAINING_NOTEBOOK and used_rows(output_dir):
+                print(used_rows(output_dir), flush=True)
+    metrics = output_dir / METRICS
     if metrics.exists():
         summary = json.loads(metrics.read_text()).get("summary", {})
         print("metrics:", json.dumps(summary), flush=True)
@@ -125,7 +193,7 @@ def run(argv=None) -> Path:
 def main(argv=None) -> int:
     try:
         run(argv)
-    except (ConfigError, RunnerError) as err:
+    except (ConfigError, RunnerError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     return 0

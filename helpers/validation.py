@@ -8,7 +8,7 @@ converted to 8-bit RGB and, when huge, shrunk while it is decoded (a JPEG is dec
 counted under a reason, and the first of each reason is logged with the row named. Nothing bad is
 trained on silently, and a split with nothing left is an error naming the data set and split.
 
-This module imports only Pillow and NumPy, so the loaders stay light.
+This module imports only Pillow, NumPy and ``helpers.run_folder`` (file names), so the loaders stay light.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from helpers.run_folder import SKIPPED
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ MAX_SIDE = 2048
 MAX_DECODE_PIXELS = 89_478_485
 
 # Notebook 04 writes what it skipped here (in the run folder) for notebook 05's metrics.json.
-SKIPPED_FILE = "skipped.json"
+SKIPPED_FILE = SKIPPED
 
 # Skip reasons, as counted in ExampleSet.skipped and metrics.json.
 MISSING_IMAGE = "missing_image"
@@ -45,6 +47,8 @@ MISSING_LABEL = "missing_label"
 BAD_LABEL = "bad_label"  # not an integer
 LABEL_OUT_OF_RANGE = "label_out_of_range"  # not an index into the class list
 EMPTY_ANSWER = "empty_answer"  # an explicit "answer" that is not a non-empty string
+
+EXIF_ORIENTATION = 0x0112  # 1: upright; 6: a phone held upright (rotate 90° clockwise to view)
 
 
 class BadExampleError(ValueError):
@@ -88,6 +92,8 @@ def _open(value, where: str) -> Image.Image:
             return Image.open(source)
     except Image.DecompressionBombError as err:
         raise BadExampleError(TOO_LARGE, f"{where}: {what}: {err}") from None
+    except FileNotFoundError:
+        raise BadExampleError(MISSING_IMAGE, f"{where}: {what} does not exist") from None
     except UnidentifiedImageError:
         raise BadExampleError(UNREADABLE_IMAGE, f"{where}: {what} are not in any image format Pillow reads "
                                                 "(corrupt or not an image)") from None
@@ -147,6 +153,7 @@ def to_rgb_image(value, where: str = "sample", max_side: int = MAX_SIDE,
     if max(image.size) > max_side:
         image = image.copy() if image is value else image  # never shrink the caller's own image in place
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    image = upright(image)
     try:
         if image.mode == "RGB":
             return image
@@ -158,6 +165,14 @@ def to_rgb_image(value, where: str = "sample", max_side: int = MAX_SIDE,
     except (OSError, ValueError) as err:
         raise BadExampleError(UNSUPPORTED_IMAGE, f"{where}: a {image.mode} image cannot be converted to RGB "
                                                  f"({err})") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: a phone photo's EXIF orientation applied, as ``datasets``' own
+    decoding does (``ImageOps.exif_transpose``); an image without the tag is returned as it is."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def check_label(label, n_classes: int, where: str) -> int:
@@ -182,22 +197,27 @@ def check_example(example: dict, n_classes: int, where: str) -> dict:
     return {**example, "image": to_rgb_image(example.get("image"), where), "label": label}
 
 
-def validate_examples(examples, class_names, name: str, split: str) -> tuple[list[dict], dict[str, int]]:
+def validate_examples(examples, class_names, name: str, split: str,
+                      limit: int | None = None) -> tuple[list[dict], dict[str, int]]:
     """(good examples, skipped counts by reason). Taught in notebook 04.
 
-    Each good example gains ``"row"``, its index in ``examples``, so a later error can name it.
-    Each bad row is skipped and counted; the first row of each reason is logged (a warning naming the
-    data set, split and row). Raises ``EmptySplitError`` when no row is left.
+    Each good example gains ``"row"``, its index in ``examples`` (unless it has one: its row in the
+    source), so a later error can name it. Each bad row is skipped and counted; the first row of each
+    reason is logged (a warning naming the data set, split and row). With ``limit``, reading stops once
+    that many good rows are kept. Raises ``EmptySplitError`` when no row is left.
     """
     good, skipped = [], Counter()
     n = 0
     for n, example in enumerate(examples, 1):
-        where = f"data set {name!r} split {split!r} row {n - 1}"
+        if limit is not None and len(good) >= limit:
+            break
+        row = example.get("row", n - 1) if isinstance(example, dict) else n - 1
+        where = f"data set {name!r} split {split!r} row {row}"
         try:
             if not isinstance(example, dict):
                 raise BadExampleError(MISSING_IMAGE, f"{where}: a {type(example).__name__}, not a row")
             # "row": its place in the loaded split, which errors at training time name (helpers.collator)
-            good.append({**check_example(example, len(class_names), where), "row": n - 1})
+            good.append({**check_example(example, len(class_names), where), "row": row})
         except BadExampleError as err:
             if not skipped[err.reason]:
                 log.warning("skipping %s (the first %r row; all are counted)", err, err.reason)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,3 +62,76 @@ def test_secrets_are_never_parameters(tmp_path, capsys):
 def test_unknown_notebook_is_an_error(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path), "--notebook", "06_nothing"]) == 1
     assert "06_nothing" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- your own images (issue 17)
+
+TINY = ["-p", "train_size", "8", "-p", "eval_size", "4", "-p", "max_steps", "1", "-p", "save_steps", "1",
+        "-p", "batch_size", "4"]
+
+
+def own_sources(root):
+    """Two sources the tests build: class folders (a sideways phone photo and a corrupt file among them) and a
+    CSV of paths relative to it (one file gone). A hub-shaped local data set goes through the runner in
+    tests/test_secrets.py (one run serves both, to keep CI short); other column and split names are in
+    tests/test_data.py."""
+    import pandas as pd
+    from test_data import class_folders
+    from test_validation import sideways_phone_photo
+
+    folder = class_folders(root / "photos", per_class=6)
+    (folder / "red_fox" / "phone.jpg").write_bytes(sideways_phone_photo()[0])
+    (folder / "blue_jay" / "broken.jpg").write_bytes(b"not a jpeg")
+    files = sorted(folder.rglob("*.jpg"))
+    table = pd.DataFrame({"file": [str(p.relative_to(root)) for p in files], "breed": [p.parent.name for p in files]})
+    table.loc[len(table)] = ["photos/red_fox/gone.jpg", "red_fox"]
+    table.to_csv(root / "labels.csv", index=False)
+    return {"image folder": [str(folder)],
+            "table file": [str(root / "labels.csv"), "-p", "image_column", "file", "-p", "label_column", "breed"]}
+
+
+@pytest.fixture(scope="module")
+def own_runs(tmp_path_factory):
+    """Each source trains and evaluates through the runner; the runs go side by side (CI time)."""
+    root = tmp_path_factory.mktemp("own")
+    procs = {}
+    for kind, (dataset, *options) in own_sources(root).items():
+        out = root / f"run-{kind.replace(' ', '-')}"
+        command = [sys.executable, "-m", "helpers.runner", "--output-dir", str(out), "-p", "dataset", dataset,
+                   *options, *TINY]
+        procs[kind] = (out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    runs = {}
+    for kind, (out, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{kind}: {stderr[-3000:]}"
+        runs[kind] = {"out": out, "stdout": stdout, "dataset": proc.args[proc.args.index("dataset") + 1]}
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["image folder", "table file"])
+def test_each_source_trains_and_evaluates_through_the_runner(own_runs, kind):
+    run = own_runs[kind]
+    metrics = json.loads((run["out"] / "metrics.json").read_text())
+    manifest = json.loads((run["out"] / "manifest.json").read_text())
+    names = json.loads((run["out"] / "class_names.json").read_text())
+    assert names == ["Green Frog", "Blue Jay", "Red Fox"]  # from the data, tidied; saved for evaluation
+    assert manifest["data"]["kind"] == kind and manifest["data"]["class_names"] == names
+    assert set(metrics["metrics"]["finetuned"]["constrained"]["per_class"]) == set(names)  # one row per class
+    assert metrics["eval_size"] == 4 and metrics["optimizer_steps"] == 1
+    assert "used: train 8 rows" in run["stdout"] and "held_out 4 rows" in run["stdout"]  # after bad rows dropped
+    skipped = json.loads((run["out"] / "skipped.json").read_text())
+    assert skipped["train"]["kept"] == 8 and skipped["held_out"]["kept"] == 4
+    assert f"data: {run['dataset']} ({kind})" in run["stdout"]
+
+
+def test_a_finished_folder_refuses_other_data_and_settings(own_runs, capsys):
+    run = own_runs["image folder"]
+    before = (run["out"] / "metrics.json").read_text()
+    other = own_runs["table file"]["dataset"]
+    start = time.perf_counter()
+    code = main(["--output-dir", str(run["out"]), "-p", "dataset", other, "-p", "image_column", "file",
+                 "-p", "label_column", "breed", "-p", "learning_rate", "0.002", *TINY])
+    assert code == 1 and time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    assert "dataset: " in err and "learning_rate: 0.0015 in the folder, 0.002 now" in err and "--fresh" in err
+    assert (run["out"] / "metrics.json").read_text() == before  # still the adapter it reports

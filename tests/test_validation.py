@@ -113,11 +113,41 @@ def test_corrupt_and_truncated_images_name_the_sample():
         with pytest.raises(BadExampleError, match="row 9") as err:
             to_rgb_image(missing, "row 9")
         assert err.value.reason == "missing_image"
-    with pytest.raises(BadExampleError, match="does-not-exist.png") as err:
+    with pytest.raises(BadExampleError, match="does-not-exist.png' does not exist") as err:
         to_rgb_image({"bytes": None, "path": "/does-not-exist.png"}, "row 10")
-    assert err.value.reason == "unreadable_image"
+    assert err.value.reason == "missing_image"  # a missing file: counted and skipped as a corrupt one is
     with pytest.raises(BadExampleError, match="row 11.*0×5"):
         to_rgb_image(Image.new("RGB", (0, 5)), "row 11")
+
+
+def sideways_phone_photo() -> tuple[bytes, Image.Image]:
+    """(JPEG bytes, the upright picture): red above blue, stored as a phone stores it, turned a quarter and
+    tagged EXIF orientation 6 ("rotate 90° clockwise to view")."""
+    upright = Image.new("RGB", (40, 60), (220, 20, 20))
+    upright.paste((20, 20, 220), (0, 30, 40, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif, quality=95), upright
+
+
+@pytest.mark.parametrize("wrap", ["bytes", "path", "pil"])
+def test_a_phone_photo_is_turned_upright_as_datasets_turns_it(wrap, tmp_path):
+    from datasets import Image as ImageFeature
+
+    data, upright = sideways_phone_photo()
+    assert Image.open(io.BytesIO(data)).size == (60, 40)  # as stored: on its side
+    value = {"bytes": data, "path": None}
+    if wrap == "path":
+        value = tmp_path / "phone.jpg"
+        value.write_bytes(data)
+    elif wrap == "pil":
+        value = Image.open(io.BytesIO(data))
+    image = to_rgb_image(value)
+    assert image.size == upright.size == (40, 60)
+    top, bottom = image.getpixel((20, 5)), image.getpixel((20, 55))
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # red above blue, as the photo was taken
+    by_datasets = ImageFeature().decode_example({"bytes": data, "path": None}).convert("RGB")
+    assert np.abs(np.asarray(by_datasets, int) - np.asarray(image, int)).max() == 0
 
 
 def huge_png(path: Path, side: int) -> Path:
