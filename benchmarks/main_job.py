@@ -4,7 +4,8 @@
     python benchmarks/main_job.py -p max_steps 300
 
 Targets (issue: offline default, 2 cores): fine-tuned accuracy >= 0.95 (baseline ~ 0.10) and the whole
-job <= 5 minutes. The time is printed, never asserted: it depends on the machine.
+job <= 5 minutes. It exits 1 when either target is missed (the time depends on the machine: rerun at a quiet
+hour before you trust a miss).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+TARGET_ACCURACY, TARGET_SECONDS = 0.95, 300
 
 
 def main(extra: list[str]) -> int:
@@ -35,7 +38,11 @@ def main(extra: list[str]) -> int:
     print(f"held-out examples     {summary['n_eval']}, optimizer steps {metrics['optimizer_steps']}")
     print(f"training              {seconds['train']:.0f} s")
     print(f"whole main job        {wall:.0f} s  (target <= 300 s)")
-    return 0
+    missed = [name for name, ok in (("accuracy", summary["finetuned_accuracy"] >= TARGET_ACCURACY),
+                                    ("time", wall <= TARGET_SECONDS)) if not ok]
+    if missed:
+        print(f"missed: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

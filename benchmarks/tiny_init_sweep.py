@@ -154,14 +154,14 @@ V3 = {**QK1_POS1, "lr": 1.5e-3, "warmup": 30, "train_size": None}
 VARIANTS.update({
     "v3_e8": {**V3, "steps": 344},
     "v3_e6": {**V3, "steps": 258},
-    "v3_e5": {**V3, "steps": 215},
-    "v3_lr2_e6": {**V3, "lr": 2e-3, "steps": 258},
-    "v3_lr2_e5": {**V3, "lr": 2e-3, "steps": 215},
-    "v3_vh32_e8": {**V3, "vision_hidden": 32, "steps": 344},
-    "v3_vh32_e6": {**V3, "vision_hidden": 32, "steps": 258},
     "v3_1l_e8": {**V3, "vision_layers": 1, "steps": 344},
+    "v3_1l_e6": {**V3, "vision_layers": 1, "steps": 258},
+    "v3_1l_e5": {**V3, "vision_layers": 1, "steps": 215},
+    "v3_1l_lr2_e6": {**V3, "vision_layers": 1, "lr": 2e-3, "steps": 258},
+    "v3_1l_vh32_e8": {**V3, "vision_layers": 1, "vision_hidden": 32, "steps": 344},
+    "v3_1l_vh32_e6": {**V3, "vision_layers": 1, "vision_hidden": 32, "steps": 258},
+    "v3_1l_vh32_lr2_e6": {**V3, "vision_layers": 1, "vision_hidden": 32, "lr": 2e-3, "steps": 258},
 })
-
 
 def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, test_size: int | None = 300) -> list[dict]:
     import torch
