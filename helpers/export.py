@@ -88,10 +88,6 @@ def constrained_predictions(model, processor, saved: SavedRun, examples: list[di
     return [saved.class_names[i] for i in scores.argmax(dim=-1).tolist()]
 
 
-def agreement(first: list, second: list) -> float:
-    return sum(a == b for a, b in zip(first, second)) / len(first) if first else float("nan")
-
-
 def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
     """(merged model, processor, check): the adapter merged into its base in ``merge_dtype``; ``check``
     compares the merged model with the adapter as trained (a QLoRA adapter on its 4-bit base) on
@@ -99,6 +95,7 @@ def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
     from peft import PeftModel
 
     from helpers.modeling import load_model, load_processor
+    from helpers.parity import share_equal
 
     processor = load_processor(saved.model_path, saved.image_soft_tokens)
     dtype = merge_dtype(saved.model_path)
@@ -122,7 +119,7 @@ def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
     model = model.merge_and_unload()
     if adapter_says is not None:
         merged_says = constrained_predictions(model, processor, saved, examples)
-        check["agreement"] = agreement(adapter_says, merged_says)
+        check["agreement"] = share_equal(adapter_says, merged_says)
     return model, processor, check
 
 

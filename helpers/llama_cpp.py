@@ -116,10 +116,11 @@ def image_token_args(image_soft_tokens: int) -> list[str]:
 
 
 def prompt_args(prompt: dict) -> list[str]:
-    """The run's prompt as llama-mtmd-cli takes it: the question (the image goes first, as in training), the
-    system turn, and the thinking switch (llama.cpp's default, 'auto', would decide from the template)."""
-    args = ["-p", prompt["question"], "--reasoning", "on" if prompt.get("enable_thinking") else "off"]
-    return args + (["-sys", prompt["system_prompt"]] if prompt.get("system_prompt") else [])
+    """The run's prompt as llama-mtmd-cli takes it: the question (the CLI puts the image before it, as training
+    did) and the system turn. There is no thinking switch: llama-mtmd-cli 0.3.36 renders every template with
+    ``enable_thinking=true`` (``--reasoning`` and ``--chat-template-kwargs`` belong to llama-server and
+    llama-cli), so a model trained with thinking off sees a thinking prompt there."""
+    return ["-p", prompt["question"]] + (["-sys", prompt["system_prompt"]] if prompt.get("system_prompt") else [])
 
 
 def generate(binary: Path, text_gguf, projector_gguf, image, prompt: dict, image_soft_tokens: int,

@@ -55,9 +55,9 @@ def random_adapter_run(tmp_path_factory, tiny_path):
     from helpers.chat import prompt_settings, save_prompt
     from helpers.config import RunConfig
     from helpers.data import DIGIT_NAMES
+    from helpers.io import atomic_write_json
     from helpers.modeling import apply_lora
     from helpers.run_folder import ADAPTER, build_manifest, write_class_names
-    from helpers.io import atomic_write_json
 
     run_dir = tmp_path_factory.mktemp("random-adapter-run")
     config = RunConfig(model_id=str(tiny_path), train_size=32, eval_size=16, lora_r=4, output_dir=str(run_dir))
