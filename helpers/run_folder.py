@@ -39,6 +39,15 @@ SHARD_METRICS = "shard_metrics.json"
 ADAPTER = "adapter"
 ADAPTER_STAGING = ADAPTER + ".tmp"
 CHECKPOINTS = "checkpoints"
+# Written by helpers.export: the merged model's folder and the GGUF folder (default places: inside the run
+# folder), and in each of them a record of what made it (base, run, image budget, llama.cpp flags) and a
+# model card. Not in RUN_FILES: an export is rewritten by the next export, not by a run.
+MERGED = "merged"
+GGUF = "gguf"
+EXPORT_RECORD = "export.json"
+MODEL_CARD = "README.md"
+GGUF_TEXT = "model.gguf"
+GGUF_PROJECTOR = "mmproj.gguf"
 # What "--fresh" removes: the run's own files. Executed notebooks and plots are rewritten by the run.
 RUN_FILES = (MANIFEST, METRICS, TRAIN_RESULT, CLASS_NAMES, SKIPPED, SHARD_METRICS, ADAPTER, ADAPTER_STAGING,
              CHECKPOINTS)
