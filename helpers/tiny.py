@@ -369,7 +369,11 @@ def build_tiny_12b_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOK
                              patch_size: int = TINY_PATCH_SIZE):
     """``Gemma4UnifiedProcessor`` (the 12B's: merged patches, no pooling in the model) with the large family's
     chat template."""
-    from transformers import Gemma4UnifiedAudioFeatureExtractor, Gemma4UnifiedImageProcessor, Gemma4UnifiedProcessor
+    from transformers import (
+        Gemma4UnifiedAudioFeatureExtractor,
+        Gemma4UnifiedImageProcessor,
+        Gemma4UnifiedProcessor,
+    )
     from transformers.models.gemma4_unified.video_processing_gemma4_unified import Gemma4UnifiedVideoProcessor
 
     geometry = {"patch_size": patch_size, "pooling_kernel_size": TINY_POOLING, "max_soft_tokens": max_soft_tokens}

@@ -6,8 +6,6 @@ and real-shape builder; the runner trains and evaluates it, and fine-tuning beat
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
