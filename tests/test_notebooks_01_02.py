@@ -43,6 +43,11 @@ def test_notebook_01_runs_and_shows_the_31b_estimate(tmp_path):
     assert "26B-A4B active parameters per token (8 of 128 experts): 3.82 B" in text
     assert "31.273" in text and "25.806" in text  # totals in billions, per-tower table
     assert "Gemma4TextExperts is nn.Linear: False" in text
+    # the 12B (issue 18): its image path, its soft tokens, its miniature
+    assert "12B soft tokens equal the others' for every size and budget: True" in text
+    assert "for a flat patch of each shade: {0.1: 0.0, 0.5: 0.0, 0.9: 0.0}" in text
+    assert "none (Gemma4UnifiedVisionEmbedder)" in text and "35176704" in text
+    assert "Gemma4UnifiedForConditionalGeneration | patch embedder: Linear(in_features=1728, out_features=64" in text
 
 
 def test_notebook_02_runs_and_shows_the_clamps_hold(tmp_path):
@@ -54,3 +59,7 @@ def test_notebook_02_runs_and_shows_the_clamps_hold(tmp_path):
     assert "q_proj.linear.lora_A.weight" in text
     assert "same tensor names as the original checkpoint: True" in text
     assert "merged equals LoRA model's output: True" in text
+    # the 12B (issue 18): no ClippableLinear; all-linear adapts the patch embedder and the projector
+    assert "Gemma4UnifiedForConditionalGeneration | clippable linears: 0" in text
+    assert "naive target list error: None" in text
+    assert "image path: ['model.embed_vision.patch_dense'] ['model.embed_vision.multimodal_embedder.embedding_projection']" in text
