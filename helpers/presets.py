@@ -18,15 +18,9 @@ from collections import OrderedDict
 
 import torch
 
-PRESET_NAMES = ("E2B", "E4B", "26B-A4B", "31B")
+from helpers.config import SOFT_TOKEN_BUDGETS  # noqa: F401  (the budgets, defined once in helpers.config)
 
-# The hub checkpoints these configs describe (for citations and the GPU benchmark; never downloaded here).
-HUB_IDS = {
-    "E2B": "google/gemma-4-E2B-it",
-    "E4B": "google/gemma-4-E4B-it",
-    "26B-A4B": "google/gemma-4-26B-A4B-it",
-    "31B": "google/gemma-4-31B-it",
-}
+PRESET_NAMES = ("E2B", "E4B", "26B-A4B", "31B")
 
 # Sliding layers then one full-attention layer, repeated: 4:1 for E2B, 5:1 for the others.
 E2B_LAYER_PATTERN = ["sliding_attention"] * 4 + ["full_attention"]
@@ -109,9 +103,6 @@ def preset_config(name: str):
     return Gemma4Config(text_config=text, vision_config=vision, audio_config=audio)
 
 
-PRESETS = {name: (lambda name=name: preset_config(name)) for name in PRESET_NAMES}
-
-
 def build_meta_model(config):
     """``Gemma4ForConditionalGeneration`` on the ``meta`` device: every shape, no memory, no download."""
     from transformers import Gemma4ForConditionalGeneration
@@ -187,8 +178,6 @@ def describe_preset(name: str) -> dict:
     }
 
 
-# Soft-token budgets the Gemma 4 image processor accepts (``max_soft_tokens``); 280 is the default.
-SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 
 
 def soft_tokens_per_image(width: int, height: int, max_soft_tokens: int = 280) -> int:
