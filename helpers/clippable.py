@@ -28,7 +28,7 @@ LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 TARGET_ALTERNATIVES = {
     "all-linear": "all-linear",
     "language model only (regex)": rf".*language_model.*\.({LM_PROJECTIONS})",
-    "vision attention .linear only (list)": [f"{name}.linear" for name in NAIVE_TARGETS],
+    "vision + audio attention .linear (list)": [f"{name}.linear" for name in NAIVE_TARGETS],
     "language model + every .linear (regex)": rf".*language_model.*\.({LM_PROJECTIONS})|.*\.linear",
 }
 

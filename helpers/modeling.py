@@ -7,6 +7,7 @@ the tiny offline checkpoint: they are all ``from_pretrained`` paths.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +21,18 @@ from helpers.losses import unwrap_gemma4
 # peft 0.21.2's PeftModel.__init__ reads transformers' deprecated ``is_gradient_checkpointing`` property
 # (get_peft_model and PeftModel.from_pretrained both), which warns on every call; that one message only.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _NoKernelsPackageWarning(logging.Filter):
+    """bitsandbytes 0.50.2, imported by PEFT on a CPU with AVX512-BF16, looks for the optional ``kernels``
+    package (a hub-downloaded fused 4-bit CPU GEMM) and warns that it is missing. 4-bit loading needs CUDA
+    here, so the message says nothing about the run; it is dropped, and only it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsPackageWarning())
 
 # bitsandbytes quantizes nn.Linear only. Passing llm_int8_skip_modules replaces transformers' default
 # skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16

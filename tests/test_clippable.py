@@ -76,7 +76,7 @@ def test_all_linear_wraps_inner_linear_never_lm_head(tiny_model):
 def test_alternative_targets_counts(tiny_model):
     results = trainable_by_target(tiny_model, r=16)
     assert results["language model only (regex)"]["wrapped per tower"] == {"decoder": 14}
-    assert results["vision attention .linear only (list)"]["wrapped per tower"] == {"vision": 8}
+    assert results["vision + audio attention .linear (list)"]["wrapped per tower"] == {"vision": 8}
     combined = results["language model + every .linear (regex)"]["wrapped per tower"]
     assert combined == {"decoder": 14, "vision": 14}
     assert results["all-linear"]["trainable"] > results["language model + every .linear (regex)"]["trainable"]

@@ -484,8 +484,8 @@ def test_hadolint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-# Facts about images and indexes the Dockerfile relies on (FACTS.md, "Cloud Run, checked against Google's
-# documentation"): the users with uid >= 1000 each base image already has, and the torch builds an index has.
+# Facts about images and indexes the Dockerfile relies on (checked 2026-12-01 against the images and PyTorch's
+# package indexes; cloudrun/README.md): the users with uid >= 1000 each base image already has, and the torch builds an index has.
 BASE_IMAGE_USERS = {  # image prefix -> {uid: user}
     "nvidia/cuda:": {1000: "ubuntu"},  # the CUDA images are Ubuntu 24.04 / 22.04 based
     "ubuntu:24.04": {1000: "ubuntu"},
