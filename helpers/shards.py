@@ -203,7 +203,7 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
 
     Checks that the shards agree (class names, systems, shard count, split size), that each shard index
     appears once, that no example is evaluated twice and, when the split size is known, that none is
-    missing. Returns ``{"n_examples", "n_shards", "class_names", "systems", "skipped", "meta",
+    missing. Returns ``{"summary", "n_examples", "n_shards", "class_names", "systems", "skipped", "meta",
     "metrics": {system: {"constrained": ...}}, "predictions": [...]}`` (predictions in index order; ``skipped``
     and ``meta`` from the first shard, as notebook 05 wrote them); ``write_merged`` writes it as metrics.json.
     """
@@ -250,7 +250,10 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
     class_names = first["class_names"]
     metrics = metrics_by_system(labels, {name: [ex["predictions"][name] for ex in ordered] for name in first["systems"]},
                                 class_names)
+    from helpers.report import summarize
+
     return {
+        "summary": summarize(metrics, skipped),
         "n_examples": len(ordered),
         "n_shards": count,
         "class_names": class_names,
