@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.data import PET_BREEDS
-from helpers.realshape import build_model, reference_nf4_config, shrunk_config, synthetic_pixels
+from helpers.realshape import build_model, pixel_layout, reference_nf4_config, shrunk_config, synthetic_pixels
 from helpers.scoring import score_class_names
 
 THOUGHT_BLOCK = [100, 45518, 107, 101]  # <|channel>thought\n<channel|> (ids as in Gemma 4; any in-vocab ids do)
@@ -43,11 +43,11 @@ def prompt_batch(config, n: int, size: str, seed: int = 0, prompt_tokens: int = 
         prompt = torch.randint(min(1000, high // 2), high, (prompt_tokens,), generator=g).tolist()
         row = ([2, 105, 2364, 107, config.boi_token_id] + [config.image_token_id] * 256 + [config.eoi_token_id]
                + prompt + [106, 107, 105, 4368, 107])
-        if size in ("26B-A4B", "31B"):
+        if size in ("12B", "26B-A4B", "31B"):  # the large family's template
             row += THOUGHT_BLOCK
         rows.append(row)
     ids = torch.tensor(rows)
-    pixel_values, positions = synthetic_pixels(n, generator=g)
+    pixel_values, positions = synthetic_pixels(n, generator=g, **pixel_layout(config))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values,
             "image_position_ids": positions, "mm_token_type_ids": (ids == config.image_token_id).long()}
 

@@ -24,7 +24,8 @@ gradients are ignored). HFU adds one more forward when every layer is checkpoint
 ratio is taken against the H200's datasheet dense bf16 peak, 989 TFLOP/s, and also shown against the
 ~790 TFLOP/s that an 8192³ bf16 matmul reaches on this machine (KINDS.md).
 
-Run: ``python benchmarks/gpu_train_bench.py --sizes E4B,31B --out $OUT`` (``--shrink`` for a CPU smoke test).
+Run: ``python benchmarks/gpu_train_bench.py --sizes E4B,31B --out $OUT`` (``--shrink`` for a CPU smoke test;
+``--sizes 12B`` for the encoder-free 12B, whose rows are not measured yet).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ GLOBAL_BATCH = 16
 # Micro-batch candidates for "the largest that fits", tried in order; first that trains wins.
 BEST_MB = {
     ("E2B", "bf16"): (32, 16, 8), ("E4B", "bf16"): (32, 16, 8), ("E4B", "nf4"): (32, 16, 8),
+    ("12B", "bf16"): (16, 8, 4), ("12B", "nf4"): (32, 16, 8),  # not measured yet: a first guess, tried in order
     ("26B-A4B", "bf16"): (16, 8, 4), ("26B-A4B", "nf4"): (16, 8, 4),
     ("31B", "bf16"): (8, 4, 2), ("31B", "nf4"): (16, 8, 4),
 }
@@ -83,6 +85,14 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-qv-mb1-r16-adam8", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=16, optim="adamw_bnb_8bit"),
             ours("ours-qv-mb1-r64-adam8", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=64, optim="adamw_bnb_8bit"),
             ours("ours-q-mb1-r16-2", "nf4", (1,), ga=4, ckpt=1, steps=2, r=16),
+        ]
+    elif size == "12B":  # no Liger variant: its Gemma 4 patches target models/gemma4, not gemma4_unified
+        out = [
+            ref,
+            ours("ours-q-mb1-r16", "nf4", (1,), ga=16, ckpt=1, steps=1, r=16),  # peak at micro-batch 1 (QLoRA)
+            ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
+            ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4),
+            ours("ours-bf16-compile", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=5, compile=True),
         ]
     else:
         out = [

@@ -29,7 +29,7 @@ import time
 BASE = {"emb_std": None, "lr": 2e-3, "r": 16, "alpha": 16, "batch": 32, "train_size": 1000, "augment": False,
         "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None,
         "answer_tokens": False, "vision_layers": 2, "rslora": False, "loraplus": None, "warmup": 10,
-        "text_hidden": 64, "vision_hidden": 64, "qk": 32 ** 0.25, "pos_std": 0.02}  # qk, pos_std: the first init (rounds 1-9)
+        "text_hidden": 64, "vision_hidden": 64, "vision_heads": 2, "qk": 32 ** 0.25, "pos_std": 0.02}  # qk, pos_std: the first init (rounds 1-9)
 VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps transformers' 0.02)
     "base": {},
     "emb125": {"emb_std": 0.125},
@@ -161,6 +161,14 @@ VARIANTS.update({
     "v3_1l_vh32_e8": {**V3, "vision_layers": 1, "vision_hidden": 32, "steps": 344},
     "v3_1l_vh32_e6": {**V3, "vision_layers": 1, "vision_hidden": 32, "steps": 258},
     "v3_1l_vh32_lr2_e6": {**V3, "vision_layers": 1, "vision_hidden": 32, "lr": 2e-3, "steps": 258},
+    "v3_1l_h1_e8": {**V3, "vision_layers": 1, "vision_heads": 1, "steps": 344},
+    # patch 8 gives 192 pixel values per patch (48 at patch 4): the pixels' projection is ~2x larger, so the
+    # positions at std 0.2 keep the ratio that std 0.1 had
+    "v3_1l_pos2_e8": {**V3, "vision_layers": 1, "pos_std": 0.2, "steps": 344},
+    "v3_1l_h1_pos2_e10": {**V3, "vision_layers": 1, "vision_heads": 1, "pos_std": 0.2, "steps": 430},
+    "v3_1l_th128_e8": {**V3, "vision_layers": 1, "text_hidden": 128, "emb_std": 128 ** -0.5, "steps": 344},
+    "v3_1l_h1_th128_e8": {**V3, "vision_layers": 1, "vision_heads": 1, "text_hidden": 128, "emb_std": 128 ** -0.5,
+                          "steps": 344},
 })
 
 def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, test_size: int | None = 300) -> list[dict]:
@@ -177,7 +185,8 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, t
     emb_std, lr, batch_size = settings["emb_std"], settings["lr"], settings["batch"]
     torch.manual_seed(seed)
     path = build_tiny_gemma4(tempfile.mkdtemp(), seed=seed, vision_layers=settings["vision_layers"],
-                             text_hidden=settings["text_hidden"], vision_hidden=settings["vision_hidden"])
+                             text_hidden=settings["text_hidden"], vision_hidden=settings["vision_hidden"],
+                             vision_heads=settings["vision_heads"])
     processor = load_processor(str(path))
     model = load_model(str(path), dtype=torch.float32)
     if emb_std is not None:

@@ -255,10 +255,14 @@ class VisionChatCollator:
         return answer
 
     def texts(self, examples: list[dict]) -> tuple[list[str], list[str]]:
-        """(texts, answers): the evaluation prompt, or in train mode each answer's training sequence."""
-        answers = [self.answer_for(example, i) for i, example in enumerate(examples)]
+        """(texts, answers): the evaluation prompt, or in train mode each answer's training sequence.
+
+        In eval mode a label is optional (unlabelled images are what prediction sees): without one the
+        answer is None, which only names the sample in errors."""
         if self.mode == "eval":
+            answers = [self.answer_for(example, i) if _labelled(example) else None for i, example in enumerate(examples)]
             return [self.chat.prompt] * len(examples), answers
+        answers = [self.answer_for(example, i) for i, example in enumerate(examples)]
         return [self.chat.training_text(answer) for answer in answers], answers
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -290,6 +294,10 @@ class VisionChatCollator:
         _raise_for(cut, f"max_length={self.max_length} cuts into the answer (sequence of "
                         f"{int(lengths.max())} tokens); raise max_length or lower the image budget", names)
         return batch
+
+
+def _labelled(example: dict) -> bool:
+    return "answer" in example or example.get("label") is not None
 
 
 def _rgb(image, index: int = 0, name: str | None = None):

@@ -15,9 +15,10 @@ from helpers.chat import ALL_SPECIAL_TOKENS, E_SERIES, LARGE, QUESTION
 from helpers.data import DIGITS
 
 OFFLINE_MODEL = "tiny"  # resolved to the tiny checkpoint folder, built on first use (helpers.tiny)
+TINY_12B = "tiny-12b"  # the 12B's architecture in miniature (Gemma4UnifiedForConditionalGeneration, encoder-free)
 # The offline model ids and the chat-template family of each (helpers.chat): "tiny" is the large family's
-# format (12B, 26B-A4B, 31B, as the seed's 31B), "tiny-e-series" E2B/E4B's.
-OFFLINE_MODELS = {OFFLINE_MODEL: LARGE, "tiny-e-series": E_SERIES}
+# format (12B, 26B-A4B, 31B, as the seed's 31B), "tiny-e-series" E2B/E4B's, "tiny-12b" the large family's.
+OFFLINE_MODELS = {OFFLINE_MODEL: LARGE, "tiny-e-series": E_SERIES, TINY_12B: LARGE}
 # The image budgets Gemma 4's image processor accepts (max_soft_tokens); 280 is the released default.
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 QUANTIZATIONS = ("none", "4bit")  # bf16 (fp32 on a CPU), or bitsandbytes NF4 (QLoRA)
@@ -161,8 +162,12 @@ class RunConfig:
 
 
 def resolve_model_id(model_id: str) -> str:
-    """``"tiny"`` / ``"tiny-e-series"`` -> that tiny offline checkpoint's folder (built once); anything else
-    is returned as is."""
+    """``"tiny"`` / ``"tiny-e-series"`` / ``"tiny-12b"`` -> that tiny offline checkpoint's folder (built once);
+    anything else is returned as is."""
+    if model_id == TINY_12B:
+        from helpers.tiny import ensure_tiny_gemma4_12b
+
+        return str(ensure_tiny_gemma4_12b())
     if model_id in OFFLINE_MODELS:
         from helpers.tiny import ensure_tiny_gemma4
 

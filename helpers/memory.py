@@ -7,7 +7,8 @@ What bitsandbytes quantizes (modelled on transformers 5.23's ``replace_with_bnb_
 whose type is exactly ``nn.Linear`` and whose name is not matched by the skip list, matched with
 transformers' own ``should_convert_module``. Everything else keeps bf16: embeddings (``nn.Embedding``),
 norms, the 26B-A4B experts (3-D ``nn.Parameter`` tensors in ``Gemma4TextExperts``, not ``nn.Linear``),
-and the skipped modules (``helpers.modeling.NF4_SKIP_MODULES``: ``lm_head``, the towers, the projectors).
+and the skipped modules (``helpers.modeling.NF4_SKIP_MODULES``: ``lm_head``, the towers, the projectors; for
+the 12B, whose ``embed_vision`` is its whole patch embedder, that keeps the image path in bf16).
 
 NF4 bytes of one quantized weight of ``n`` elements (bitsandbytes 0.50 ``quantize_4bit``):
 - the 4-bit codes, two per byte: ``ceil(n / 2)`` bytes;
@@ -28,7 +29,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from helpers.presets import TOWERS, build_meta_model, tower_of
+from helpers.presets import TOWERS, build_meta_model, image_patches, is_encoder_free, tower_of
 
 BF16_BYTES = 2
 NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block size
@@ -141,9 +142,12 @@ def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
 # (benchmarks/results/, 2026-11-28; transformers 5.23, peft 0.21.2, bitsandbytes 0.50.2, SDPA, bf16 autocast).
 # They are large because Gemma 4's RMSNorm computes in float32 and autograd keeps those float32 copies, and
 # because the vision tower runs on all 9 x budget patches (2,520 at the default 280), padding included.
+# The 12B has no vision tower: its image path is one patch embedder over budget merged patches (280), each
+# 6,912 values wide projected to 3,840 (``vision_widths``).
 ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in benchmarks/README.md
     "E2B": 19.0,  # not measured: E4B's value (same clipped vision tower family)
     "E4B": 19.0,  # with helpers.clippable's fast clamps (the default); transformers' own clamps: 20.5
+    "12B": 16.0,  # not measured (no GPU yet): the 31B's value (dense decoder, no clipped vision tower)
     "26B-A4B": 18.2,
     "31B": 16.0,
 }
@@ -157,27 +161,37 @@ TEXT_TOKENS = 29  # chat scaffolding + a short question + a class name (the benc
 
 
 def _widths(config):
-    text, vision = config.get_text_config(), config.vision_config
+    text = config.get_text_config()
     intermediate = text.intermediate_size
     if getattr(text, "enable_moe_block", False):
         intermediate += text.top_k_experts * text.moe_intermediate_size
-    return text, vision, intermediate
+    return text, intermediate
+
+
+def vision_widths(config) -> tuple[int, int, int]:
+    """(layers, hidden, second width) of the image path: the vision tower's, or for the 12B its patch embedder
+    counted as one layer of width ``mm_embed_dim`` whose wide input is the 6,912-value merged patch."""
+    vision = config.vision_config
+    if is_encoder_free(config):
+        return 1, vision.mm_embed_dim, vision.model_patch_size ** 2 * 3
+    return vision.num_hidden_layers, vision.hidden_size, vision.intermediate_size
 
 
 def activation_units(config, image_tokens: int, patches: int, text_tokens: int = TEXT_TOKENS) -> int:
     """``U`` per sample (see above): the widths every layer keeps activations of, times its tokens."""
-    text, vision, intermediate = _widths(config)
+    text, intermediate = _widths(config)
+    vision_layers, vision_hidden, vision_wide = vision_widths(config)
     tokens = image_tokens + text_tokens
     return (text.num_hidden_layers * tokens * (text.hidden_size + intermediate)
-            + vision.num_hidden_layers * patches * (vision.hidden_size + vision.intermediate_size))
+            + vision_layers * patches * (vision_hidden + vision_wide))
 
 
 def checkpoint_bytes(config, image_tokens: int, patches: int, text_tokens: int = TEXT_TOKENS) -> int:
     """Activation checkpointing keeps each layer's bf16 input; one layer is recomputed at a time."""
-    text, vision, _ = _widths(config)
+    text, _ = _widths(config)
+    vision_layers, vision_hidden, _ = vision_widths(config)
     tokens = image_tokens + text_tokens
-    return 2 * (text.num_hidden_layers * tokens * text.hidden_size
-                + vision.num_hidden_layers * patches * vision.hidden_size)
+    return 2 * (text.num_hidden_layers * tokens * text.hidden_size + vision_layers * patches * vision_hidden)
 
 
 def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: int = 1, soft_tokens: int = 280,
@@ -188,7 +202,7 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     """Predicted peak training memory (bytes) and its terms, for one GPU. Taught in notebook 01.
 
     ``soft_tokens`` is the image budget (70 ... 1120): the vision tower sees ``9 x soft_tokens`` patches
-    (padding included) and the decoder up to ``soft_tokens`` image tokens (``image_tokens``: fewer for
+    (padding included; the 12B's patch embedder ``soft_tokens`` merged patches, ``helpers.presets.image_patches``) and the decoder up to ``soft_tokens`` image tokens (``image_tokens``: fewer for
     non-square images, e.g. 256 for 224 x 224 at 280). ``loss``: ``"labelled"`` (ours) or ``"full"`` (the
     model's own loss over the full vocabulary at every position, as the seed). ``lora_dtype``: the
     adapters' dtype (``"bf16"`` as TRL casts them for QLoRA; PEFT's default is ``"fp32"``).
@@ -199,7 +213,7 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
 
     config = preset_config(size)
     image_tokens = soft_tokens if image_tokens is None else image_tokens
-    patches = 9 * soft_tokens
+    patches = image_patches(config, soft_tokens)
     if quantize_towers and skip_modules is None:
         from helpers.modeling import nf4_skip_modules
 

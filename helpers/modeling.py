@@ -1,7 +1,8 @@
 """Loading Gemma 4 (bf16 or 4-bit NF4) and applying LoRA. Taught in notebooks 02 and 04.
 
 One loader serves the hub (``google/gemma-4-31b-it``), a bucket mount (``/mnt/gcs/gemma-4-31b-it/``) and
-the tiny offline checkpoint: they are all ``from_pretrained`` paths.
+the tiny offline checkpoints: they are all ``from_pretrained`` paths. The 12B (``gemma4_unified``) loads through
+the same ``AutoProcessor`` / ``AutoModelForMultimodalLM`` calls, which pick its own processor and model class.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from helpers.config import QUANTIZATIONS, SOFT_TOKEN_BUDGETS
 from helpers.fast_clamps import fast_clamp_count, use_fast_clamps, use_stock_clamps
 from helpers.losses import unwrap_gemma4
+from helpers.presets import GEMMA4_MODEL_TYPES
 
 # peft 0.21.2's PeftModel.__init__ reads transformers' deprecated ``is_gradient_checkpointing`` property
 # (get_peft_model and PeftModel.from_pretrained both), which warns on every call; that one message only.
@@ -38,7 +40,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsPackageWa
 # skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16
 # (quantizing the 31B's vision tower would save only 0.88 GB; the seed passes no skip list and so does
 # quantize it). transformers matches these names from the start of a module's full name (or as its
-# suffix), so the towers are named with their prefix.
+# suffix), so the towers are named with their prefix. The 12B (encoder-free) has no towers; its whole image
+# path is ``model.embed_vision`` (patch embedder + projector) and its audio path ``model.embed_audio``, so the
+# same list keeps them in bf16 and only its language model goes to NF4 (``quantize_towers`` changes nothing there).
 NF4_SKIP_MODULES = ["lm_head", "model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"]
 TOWERS = ("vision_tower", "audio_tower")
 
@@ -57,7 +61,7 @@ def check_model_source(model_id: str) -> None:
 
     A hub id is ``name`` or ``owner/name``; anything else (an absolute or relative path, ``~``, more than
     one ``/``) is treated as a local folder and must hold a ``config.json`` whose ``model_type`` is
-    ``gemma4``. Hub ids are left to ``from_pretrained``, which gives its own error (network, token, name).
+    ``gemma4`` (E2B, E4B, 26B-A4B, 31B) or ``gemma4_unified`` (the 12B). Hub ids are left to ``from_pretrained``, which gives its own error (network, token, name).
     """
     if not isinstance(model_id, (str, Path)) or not str(model_id).strip():
         raise ModelLoadError(f"model_id must be a hub id or a local path, got {model_id!r}")
@@ -78,8 +82,9 @@ def check_model_source(model_id: str) -> None:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (ValueError, AttributeError) as err:
         raise ModelLoadError(f"model path {str(path)!r}: config.json is not a JSON object ({err})") from None
-    if model_type != "gemma4":
-        raise ModelLoadError(f"model path {str(path)!r} is a {model_type!r} checkpoint, not Gemma 4 ('gemma4')")
+    if model_type not in GEMMA4_MODEL_TYPES:
+        raise ModelLoadError(f"model path {str(path)!r} is a {model_type!r} checkpoint, not Gemma 4 "
+                             f"({' or '.join(map(repr, GEMMA4_MODEL_TYPES))})")
 
 
 def nf4_config(compute_dtype=torch.bfloat16, quantize_towers: bool = False):

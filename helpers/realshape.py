@@ -19,6 +19,10 @@ How the 4-bit model is built without ever holding the whole bf16 model on the GP
    checkpoint loaded in 4-bit.
 
 The transient bf16 memory is one linear layer (the largest, a 31B MLP projection, is 231 MB).
+
+The 12B (``Gemma4UnifiedForConditionalGeneration``) goes through the same functions: ``build_model`` picks its
+class (``helpers.presets.model_class``), and ``pixel_layout`` gives its processor's layout (one 6,912-value merged
+patch per soft token, padded to the budget) instead of the vision tower's (768-value patches, 9 per soft token).
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ def _quantized_linear_from_random(module, device, dtype, std):
 def build_model(config, quantization: str = "none", quantization_config=None, device=None,
                 dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa", seed: int = 0,
                 std: float | None = None, init_device=None):
-    """A ``Gemma4ForConditionalGeneration`` of ``config``'s shape with random weights on ``device``.
+    """A Gemma 4 model (``helpers.presets.model_class``: the 12B's is ``Gemma4UnifiedForConditionalGeneration``)
+    of ``config``'s shape with random weights on ``device``.
 
     ``quantization``: ``"none"`` (``dtype`` everywhere) or ``"4bit"`` (NF4 via bitsandbytes; by default
     ``helpers.modeling.nf4_config()``, i.e. what ``load_model(..., quantization="4bit")`` asks for; pass
@@ -92,7 +97,7 @@ def build_model(config, quantization: str = "none", quantization_config=None, de
     Drawing 31B values on the CPU takes minutes (``_init_weights`` ran at ~21 s per 10^9 parameters on two
     cores); on a GPU, seconds. FSDP wants the model on the CPU: ``device="cpu", init_device="cuda"``.
     """
-    from transformers import Gemma4ForConditionalGeneration
+    from helpers.presets import model_class
 
     if quantization not in ("none", "4bit"):
         raise ValueError(f"quantization must be 'none' or '4bit', got {quantization!r}")
@@ -104,7 +109,7 @@ def build_model(config, quantization: str = "none", quantization_config=None, de
             sub._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype)
+        model = model_class(config)._from_config(config, dtype=dtype)
     std = std if std is not None else config.get_text_config().initializer_range
 
     quantizer = None
@@ -157,13 +162,30 @@ def build_model(config, quantization: str = "none", quantization_config=None, de
 
 @torch.no_grad()
 def _reinit_vision_positions(model, std):
-    """transformers initialises the vision position table to ones (checkpoints overwrite it); keep it small."""
+    """transformers initialises the vision position table to ones (checkpoints overwrite it); keep it small.
+    (The 12B's position table is already drawn at ``initializer_range`` by its ``_init_weights``.)"""
+    if getattr(model.model, "vision_tower", None) is None:
+        return
     table = model.model.vision_tower.patch_embedder.position_embedding_table
     table.normal_(0.0, std)
 
 
+def pixel_layout(config, budget: int = 280) -> dict:
+    """``synthetic_pixels``' keywords for the size's processor at ``budget``: 16-pixel patches (768 values) on a
+    grid of 3 x 3 per soft token, padded to 9 x budget; for the 12B, merged 48-pixel patches (6,912 values), one
+    per soft token, padded to the budget."""
+    from helpers.presets import image_patches, is_encoder_free
+
+    vision = config.vision_config
+    if is_encoder_free(config):
+        return {"patches": image_patches(config, budget), "pooling": 1,
+                "patch_values": 3 * vision.model_patch_size ** 2}
+    return {"patches": image_patches(config, budget), "pooling": vision.pooling_kernel_size,
+            "patch_values": 3 * vision.patch_size ** 2}
+
+
 def synthetic_batch(config, batch_size: int, answer_lengths=(1, 2, 3, 4), prompt_tokens: int = 12,
-                    soft_tokens: int = IMAGE_SOFT_TOKENS_224, patches: int = PATCHES_AT_280,
+                    soft_tokens: int = IMAGE_SOFT_TOKENS_224, patches: int | None = None,
                     pixel_values=None, image_position_ids=None, seed: int = 0, device=None,
                     pad_to: int | None = None) -> dict:
     """A training batch with the collator's keys and Gemma 4's real layout, right-padded like the seed.
@@ -173,7 +195,8 @@ def synthetic_batch(config, batch_size: int, answer_lengths=(1, 2, 3, 4), prompt
     the model turn's ``<|turn>`` (as the seed's collator and ours do). Text tokens are random ids (the
     weights are random too). ``pixel_values`` / ``image_position_ids`` default to the layout of a
     224×224 image through the real image processor (patch 16, pooling 3, budget 280): 2,304 real patches
-    on a 48×48 grid, padded to 2,520 with position -1.
+    on a 48×48 grid, padded to 2,520 with position -1 (the 12B: 256 merged patches on a 16×16 grid, padded to
+    280; ``pixel_layout``). ``patches`` overrides the padded length.
     """
     g = torch.Generator().manual_seed(seed)
     text = config.get_text_config()
@@ -200,7 +223,9 @@ def synthetic_batch(config, batch_size: int, answer_lengths=(1, 2, 3, 4), prompt
         attention[i, : len(r)] = 1
     mm = (input_ids == config.image_token_id).long()
     if pixel_values is None or image_position_ids is None:
-        pixel_values, image_position_ids = synthetic_pixels(batch_size, soft_tokens, patches, g)
+        layout = pixel_layout(config)
+        layout["patches"] = patches or layout["patches"]
+        pixel_values, image_position_ids = synthetic_pixels(batch_size, soft_tokens, generator=g, **layout)
     batch = {
         "input_ids": input_ids, "attention_mask": attention, "labels": label_t, "mm_token_type_ids": mm,
         "pixel_values": pixel_values[:batch_size], "image_position_ids": image_position_ids[:batch_size],
@@ -228,10 +253,11 @@ def synthetic_pixels(n: int, soft_tokens: int = IMAGE_SOFT_TOKENS_224, patches: 
 
 def shrunk_config(name: str, hidden: int = 64, vision_hidden: int = 64):
     """A published preset with its structure kept (layer pattern, k=v, MoE, per-layer inputs, KV sharing,
-    the real vocabulary, patch 16 / pooling 3) and its widths and depths shrunk: for CPU tests."""
+    the real vocabulary, patch 16 / pooling 3) and its widths and depths shrunk: for CPU tests. The 12B keeps
+    its patch embedder's geometry (48-pixel merged patches), at the shrunk text width."""
     from transformers import Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
 
-    from helpers.presets import TEXT_CONFIGS, VISION_CONFIGS
+    from helpers.presets import ENCODER_FREE, TEXT_CONFIGS, VISION_CONFIGS
     from helpers.presets import preset_config as _preset
 
     full = _preset(name)
@@ -251,6 +277,11 @@ def shrunk_config(name: str, hidden: int = 64, vision_hidden: int = 64):
     if text.get("enable_moe_block"):
         text.update(num_experts=4, moe_intermediate_size=hidden // 2, top_k_experts=2)
     text.update(final_logit_softcapping=30.0, rope_parameters=full.text_config.rope_parameters)
+    if name in ENCODER_FREE:
+        from transformers import Gemma4UnifiedConfig
+
+        vision = {**VISION_CONFIGS[name], "mm_embed_dim": hidden, "output_proj_dims": hidden}
+        return Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=None)
     vision = dict(VISION_CONFIGS[name])
     vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=vision_hidden // 2)

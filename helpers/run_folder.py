@@ -51,6 +51,15 @@ ACCURACY_PLOT = "accuracy.png"
 CONFUSION_PLOT = "confusion_matrix.png"
 SAMPLES_PLOT = "samples.png"
 REPOSITORY = Path(__file__).resolve().parent.parent  # the clone (helpers/ is installed editable from it)
+# Written by helpers.export: the merged model's folder and the GGUF folder (default places: inside the run
+# folder), and in each of them a record of what made it (base, run, image budget, llama.cpp flags) and a
+# model card. Not in RUN_FILES: an export is rewritten by the next export, not by a run.
+MERGED = "merged"
+GGUF = "gguf"
+EXPORT_RECORD = "export.json"
+MODEL_CARD = "README.md"
+GGUF_TEXT = "model.gguf"
+GGUF_PROJECTOR = "mmproj.gguf"
 # What "--fresh" removes: the run's own files. Executed notebooks and plots are rewritten by the run.
 RUN_FILES = (MANIFEST, METRICS, TRAIN_RESULT, CLASS_NAMES, SKIPPED, SHARD_METRICS, ADAPTER, ADAPTER_STAGING,
              CHECKPOINTS)

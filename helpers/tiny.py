@@ -83,6 +83,7 @@ TINY_PATCH_SIZE = 8
 TINY_POOLING = 3
 TINY_TEXT_HIDDEN = 64
 TINY_VISION_HIDDEN = 64
+TINY_VISION_HEADS = 1  # attention over 630 patches: one head of 32 costs 18% less a step than two
 TINY_HEAD_DIM, TINY_GLOBAL_HEAD_DIM = 32, 64  # sliding vs full attention, distinct as in every released size
 # Bumped whenever build_tiny_model draws different weights or the folder's format changes, so
 # ensure_tiny_gemma4 rebuilds an older folder. 2: q/k norm scales at head_dim**-0.25 and vision positions at
@@ -161,7 +162,7 @@ def family_text_config(family: str) -> dict:
 
 def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION_LAYERS,
                 text_hidden: int = TINY_TEXT_HIDDEN, patch_size: int = TINY_PATCH_SIZE,
-                vision_hidden: int = TINY_VISION_HIDDEN):
+                vision_hidden: int = TINY_VISION_HIDDEN, vision_heads: int = TINY_VISION_HEADS):
     """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer vision tower, no audio.
 
     The vision tower clips as the family's releases do: on for the E-series, off (standardized) for the large.
@@ -193,8 +194,8 @@ def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION
         "hidden_size": vision_hidden,
         "intermediate_size": 2 * vision_hidden,
         "num_hidden_layers": vision_layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
+        "num_attention_heads": vision_heads,
+        "num_key_value_heads": vision_heads,
         "head_dim": 32,
         "patch_size": patch_size,
         "pooling_kernel_size": TINY_POOLING,
@@ -220,17 +221,18 @@ def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION
 
 
 @torch.no_grad()
-def reinit_vision_positions(model, std: float = 0.1, generator: torch.Generator | None = None) -> None:
+def reinit_vision_positions(model, std: float = 0.2, generator: torch.Generator | None = None) -> None:
     """Replace the all-ones vision position table with random values of std ``std`` (drawn from ``generator``,
     else from torch's global generator, which ``build_tiny_model`` seeds).
 
     transformers initialises ``position_embedding_table`` to ones (the released checkpoints overwrite
     it). Left at ones, every patch gets the same large offset, which swamps the pixel projection: after
-    the first RMSNorm all patches look alike. Too small (0.02, this project's first choice) and a patch
-    says little about where it is, which a digit needs: each soft token of an upscaled 8×8 digit is one
-    flat pixel. At 0.1 the positions are about as large as the pixels' projection (~0.14 per
-    channel), and the held-out accuracy after 516 steps rose from 0.958 to 0.966 on average
-    (``benchmarks/tiny_init_sweep.py``, variants ``qk1`` vs ``qk1_pos1``, with ``scale_attention_norms``).
+    the first RMSNorm all patches look alike. Too small and a patch says little about where it is, which a
+    digit needs: each soft token of an upscaled 8×8 digit is one flat pixel. The positions should be about as
+    large as the pixels' projection: at patch 4 (48 values a patch, ~0.14 per channel) std 0.1 raised the
+    held-out accuracy after 516 steps from 0.958 to 0.966 on average; at patch 8 (192 values, ~0.28) std 0.2
+    keeps that ratio, and raised one seed's accuracy after 344 steps from 0.878 to 0.931
+    (``benchmarks/tiny_init_sweep.py``, variants ``qk1`` vs ``qk1_pos1``, then ``v3_1l_e8`` vs ``v3_1l_pos2_e8``).
     """
     table = model.model.vision_tower.patch_embedder.position_embedding_table
     table.copy_(torch.randn(table.shape, generator=generator, dtype=table.dtype) * std)
@@ -327,3 +329,104 @@ def ensure_tiny_gemma4(path: str | Path | None = None, family: str = LARGE) -> P
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------
+# The 12B in miniature: Gemma4UnifiedForConditionalGeneration (encoder-free), offline id "tiny-12b".
+#
+# The same tokenizer, large-family chat template, text model (tiny_config's, family "large": k = v on the full
+# layer, one global KV head, bidirectional attention over the image) and init scales as the default tiny model;
+# instead of a vision tower, the 12B's patch embedder (LayerNorm -> Dense -> LayerNorm -> + x/y positions ->
+# LayerNorm -> RMSNorm -> Linear), fed by Gemma4UnifiedProcessor with merged patches of 3 x 3 patches of
+# TINY_PATCH_SIZE pixels (24 pixels; the released model's are 48).
+TINY_12B_PATH = DEFAULT_TINY_PATH.with_name(f"{DEFAULT_TINY_PATH.name}-12b")
+# Bumped whenever build_tiny_gemma4_12b draws different weights (ensure_tiny_gemma4_12b then rebuilds).
+TINY_12B_INIT_VERSION = 1
+TINY_12B_POSITION_STD = 0.5  # the x and y position rows, against the unit-variance patch after LayerNorm 2
+_UNIFIED_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types",
+                      "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+                      "max_position_embeddings", "final_logit_softcapping", "rope_parameters", "pad_token_id",
+                      "eos_token_id", "bos_token_id", "attention_k_eq_v", "use_bidirectional_attention")
+_TOKEN_ID_KEYS = ("image_token_id", "boi_token_id", "eoi_token_id", "audio_token_id", "boa_token_id",
+                  "eoa_token_index", "video_token_id", "pad_token_id", "eos_token_id", "bos_token_id")
+
+
+def tiny_12b_config(tokenizer, text_hidden: int = TINY_TEXT_HIDDEN, patch_size: int = TINY_PATCH_SIZE):
+    """A small ``Gemma4UnifiedConfig``: ``tiny_config``'s large-family text model, the patch embedder at the
+    text width (as the 12B's ``mm_embed_dim`` 3840 equals its text width), the released 1,120-row position
+    table, no audio."""
+    from transformers import Gemma4UnifiedConfig
+
+    base = tiny_config(tokenizer, family=LARGE, text_hidden=text_hidden, patch_size=patch_size)
+    text = {key: value for key, value in base.text_config.to_dict().items() if key in _UNIFIED_TEXT_KEYS}
+    text.update(global_head_dim=TINY_GLOBAL_HEAD_DIM,
+                num_global_key_value_heads=family_text_config(LARGE)["num_global_key_value_heads"])
+    vision = {"patch_size": patch_size, "pooling_kernel_size": TINY_POOLING, "mm_embed_dim": text_hidden,
+              "output_proj_dims": text_hidden, "mm_posemb_size": 1120}
+    return Gemma4UnifiedConfig(text_config=text, vision_config=vision, audio_config=None,
+                               **{key: getattr(base, key) for key in _TOKEN_ID_KEYS})
+
+
+def build_tiny_12b_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS,
+                             patch_size: int = TINY_PATCH_SIZE):
+    """``Gemma4UnifiedProcessor`` (the 12B's: merged patches, no pooling in the model) with the large family's
+    chat template."""
+    from transformers import (
+        Gemma4UnifiedAudioFeatureExtractor,
+        Gemma4UnifiedImageProcessor,
+        Gemma4UnifiedProcessor,
+    )
+    from transformers.models.gemma4_unified.video_processing_gemma4_unified import Gemma4UnifiedVideoProcessor
+
+    geometry = {"patch_size": patch_size, "pooling_kernel_size": TINY_POOLING, "max_soft_tokens": max_soft_tokens}
+    return Gemma4UnifiedProcessor(
+        feature_extractor=Gemma4UnifiedAudioFeatureExtractor(),
+        image_processor=Gemma4UnifiedImageProcessor(**geometry),
+        tokenizer=tokenizer,
+        video_processor=Gemma4UnifiedVideoProcessor(**geometry),
+        chat_template=CHAT_TEMPLATES[LARGE],
+        image_seq_length=max_soft_tokens,
+    )
+
+
+def build_tiny_12b_model(tokenizer, seed: int = TINY_SEED, position_std: float = TINY_12B_POSITION_STD, **shape):
+    """``Gemma4UnifiedForConditionalGeneration`` from ``tiny_12b_config``, seeded, with the tiny model's scales
+    (``scale_attention_norms``, ``reinit_token_embeddings``) and the position rows at ``position_std``."""
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = tiny_12b_config(tokenizer, **shape)
+    model = Gemma4UnifiedForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        table = model.model.embed_vision.pos_embedding
+        table.copy_(torch.randn(table.shape) * position_std)
+    scale_attention_norms(model)
+    reinit_token_embeddings(model, std=config.text_config.hidden_size ** -0.5)
+    model.tie_weights()
+    return model
+
+
+def build_tiny_gemma4_12b(path: str | Path | None = None, seed: int = TINY_SEED, **shape) -> Path:
+    """Write a tiny 12B-architecture checkpoint folder (``Gemma4UnifiedForConditionalGeneration``, its processor,
+    the Gemma-style tokenizer, the large family's template). Taught in notebooks 01 and 02; loaded like any hub
+    model (``AutoProcessor`` / ``AutoModelForMultimodalLM``). ``shape``: ``build_tiny_12b_model``'s keywords."""
+    path = Path(path) if path is not None else TINY_12B_PATH
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    processor = build_tiny_12b_processor(tokenizer, patch_size=shape.get("patch_size", TINY_PATCH_SIZE))
+    build_tiny_12b_model(tokenizer, seed=seed, **shape).save_pretrained(path)
+    processor.save_pretrained(path)
+    built = {"seed": seed, "built_by": "helpers.tiny", "init_version": TINY_12B_INIT_VERSION, "family": LARGE,
+             "architecture": "gemma4_unified", **shape}
+    (path / "TINY_GEMMA4.json").write_text(json.dumps(built) + "\n")
+    return path
+
+
+def ensure_tiny_gemma4_12b(path: str | Path | None = None) -> Path:
+    """Build the tiny 12B checkpoint once (as ``ensure_tiny_gemma4``); rebuilt when its init version changed."""
+    path = Path(path) if path is not None else TINY_12B_PATH
+    marker = path / "TINY_GEMMA4.json"
+    built = json.loads(marker.read_text()) if marker.exists() and (path / "config.json").exists() else {}
+    if built.get("init_version") != TINY_12B_INIT_VERSION or built.get("architecture") != "gemma4_unified":
+        build_tiny_gemma4_12b(path)
+    return path

@@ -35,9 +35,15 @@ def tiny_model(tiny_e_series_path):
     return AutoModelForMultimodalLM.from_pretrained(tiny_e_series_path)
 
 
-def test_tiny_model_has_14_clipping_linears_in_vision(tiny_model):
-    # 2 vision layers x (q, k, v, o, gate, up, down); no audio tower in the tiny model
-    assert clippable_linears_by_tower(tiny_model) == {"vision": {"clippable linears": 14, "clipping on": 14}}
+def vision_clippables(model) -> int:
+    """(q, k, v, o, gate, up, down) per vision layer: the tiny model's vision tower clips every projection."""
+    return 7 * model.config.vision_config.num_hidden_layers
+
+
+def test_tiny_model_clips_every_vision_projection(tiny_model):
+    # no audio tower in the tiny model
+    n = vision_clippables(tiny_model)
+    assert clippable_linears_by_tower(tiny_model) == {"vision": {"clippable linears": n, "clipping on": n}}
     module = find_clippable_linears(tiny_model)[Q_PROJ]
     assert isinstance(module.linear, torch.nn.Linear)
     assert clip_bounds(module) == {"input_min": -float("inf"), "input_max": float("inf"),
@@ -53,7 +59,7 @@ def test_only_small_presets_clip():
 
 
 def test_set_clip_bounds(tiny_model):
-    assert set_clip_bounds(tiny_model, input_bound=2.0, output_bound=0.5) == 14
+    assert set_clip_bounds(tiny_model, input_bound=2.0, output_bound=0.5) == vision_clippables(tiny_model)
     assert clip_bounds(find_clippable_linears(tiny_model)[Q_PROJ]) == {
         "input_min": -2.0, "input_max": 2.0, "output_min": -0.5, "output_max": 0.5}
 
@@ -67,7 +73,7 @@ def test_naive_targets_raise_and_leave_the_model_alone(tiny_model):
 
 def test_all_linear_wraps_inner_linear_never_lm_head(tiny_model):
     wrapped = lora_wrapped_modules(apply_lora(copy.deepcopy(tiny_model), r=4))
-    assert len(wrapped["vision"]) == 15  # 14 inner .linear + patch_embedder.input_proj
+    assert len(wrapped["vision"]) == vision_clippables(tiny_model) + 1  # inner .linear + patch_embedder.input_proj
     assert all(name.endswith(".linear") for name in wrapped["vision"] if "encoder" in name)
     assert wrapped["projectors"] == ["model.embed_vision.embedding_projection"]
     assert not any("lm_head" in name for names in wrapped.values() for name in names)
@@ -76,9 +82,10 @@ def test_all_linear_wraps_inner_linear_never_lm_head(tiny_model):
 def test_alternative_targets_counts(tiny_model):
     results = trainable_by_target(tiny_model, r=16)
     assert results["language model only (regex)"]["wrapped per tower"] == {"decoder": 14}
-    assert results["vision + audio attention .linear (list)"]["wrapped per tower"] == {"vision": 8}
+    attention = 4 * tiny_model.config.vision_config.num_hidden_layers
+    assert results["vision + audio attention .linear (list)"]["wrapped per tower"] == {"vision": attention}
     combined = results["language model + every .linear (regex)"]["wrapped per tower"]
-    assert combined == {"decoder": 14, "vision": 14}
+    assert combined == {"decoder": 14, "vision": vision_clippables(tiny_model)}
     assert results["all-linear"]["trainable"] > results["language model + every .linear (regex)"]["trainable"]
     assert set(results) == set(TARGET_ALTERNATIVES)
 
@@ -86,7 +93,8 @@ def test_alternative_targets_counts(tiny_model):
 def test_clamps_still_act_after_lora(tiny_model):
     set_clip_bounds(tiny_model, input_bound=1.0, output_bound=0.5)
     peft_model = apply_lora(tiny_model, r=4, alpha=4)
-    assert enlarge_lora_update(peft_model, 1.0) == 35 * 1  # one lora_B per wrapped module
+    wrapped = sum(len(names) for names in lora_wrapped_modules(peft_model).values())
+    assert enlarge_lora_update(peft_model, 1.0) == wrapped  # one lora_B per wrapped module
     torch.manual_seed(0)
     clippable = find_clippable_linears(peft_model)[Q_PROJ]
     check = clamp_check(clippable, torch.randn(2, 7, 64) * 3)
@@ -118,7 +126,9 @@ def test_merged_model_still_clamps(tiny_model, bound):
 def _loss_and_grads(model, pixels):
     """A scalar through the vision tower (whose linears all clip), and the LoRA gradients it gives."""
     model.zero_grad()
-    positions = torch.stack(torch.meshgrid(torch.arange(16), torch.arange(16), indexing="xy"), -1).reshape(1, 256, 2)
+    side = 6 * model.config.vision_config.pooling_kernel_size  # a patch grid the pooler divides evenly
+    positions = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1)
+    positions = positions.reshape(1, side * side, 2)
     out = model.get_image_features(pixel_values=pixels, image_position_ids=positions.expand(len(pixels), -1, -1))
     loss = sum(part.pow(2).sum() for part in out.pooler_output)
     loss.backward()
@@ -131,8 +141,10 @@ def test_fast_clamps_give_stock_values_and_gradients(tiny_model, bounds):
     stock = apply_lora(copy.deepcopy(tiny_model).double(), r=4, alpha=4).double()  # float64: order-free sums
     enlarge_lora_update(stock, 0.5)  # non-zero LoRA B, so the clamps see the adapter's update
     fast = copy.deepcopy(stock)
-    assert use_fast_clamps(fast) == 14
-    pixels = torch.rand(2, 256, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 2
+    assert use_fast_clamps(fast) == vision_clippables(fast)
+    vision = tiny_model.config.vision_config
+    patches, patch_values = (6 * vision.pooling_kernel_size) ** 2, 3 * vision.patch_size ** 2
+    pixels = torch.rand(2, patches, patch_values, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 2
     stock_loss, stock_grads = _loss_and_grads(stock, pixels)
     fast_loss, fast_grads = _loss_and_grads(fast, pixels)
     torch.testing.assert_close(fast_loss, stock_loss)
@@ -152,7 +164,7 @@ def test_fast_clamps_follow_new_bounds_and_undo(tiny_model):
     set_clip_bounds(tiny_model, input_bound=10.0, output_bound=0.25)  # seen without re-patching
     assert clippable(inputs).abs().max() <= 0.25
     assert "Gemma4ClippableLinear" in repr(clippable) and "Gemma4ClippableLinear" in naive_lora_error(tiny_model)
-    assert use_stock_clamps(tiny_model) == 14 and "forward" not in clippable.__dict__
+    assert use_stock_clamps(tiny_model) == vision_clippables(tiny_model) and "forward" not in clippable.__dict__
     assert clippable(inputs).abs().max() <= 0.25
 
 

