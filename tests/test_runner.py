@@ -13,13 +13,13 @@ from helpers.runner import main
 # Short enough for CI, long enough to learn: the first 86 steps (a quarter) of the default recipe, batch 32.
 RUN = ["-p", "eval_size", "90", "-p", "max_steps", "86", "-p", "save_steps", "43"]
 EVAL_SIZE, STEPS = 90, 86
-# Fine-tuned minus baseline accuracy (constrained scoring) that the run must beat. The measured curves of the
-# default recipe (benchmarks/results/tiny_sweep_h200_round12.log, lr15_w30_e8, the miniature before its second
-# vision layer was dropped) gained 0.600, 0.677, 0.593 and 0.452 over the untrained model by step 86 on seeds
-# 0-3 (all 450 held-out digits), mid-schedule; here the cosine schedule ends at step 86. MARGIN sits well inside
-# the lowest. Re-measure with these exact settings when the miniature or the recipe changes.
-MEASURED_MARGINS = (0.600, 0.677, 0.593, 0.452)
-MARGIN = 0.25
+# Fine-tuned minus baseline accuracy (constrained scoring) that the run must beat. These exact settings on the
+# current miniature (tiny init version 3) gained 0.311 (0.122 -> 0.433, seed 0, measured here 2026-12-02); the
+# round-12 curves of the earlier miniature gained 0.45-0.68 by step 86 (benchmarks/results/
+# tiny_sweep_h200_round12.log). The margin leaves room for another CPU's rounding; re-measure with these settings
+# when the miniature or the recipe changes.
+MEASURED_MARGINS = (0.311,)
+MARGIN = 0.2
 
 
 def executed_text(path) -> str:
