@@ -35,7 +35,8 @@ def trial(seed: int, params: dict) -> dict:
     path = resolve_model_id(config.model_id)
     torch.manual_seed(config.seed)  # notebook 04, "Load the processor and the model"
     processor = load_processor(path, config.image_soft_tokens)
-    model = load_model(path, quantization=config.quantization, quantize_towers=config.quantize_towers)
+    model = load_model(path, quantization=config.quantization, fast_clamps=config.fast_clamps,
+                       quantize_towers=config.quantize_towers)
     model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                        target_modules=config.lora_targets, gradient_checkpointing=config.gradient_checkpointing)
     train_set = load_examples(config.dataset, "train", config.train_size, config.seed, **config.data_options())
