@@ -189,7 +189,7 @@ def add_lora(model, v: dict):
 
         compile_layers(model)  # what train() does for bf16 LoRA on one GPU (stock clamps, fused)
     elif v["name"].startswith("ours"):
-        from helpers.clippable import use_fast_clamps
+        from helpers.fast_clamps import use_fast_clamps
 
         use_fast_clamps(model)  # what load_model() does
     if v["lora_dtype"] == "bf16":

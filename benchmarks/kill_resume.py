@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers.training import COMPLETE_MARKER
+from helpers.run_folder import COMPLETE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD_MARKER = "KILL_TEST_HOLD_SAVE"  # path of the marker file the hook writes when it holds a save

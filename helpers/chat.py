@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.run_folder import PROMPT_FILE
+
 # The real Gemma 4 special-token strings (tokenizer_config.json of the published checkpoints):
 # attribute name on the tokenizer -> token string.
 NAMED_SPECIAL_TOKENS = {
@@ -52,7 +54,6 @@ FAMILIES = (LARGE, E_SERIES)
 EMPTY_THOUGHT = "<|channel>thought\n<channel|>"  # the large family's generation prompt, thinking off
 _PROBE_QUESTION, _PROBE_ANSWER = "?", "probe"
 # Written beside the adapter: the prompt it was trained with, read back by evaluation (and later serving).
-PROMPT_FILE = "chat_prompt.json"
 PROMPT_FIELDS = ("question", "system_prompt", "enable_thinking")  # RunConfig's names
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from helpers.fast_clamps import CLIP_BUFFERS, is_clippable_linear, use_fast_clamps, use_stock_clamps
 from helpers.presets import TOWERS, tower_of
 
-CLIP_BUFFERS = ("input_min", "input_max", "output_min", "output_max")
+__all__ = ["use_fast_clamps", "use_stock_clamps"]  # the fast clamp kernel lives in helpers.fast_clamps
 PEFT_PREFIX = "base_model.model."
 
 # The target list many LoRA recipes use: it names the ClippableLinear wrappers, which PEFT rejects.
@@ -27,15 +28,9 @@ LM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 TARGET_ALTERNATIVES = {
     "all-linear": "all-linear",
     "language model only (regex)": rf".*language_model.*\.({LM_PROJECTIONS})",
-    "vision attention .linear only (list)": [f"{name}.linear" for name in NAIVE_TARGETS],
+    "vision + audio attention .linear (list)": [f"{name}.linear" for name in NAIVE_TARGETS],
     "language model + every .linear (regex)": rf".*language_model.*\.({LM_PROJECTIONS})|.*\.linear",
 }
-
-
-def is_clippable_linear(module) -> bool:
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
-
-    return isinstance(module, Gemma4ClippableLinear)
 
 
 def find_clippable_linears(model) -> dict:
@@ -173,78 +168,3 @@ def saved_adapter_keys(peft_model, directory: str | Path | None = None) -> list[
 def merged_layout_matches(original_state_dict_keys, merged_model) -> bool:
     """True when ``merge_and_unload`` gave back exactly the original checkpoint's tensor names."""
     return set(original_state_dict_keys) == set(merged_model.state_dict().keys())
-
-
-class _MaskedClamp(torch.autograd.Function):
-    """``x.clamp(low, high)`` whose backward is one multiply by a saved boolean mask.
-
-    Same values and gradients as ``torch.clamp`` with tensor bounds (the gradient passes where
-    ``low <= x <= high``), but autograd's own backward for tensor bounds runs about six elementwise
-    kernels over the activation; on the tiny model's CPU step they were a quarter of the time.
-    """
-
-    @staticmethod
-    def forward(ctx, x, low: float, high: float):
-        ctx.save_for_backward((x >= low) & (x <= high))
-        return x.clamp(low, high)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None
-
-
-def _clamp_or_skip(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    if low == float("-inf") and high == float("inf"):
-        return x  # clamp(x, -inf, inf) is x, NaN included
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return x.clamp(low, high)
-    return _MaskedClamp.apply(x, low, high)
-
-
-def _bounds_as_floats(module) -> tuple[float, float, float, float]:
-    """The four bounds as Python floats, re-read only when a buffer changes.
-
-    The cache key is each buffer's identity and in-place version counter, so ``set_clip_bounds``,
-    ``load_state_dict`` or ``.to(device)`` are seen, while a forward pass costs no device sync.
-    """
-    buffers = [getattr(module, name) for name in CLIP_BUFFERS]
-    key = tuple((id(b), b._version) for b in buffers)
-    cached = module.__dict__.get("_fast_clamp_bounds")
-    if cached is None or cached[0] != key:
-        cached = (key, tuple(float(b) for b in buffers))
-        module.__dict__["_fast_clamp_bounds"] = cached
-    return cached[1]
-
-
-def _fast_clippable_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    input_min, input_max, output_min, output_max = _bounds_as_floats(self)
-    hidden_states = _clamp_or_skip(hidden_states, input_min, input_max)
-    return _clamp_or_skip(self.linear(hidden_states), output_min, output_max)
-
-
-def use_fast_clamps(model) -> int:
-    """Give every clipping ``Gemma4ClippableLinear`` a cheaper forward with the same numbers; returns how many.
-
-    A clamp whose bounds are both infinite (the tiny model's, and any checkpoint that ships clipping
-    switched off in value) is skipped; a finite one clamps with a one-multiply backward. The bounds stay
-    the module's buffers, so ``set_clip_bounds`` still acts. The class is untouched (PEFT's messages and
-    ``repr`` still say ``Gemma4ClippableLinear``); ``use_stock_clamps`` undoes it.
-    """
-    patched = 0
-    for module in find_clippable_linears(model).values():
-        if module.use_clipped_linears:
-            module.forward = _fast_clippable_forward.__get__(module)
-            patched += 1
-    return patched
-
-
-def use_stock_clamps(model) -> int:
-    """Undo ``use_fast_clamps``: transformers' own forward again; returns how many were restored."""
-    restored = 0
-    for module in find_clippable_linears(model).values():
-        if "forward" in module.__dict__:
-            del module.forward
-            module.__dict__.pop("_fast_clamp_bounds", None)
-            restored += 1
-    return restored

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from helpers.chat import QUESTION, ChatFormat, chat_format, special_token
+from helpers.losses import IGNORE_INDEX
 from helpers.validation import MAX_SIDE, BadExampleError, to_rgb_image
 
-IGNORE_INDEX = -100
 # What Gemma4ForConditionalGeneration.forward takes from the processor's output; the rest
 # (e.g. num_soft_tokens_per_image) would be an unexpected keyword argument.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids")

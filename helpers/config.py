@@ -19,14 +19,16 @@ TINY_12B = "tiny-12b"  # the 12B's architecture in miniature (Gemma4UnifiedForCo
 # The offline model ids and the chat-template family of each (helpers.chat): "tiny" is the large family's
 # format (12B, 26B-A4B, 31B, as the seed's 31B), "tiny-e-series" E2B/E4B's, "tiny-12b" the large family's.
 OFFLINE_MODELS = {OFFLINE_MODEL: LARGE, "tiny-e-series": E_SERIES, TINY_12B: LARGE}
+# The image budgets Gemma 4's image processor accepts (max_soft_tokens); 280 is the released default.
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+QUANTIZATIONS = ("none", "4bit")  # bf16 (fp32 on a CPU), or bitsandbytes NF4 (QLoRA)
 
 
 _FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.PathLike), "lora_targets": (str, list),
                 "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
                 "max_steps": (int,), "warmup_steps": (int,), "seed": (int,), "image_soft_tokens": (int,),
                 "max_length": (int,), "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
-                "compile_layers": (bool,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
+                "compile_layers": (bool,), "fast_clamps": (bool,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
                 "image_column": (str,), "label_column": (str,), "train_split": (str,), "eval_split": (str,),
                 "test_fraction": (int, float), "class_map_file": (str, os.PathLike)}
 _OPTIONAL = ("image_soft_tokens", "max_length", "compile_layers", "system_prompt", "eval_split", "class_map_file")
@@ -60,6 +62,7 @@ class RunConfig:
     quantize_towers: bool = False  # with "4bit": the vision/audio towers in NF4 too (31B: -0.88 GB)
     optimizer: str = "adamw_torch"  # or "adamw_8bit" (bitsandbytes: 8-bit AdamW states, GPU only)
     compile_layers: bool | None = None  # torch.compile each layer; None: on for bf16 LoRA on a GPU
+    fast_clamps: bool = True  # Gemma4ClippableLinear's clamps with a cheaper forward, same numbers (helpers.fast_clamps)
     learning_rate: float = 1.5e-3
     warmup_steps: int = 30  # linear warm-up, then a cosine decay to zero
     epochs: float = 8.0  # 344 steps of 32 on the digits (benchmarks/tiny_init_sweep.py, round 12)
@@ -106,8 +109,8 @@ class RunConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.quantization not in ("none", "4bit"):
-            raise ConfigError(f"quantization must be 'none' or '4bit', got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.image_soft_tokens is not None and self.image_soft_tokens not in SOFT_TOKEN_BUDGETS:

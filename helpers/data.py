@@ -34,7 +34,6 @@ from PIL import Image
 from helpers.validation import validate_examples
 
 DIGITS = "digits"
-OXFORD_PET = "timm/oxford-iiit-pet"
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # The 37 Oxford-IIIT Pet breeds in the data set's label order (alphabetical, case-insensitive).

@@ -8,6 +8,7 @@ Taught in notebook 05.
   that occurs, as the seed does); an answer that names no class counts as wrong and is reported
   as the "no class named" rate.
 The baseline is the same PEFT model with its adapter disabled, so only one copy is loaded.
+``metrics.json`` is written by ``helpers.report.write_metrics``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a widget bar is saved at 0% in an executed notebook
 
 from helpers.chat import answer_from_generation
 from helpers.collator import VisionChatCollator
@@ -115,55 +116,3 @@ def confusion_matrix(labels: list[str], predictions: list[str | None], class_nam
         if pred in index:
             matrix[index[true], index[pred]] += 1
     return matrix
-
-
-def write_metrics(run_dir, metrics: dict, config, model_path: str, train_summary: dict, n_examples: int,
-                  shard=(0, 1), indices=None, labels=None, predictions=None, class_names=None,
-                  skipped=None, prompt=None) -> dict:
-    """Write ``metrics.json`` (and, for a shard of a split, ``shard_metrics.json``) atomically.
-
-    ``skipped`` (``helpers.validation.skipped_summary``): per split, the examples kept and the rows
-    skipped by reason; the summary carries the total so a bad data set is visible at a glance. ``prompt``:
-    the question, system prompt and thinking setting the evaluation used (``helpers.chat``).
-    """
-    from pathlib import Path
-
-    from helpers.io import atomic_write_json
-    from helpers.shards import SHARD_METRICS_FILE, write_shard_metrics
-
-    run_dir = Path(run_dir)
-    train = train_summary.get("train", {})
-    seconds = {f"{system}_{method}": value for system, m in metrics.items() for method, value in m["seconds"].items()}
-    seconds["train"] = train.get("wall_seconds")
-    summary = {
-        "baseline_accuracy": metrics["baseline"]["constrained"]["accuracy"],
-        "finetuned_accuracy": metrics["finetuned"]["constrained"]["accuracy"],
-        "finetuned_generation_accuracy": metrics["finetuned"]["generation"]["accuracy"],
-        "finetuned_macro_f1": metrics["finetuned"]["constrained"]["macro_f1"],
-        "finetuned_no_class_named_rate": metrics["finetuned"]["generation"]["no_class_named_rate"],
-        "n_eval": n_examples,
-        "n_skipped": sum(split.get("n_skipped", 0) for split in (skipped or {}).values()),
-    }
-    report = {
-        "summary": summary,
-        "model_id": config.model_id,
-        "model_path": model_path,
-        "dataset": config.dataset,
-        "train_size": train.get("train_samples", config.train_size),
-        "eval_size": n_examples,
-        "optimizer_steps": train.get("global_step"),
-        "peak_memory_bytes": train.get("peak_memory_bytes"),
-        "peak_memory_kind": train.get("peak_memory_kind"),
-        "wall_seconds": seconds,
-        "shard": {"index": shard[0], "count": shard[1]},
-        "skipped": skipped or {},
-        "prompt": prompt,
-        "metrics": metrics,
-        "config": config.to_dict(),
-    }
-    atomic_write_json(run_dir / "metrics.json", report)
-    if shard[1] > 1:
-        write_shard_metrics(run_dir / SHARD_METRICS_FILE, indices, labels, predictions, class_names,
-                            shard_index=shard[0], shard_count=shard[1], n_total=None,
-                            meta={"model_id": config.model_id, "dataset": config.dataset, "skipped": skipped or {}})
-    return report

@@ -10,7 +10,8 @@ the same ``helpers.training.train()`` the notebook calls: the launcher only load
 process (``device_map={"": local_rank}`` for QLoRA; on the CPU for FSDP, which shards it) and leaves the
 distribution to transformers' Trainer and accelerate (DDP, or FSDP under ``accelerate launch`` with an FSDP
 config). Evaluation is split across the processes (``helpers.shards.shard_indices``), the per-example
-predictions are gathered, and rank 0 writes ``metrics.json`` once. Rerunning the command resumes training.
+predictions are gathered, and rank 0 writes ``metrics.json`` once (``helpers.report.write_metrics``, as notebook
+05 and the shard merge do). Rerunning the command resumes training.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from pathlib import Path
 import torch
 
 from helpers.config import ConfigError, RunConfig, resolve_model_id
+from helpers.report import SYSTEMS
+from helpers.run_folder import ADAPTER, METRICS, TRAIN_RESULT
 from helpers.runner import collect_parameters
-
-SYSTEMS = ("baseline", "finetuned")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,20 +70,22 @@ def device_map_for(local_rank: int, quantization: str):
 
 
 def load_lora_model(config: RunConfig, model_path: str, local_rank: int, adapter_dir: Path | None = None):
-    """Processor and LoRA model for this process: a new adapter, or a trained one from ``adapter_dir``."""
-    from helpers.modeling import apply_lora, load_model, load_processor
+    """Processor and LoRA model for this process: a new adapter, or a trained one from ``adapter_dir``.
+
+    Notebook 04's calls with notebook 04's objects: ``quantization_config`` and ``lora_config`` build the
+    ``BitsAndBytesConfig`` and ``LoraConfig`` that the notebook shows (``tests/test_recipe.py`` checks it)."""
+    from helpers.modeling import apply_lora, load_model, load_processor, lora_config, quantization_config
 
     torch.manual_seed(config.seed)  # the same initial adapter on every rank (DDP also broadcasts rank 0's)
     processor = load_processor(model_path, config.image_soft_tokens)
-    model = load_model(model_path, quantization=config.quantization, quantize_towers=config.quantize_towers,
-                       device_map=device_map_for(local_rank, config.quantization))
+    model = load_model(model_path, quantization=config.quantization, quantization_config=quantization_config(config),
+                       device_map=device_map_for(local_rank, config.quantization), fast_clamps=config.fast_clamps)
     if adapter_dir is not None:
         from peft import PeftModel
 
         return processor, PeftModel.from_pretrained(model, adapter_dir)
-    model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                       target_modules=config.lora_targets, gradient_checkpointing=config.gradient_checkpointing)
-    return processor, model
+    lora = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    return processor, apply_lora(model, config=lora, gradient_checkpointing=config.gradient_checkpointing)
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -104,7 +107,7 @@ def train_on_this_rank(config, model, processor, state) -> dict:
     result = train(model, collator, train_set.examples, config, config.output_dir)
     summary = {"config": config.to_dict(), "train": result.to_dict(), "processes": state.num_processes}
     if state.is_main_process:
-        atomic_write_json(Path(config.output_dir) / "train_result.json", summary)
+        atomic_write_json(Path(config.output_dir) / TRAIN_RESULT, summary)
     return summary
 
 
@@ -135,7 +138,7 @@ def evaluate_on_this_rank(config, model, processor, state) -> list[dict]:
     names = eval_set.class_names
     indices = shard_indices(len(eval_set), state.process_index, state.num_processes)
     examples = [eval_set.examples[i] for i in indices]
-    prompt, _ = prompt_for_adapter(Path(config.output_dir) / "adapter", config)  # the prompt it was trained with
+    prompt, _ = prompt_for_adapter(Path(config.output_dir) / ADAPTER, config)  # the prompt it was trained with
     start = time.perf_counter()
     predictions = score_shard(model, processor, examples, names, max(config.batch_size, 16), state.is_main_process,
                               prompt)
@@ -147,7 +150,7 @@ def evaluate_on_this_rank(config, model, processor, state) -> list[dict]:
 
 def merge_rows(rows: list[dict], n_total: int, class_names: list[str]) -> dict:
     """Metrics from every rank's rows; each held-out example must appear exactly once."""
-    from helpers.shards import compute_metrics
+    from helpers.shards import metrics_by_system
 
     seen = sorted(row["index"] for row in rows)
     if seen != list(range(n_total)):
@@ -155,39 +158,24 @@ def merge_rows(rows: list[dict], n_total: int, class_names: list[str]) -> dict:
                            f"not each exactly once (first indices: {seen[:10]})")
     rows = sorted(rows, key=lambda row: row["index"])
     labels = [row["label"] for row in rows]
-    return {system: {"constrained": compute_metrics(labels, [r["predictions"][system] for r in rows], class_names)}
-            for system in SYSTEMS}
+    return metrics_by_system(labels, {system: [r["predictions"][system] for r in rows] for system in SYSTEMS},
+                             class_names)
 
 
 def write_gathered_metrics(config, model_path, rows, train_summary, processes) -> dict:
-    """``metrics.json`` (rank 0 only): the summary keys notebook 05 writes, plus the per-example rows."""
+    """``metrics.json`` (rank 0 only), through ``helpers.report.write_metrics``, with the per-example rows."""
     from helpers.chat import prompt_for_adapter
     from helpers.data import load_examples
-    from helpers.io import atomic_write_json
+    from helpers.report import write_metrics
     from helpers.validation import skipped_summary
 
     eval_set = load_examples(config.dataset, "test", config.eval_size, config.seed, **config.data_options())
-    metrics = merge_rows(rows, len(eval_set), eval_set.class_names)
-    skipped = skipped_summary(eval_set)
-    train = train_summary.get("train", {})
-    report = {
-        "summary": {"baseline_accuracy": metrics["baseline"]["constrained"]["accuracy"],
-                    "finetuned_accuracy": metrics["finetuned"]["constrained"]["accuracy"],
-                    "finetuned_macro_f1": metrics["finetuned"]["constrained"]["macro_f1"],
-                    "n_eval": len(rows), "n_skipped": skipped[eval_set.split]["n_skipped"]},
-        "model_id": config.model_id, "model_path": model_path, "dataset": config.dataset,
-        "processes": processes, "optimizer_steps": train.get("global_step"),
-        "peak_memory_bytes": train.get("peak_memory_bytes"), "peak_memory_kind": train.get("peak_memory_kind"),
-        "wall_seconds": {"train": train.get("wall_seconds"),
-                         "eval_per_rank": {r["rank"]: r["seconds"] for r in rows}},
-        "skipped": skipped,
-        "prompt": prompt_for_adapter(Path(config.output_dir) / "adapter", config)[0],
-        "metrics": metrics,
-        "predictions": sorted(rows, key=lambda row: row["index"]),
-        "config": config.to_dict(),
-    }
-    atomic_write_json(Path(config.output_dir) / "metrics.json", report)
-    return report
+    return write_metrics(Path(config.output_dir) / METRICS, merge_rows(rows, len(eval_set), eval_set.class_names),
+                         config=config.to_dict(), model_path=model_path, train=train_summary.get("train"),
+                         skipped=skipped_summary(eval_set), shard=(0, 1), processes=processes,
+                         prompt=prompt_for_adapter(Path(config.output_dir) / ADAPTER, config)[0],
+                         eval_seconds={"eval_per_rank": {r["rank"]: r["seconds"] for r in rows}},
+                         predictions=sorted(rows, key=lambda row: row["index"]))
 
 
 def run(argv=None) -> dict | None:
@@ -196,7 +184,7 @@ def run(argv=None) -> dict | None:
     state = distributed_state()
     with state.main_process_first():  # rank 0 builds the tiny checkpoint (or fills the hub cache) first
         model_path = resolve_model_id(config.model_id)
-    adapter_dir = Path(config.output_dir) / "adapter" if args.eval_only else None
+    adapter_dir = Path(config.output_dir) / ADAPTER if args.eval_only else None
     processor, model = load_lora_model(config, model_path, state.local_process_index, adapter_dir)
     train_summary = {} if args.eval_only else train_on_this_rank(config, model, processor, state)
     return finish(args, config, model_path, model, processor, state, train_summary)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids",
                 "position_ids")
 

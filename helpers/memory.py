@@ -24,6 +24,7 @@ without (0.5625 bytes). The 256-entry table of the second quantization is shared
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
@@ -132,6 +133,23 @@ def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
     return sum(lora_parameters_by_tower(build_meta_model(config), r).values())
 
 
+@functools.lru_cache(maxsize=None)
+def _preset_weight_bytes(size: str, quantization: str, skip_modules: tuple[str, ...] | None) -> int:
+    """``weight_bytes`` of a preset, once per setting: each call builds a meta model (seconds for the large
+    sizes), and the planner is asked again for every micro-batch, card and option (notebook 01's tables)."""
+    from helpers.presets import preset_config
+
+    return weight_bytes(preset_config(size), quantization, None if skip_modules is None else list(skip_modules))
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_lora_parameters_per_rank(size: str) -> int:
+    """``lora_parameter_count`` of a preset at rank 1 (the count is linear in the rank), once per size."""
+    from helpers.presets import preset_config
+
+    return lora_parameter_count(preset_config(size), 1)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Peak training memory: plan(). Taught in notebook 01 ("will it fit on a 24 / 48 / 80 / 96 GB GPU?").
 #
@@ -218,9 +236,9 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
         from helpers.modeling import nf4_skip_modules
 
         skip_modules = nf4_skip_modules(quantize_towers=True)
-    weights = weight_bytes(config, quantization, skip_modules)
+    weights = _preset_weight_bytes(size, quantization, None if skip_modules is None else tuple(skip_modules))
     state_bytes = LORA_STATE_BYTES[lora_dtype] - (EIGHT_BIT_STATE_SAVING[lora_dtype] if optimizer == "adamw_8bit" else 0)
-    lora = state_bytes * lora_parameter_count(config, lora_r)
+    lora = state_bytes * lora_r * _preset_lora_parameters_per_rank(size)
     units = activation_units(config, image_tokens, patches, text_tokens)
     per_unit = ACTIVATION_BYTES_PER_UNIT[size] * (LIGER_ACTIVATION_FACTOR if liger else 1.0) * (
         COMPILED_ACTIVATION_FACTOR if compiled else 1.0)

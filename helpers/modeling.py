@@ -7,13 +7,34 @@ the same ``AutoProcessor`` / ``AutoModelForMultimodalLM`` calls, which pick its 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
+from helpers.config import QUANTIZATIONS, SOFT_TOKEN_BUDGETS
+from helpers.fast_clamps import fast_clamp_count, use_fast_clamps, use_stock_clamps
 from helpers.losses import unwrap_gemma4
 from helpers.presets import GEMMA4_MODEL_TYPES
+
+# peft 0.21.2's PeftModel.__init__ reads transformers' deprecated ``is_gradient_checkpointing`` property
+# (get_peft_model and PeftModel.from_pretrained both), which warns on every call; that one message only.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _NoKernelsPackageWarning(logging.Filter):
+    """bitsandbytes 0.50.2, imported by PEFT on a CPU with AVX512-BF16, looks for the optional ``kernels``
+    package (a hub-downloaded fused 4-bit CPU GEMM) and warns that it is missing. 4-bit loading needs CUDA
+    here, so the message says nothing about the run; it is dropped, and only it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsPackageWarning())
 
 # bitsandbytes quantizes nn.Linear only. Passing llm_int8_skip_modules replaces transformers' default
 # skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16
@@ -99,76 +120,102 @@ def load_processor(model_id: str, max_soft_tokens: int | None = None):
     check_model_source(model_id)
     processor = AutoProcessor.from_pretrained(model_id)
     if max_soft_tokens is not None:
-        from transformers.models.gemma4.image_processing_gemma4 import _SUPPORTED_SOFT_TOKENS
-
-        if max_soft_tokens not in _SUPPORTED_SOFT_TOKENS:
-            raise ValueError(f"image_soft_tokens must be one of {_SUPPORTED_SOFT_TOKENS}, got {max_soft_tokens}")
+        if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
+            raise ValueError(f"image_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
         processor.image_processor.max_soft_tokens = max_soft_tokens
         processor.image_seq_length = max_soft_tokens
     return processor
 
 
+def quantization_config(config):
+    """The ``BitsAndBytesConfig`` a ``RunConfig`` asks for (``None`` for ``quantization="none"``): what
+    notebook 04 shows as plain code."""
+    if config.quantization == "none":
+        return None
+    return nf4_config(torch.bfloat16, quantize_towers=config.quantize_towers)
+
+
+@contextlib.contextmanager
+def no_loading_bar():
+    """transformers' "Loading weights" bar off for the block: in an executed notebook a widget bar stays
+    drawn at 0% (its progress is not saved), and loading is a few seconds that a line reports anyway."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model_id: str, quantization: str = "none", dtype: torch.dtype | None = None,
                attn_implementation: str = "sdpa", device_map=None, fast_clamps: bool = True,
-               quantize_towers: bool = False):
+               quantize_towers: bool = False, quantization_config=None):
     """``AutoModelForMultimodalLM.from_pretrained`` in bf16/float32 (``"none"``) or 4-bit NF4 (``"4bit"``).
 
     SDPA, not FlashAttention 2: FA2 does not support Gemma 4's 512-wide global attention heads.
-    ``fast_clamps``: the vision/audio clamps get a cheaper forward with the same numbers
-    (``helpers.clippable.use_fast_clamps``). ``quantize_towers``: see ``nf4_config``.
+    ``quantization_config``: a ``BitsAndBytesConfig`` (notebook 04 builds its own); by default ``"4bit"``
+    uses ``nf4_config(quantize_towers=...)``. ``fast_clamps``: the vision/audio clamps get a cheaper forward
+    with the same numbers (``helpers.fast_clamps``; ``use_stock_clamps`` undoes it).
     """
     from transformers import AutoModelForMultimodalLM
 
     check_model_source(model_id)
-    if quantization not in ("none", "4bit"):
-        raise ValueError(f"quantization must be 'none' or '4bit', got {quantization!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization_config is None and quantization == "4bit":
+        quantization_config = nf4_config(torch.bfloat16, quantize_towers=quantize_towers)
     dtype = dtype or default_dtype()
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if quantization == "4bit":
+    if quantization_config is not None:
         if not torch.cuda.is_available():
             raise RuntimeError("quantization='4bit' needs a CUDA GPU (bitsandbytes NF4); use 'none' on the CPU")
-        kwargs["quantization_config"] = nf4_config(torch.bfloat16, quantize_towers=quantize_towers)
+        kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForMultimodalLM.from_pretrained(model_id, **kwargs)
+        with no_loading_bar():
+            model = AutoModelForMultimodalLM.from_pretrained(model_id, **kwargs)
     except (OSError, KeyError) as err:
         raise ModelLoadError(f"could not load {model_id!r} as a Gemma 4 model: {err}") from err
     if fast_clamps:
-        from helpers.clippable import use_fast_clamps
-
         use_fast_clamps(model)
     return model
 
 
+def describe_patches(model, compile_layers_on: bool | None = None) -> str:
+    """What the helpers changed in the model behind transformers' back, in one line (notebook 04 prints it)."""
+    fast = fast_clamp_count(model)
+    line = (f"fast clamps: {'on' if fast else 'off'} ({fast} Gemma4ClippableLinear forwards patched; "
+            "RunConfig.fast_clamps, undone by helpers.fast_clamps.use_stock_clamps)")
+    if compile_layers_on is not None:
+        line += (f"\ncompile_layers: {'on' if compile_layers_on else 'off'} (torch.compile per layer during "
+                 "train(), undone after it; RunConfig.compile_layers, None: on for bf16 LoRA on one GPU)")
+    return line
+
+
 def lora_config(r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
                 modules_to_save=None):
+    """The ``LoraConfig`` notebook 04 shows as plain code."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                       modules_to_save=modules_to_save, task_type="CAUSAL_LM")
 
 
-def apply_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
-               modules_to_save=None, gradient_checkpointing: bool = False, lora_dtype: torch.dtype | None = None):
-    """Wrap ``model`` with LoRA adapters on a frozen base; ``"all-linear"`` reaches inside ``Gemma4ClippableLinear``.
+def enable_gradient_checkpointing(model):
+    """Recompute activations in the backward pass (less memory, slower), non-reentrant as PEFT needs."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model
 
-    A short list such as ``["q_proj", "v_proj"]`` names the clamp wrappers in the vision tower, which
-    PEFT rejects (notebook 02 shows the error); ``"all-linear"`` wraps their inner ``.linear``.
 
-    Not ``prepare_model_for_kbit_training``: it casts every parameter that is not 4-bit to float32, which
-    for the 31B is its 1.4B-parameter embedding and for the 26B-A4B its 22.8B expert parameters (measured
-    on an H200: +45.6 GB for the 26B-A4B; benchmarks/README.md). For a 4-bit base the adapters are cast
-    to bf16 (``lora_dtype``), as TRL does, halving their optimizer state.
-    """
-    from peft import get_peft_model
-
-    model.requires_grad_(False)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(r, alpha, dropout, target_modules, modules_to_save))
+def cast_adapters(model, lora_dtype: torch.dtype | None = None):
+    """The trainable (adapter) weights cast to ``lora_dtype``; by default bf16 on a 4-bit base, as TRL does
+    (halving their optimizer state), and unchanged otherwise."""
     if lora_dtype is None and getattr(model.get_base_model(), "is_loaded_in_4bit", False):
         lora_dtype = torch.bfloat16
     if lora_dtype is not None:
@@ -176,6 +223,29 @@ def apply_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, target
             if param.requires_grad:
                 param.data = param.data.to(lora_dtype)
     return model
+
+
+def apply_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
+               modules_to_save=None, gradient_checkpointing: bool = False, lora_dtype: torch.dtype | None = None,
+               config=None):
+    """Wrap ``model`` with LoRA adapters on a frozen base; ``"all-linear"`` reaches inside ``Gemma4ClippableLinear``.
+
+    The steps notebook 04 shows: freeze the base, ``enable_gradient_checkpointing`` if asked,
+    ``get_peft_model(model, config)`` (``config``: a ``LoraConfig``; by default ``lora_config(r, alpha, ...)``),
+    ``cast_adapters``. A short list such as ``["q_proj", "v_proj"]`` names the clamp wrappers in the vision
+    tower, which PEFT rejects (notebook 02 shows the error); ``"all-linear"`` wraps their inner ``.linear``.
+
+    Not ``prepare_model_for_kbit_training``: it casts every parameter that is not 4-bit to float32, which
+    for the 31B is its 1.4B-parameter embedding and for the 26B-A4B its 22.8B expert parameters (measured
+    on an H200: +45.6 GB for the 26B-A4B; benchmarks/README.md).
+    """
+    from peft import get_peft_model
+
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = get_peft_model(model, config or lora_config(r, alpha, dropout, target_modules, modules_to_save))
+    return cast_adapters(model, lora_dtype)
 
 
 def should_compile_layers(config) -> bool:
@@ -197,8 +267,6 @@ def compile_layers(model) -> int:
     float32 RMSNorm casts and the clamps, which also makes micro-batch 32 fit. The clamps go back to
     transformers' own forward, which the compiler fuses better than it traces ours.
     """
-    from helpers.clippable import use_stock_clamps
-
     inner = unwrap_gemma4(model).model
     model._fast_clamps_were_on = use_stock_clamps(inner) > 0  # uncompile_layers puts them back
     layers = list(inner.language_model.layers)
@@ -215,8 +283,6 @@ def uncompile_layers(model) -> int:
 
     Only the layers ``compile_layers`` compiled: a module the user compiled themselves stays compiled. The
     fast clamps come back if ``compile_layers`` had switched them off."""
-    from helpers.clippable import use_fast_clamps
-
     layers = getattr(model, "_compiled_layers", [])
     for layer in layers:
         layer._compiled_call_impl = None

@@ -52,17 +52,20 @@ def plot_confusion(matrix, class_names, path=None, title="Confusion matrix (fine
     return _save(fig, path)
 
 
-def plot_sample_grid(examples, class_names, predictions, path=None, columns: int = 6, title=None):
-    """Images with true vs predicted labels; wrong predictions in red."""
+def plot_sample_grid(examples, class_names, predictions=None, path=None, columns: int = 6, title=None):
+    """Images with their true labels and, given ``predictions``, the predicted ones (wrong ones in red)."""
     rows = max(1, int(np.ceil(len(examples) / columns)))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.1), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, example, predicted in zip(axes.flat, examples, predictions):
+    for k, (ax, example) in enumerate(zip(axes.flat, examples)):
         true = class_names[example["label"]]
         ax.imshow(example["image"])
-        ax.set_title(f"true: {true}\npred: {predicted}", fontsize=8,
-                     color="black" if predicted == true else "crimson")
+        if predictions is None:
+            ax.set_title(f"true: {true}", fontsize=8)
+        else:
+            ax.set_title(f"true: {true}\npred: {predictions[k]}", fontsize=8,
+                         color="black" if predictions[k] == true else "crimson")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

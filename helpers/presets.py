@@ -38,20 +38,14 @@ from collections import OrderedDict
 
 import torch
 
+from helpers.config import SOFT_TOKEN_BUDGETS  # noqa: F401  (the budgets, defined once in helpers.config)
+
 PRESET_NAMES = ("E2B", "E4B", "12B", "26B-A4B", "31B")
 ENCODER_FREE = ("12B",)  # Gemma4UnifiedConfig: no vision or audio tower, no Gemma4ClippableLinear
 # model_type -> the class that from_pretrained / AutoModelForMultimodalLM picks for it
 MODEL_CLASSES = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_unified": "Gemma4UnifiedForConditionalGeneration"}
 GEMMA4_MODEL_TYPES = tuple(MODEL_CLASSES)
 
-# The hub checkpoints these configs describe (for citations and the GPU benchmark; never downloaded here).
-HUB_IDS = {
-    "E2B": "google/gemma-4-E2B-it",
-    "E4B": "google/gemma-4-E4B-it",
-    "12B": "google/gemma-4-12B-it",
-    "26B-A4B": "google/gemma-4-26B-A4B-it",
-    "31B": "google/gemma-4-31B-it",
-}
 
 # Sliding layers then one full-attention layer, repeated: 4:1 for E2B, 5:1 for the others.
 E2B_LAYER_PATTERN = ["sliding_attention"] * 4 + ["full_attention"]
@@ -145,9 +139,6 @@ def preset_config(name: str):
     vision = getattr(transformers, f"{prefix}VisionConfig")(**VISION_CONFIGS[name])
     audio = getattr(transformers, f"{prefix}AudioConfig")() if HAS_AUDIO[name] else None
     return getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, audio_config=audio)
-
-
-PRESETS = {name: (lambda name=name: preset_config(name)) for name in PRESET_NAMES}
 
 
 def is_encoder_free(config) -> bool:
@@ -250,8 +241,6 @@ def describe_preset(name: str) -> dict:
     }
 
 
-# Soft-token budgets the Gemma 4 image processor accepts (``max_soft_tokens``); 280 is the default.
-SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 
 
 def soft_tokens_per_image(width: int, height: int, max_soft_tokens: int = 280, size: str = "31B") -> int:

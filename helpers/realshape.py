@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IMAGE_SOFT_TOKENS_224 = 256  # a 224x224 image at the default 280-token budget (FACTS.md)
+IMAGE_SOFT_TOKENS_224 = 256  # a 224x224 image at the default 280-token budget (Gemma4ImageProcessor; notebook 01)
 PATCHES_AT_280 = 2520  # pixel_values are padded to 280 * 3**2 patches at the default budget
 PATCH_VALUES = 3 * 16 * 16  # patch 16, RGB
 

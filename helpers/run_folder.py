@@ -1,7 +1,8 @@
 """The run folder: what is in it, the manifest that says what made it, and the lock that says who uses it.
 
 Taught in the README ("Train on your own images") and used by ``helpers.runner``:
-- the file names of a run folder live here (new code names them through this module);
+- the run folder's layout lives here, and only here: every file and folder name below, and
+  ``resolve_output_dir`` (a relative ``output_dir`` is relative to the repository, wherever the notebook runs);
 - ``manifest.json`` is written when a run starts: the validated config, a fingerprint of the data, the
   model and the package versions. A rerun with the same training settings and data resumes; a rerun
   with other ones is refused with the differences listed, so ``metrics.json`` always describes the
@@ -31,14 +32,25 @@ from helpers.io import atomic_write_json
 
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
-METRICS = "metrics.json"
+METRICS = "metrics.json"  # written by helpers.report.write_metrics, whatever the entry point
 TRAIN_RESULT = "train_result.json"
 CLASS_NAMES = "class_names.json"
 SKIPPED = "skipped.json"  # rows skipped as unusable, by split (helpers.validation)
-SHARD_METRICS = "shard_metrics.json"
+SHARD_METRICS = "shard_metrics.json"  # one evaluation task's per-example predictions (helpers.shards)
 ADAPTER = "adapter"
 ADAPTER_STAGING = ADAPTER + ".tmp"
+PROMPT_FILE = "chat_prompt.json"  # inside the adapter folder: the prompt it was trained with (helpers.chat)
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints/checkpoint-N, as transformers' Trainer names them
+STAGING = ".staging"  # checkpoints/.staging: a checkpoint being written, before it is moved into place
+# Written last into a checkpoint or adapter folder once every other file is in place (helpers.training).
+COMPLETE_MARKER = "COMPLETE"
+# Plots: notebook 04 saves the loss, notebook 05 the rest.
+LOSS_PLOT = "loss.png"
+ACCURACY_PLOT = "accuracy.png"
+CONFUSION_PLOT = "confusion_matrix.png"
+SAMPLES_PLOT = "samples.png"
+REPOSITORY = Path(__file__).resolve().parent.parent  # the clone (helpers/ is installed editable from it)
 # Written by helpers.export: the merged model's folder and the GGUF folder (default places: inside the run
 # folder), and in each of them a record of what made it (base, run, image budget, llama.cpp flags) and a
 # model card. Not in RUN_FILES: an export is rewritten by the next export, not by a run.
@@ -54,7 +66,7 @@ RUN_FILES = (MANIFEST, METRICS, TRAIN_RESULT, CLASS_NAMES, SKIPPED, SHARD_METRIC
 
 # Parameters that do not change the adapter: a rerun may change them (evaluate more rows, save less often).
 NOT_TRAINING_SETTINGS = ("output_dir", "eval_size", "shard_index", "shard_count", "save_steps",
-                         "save_total_limit", "compile_layers")
+                         "save_total_limit", "compile_layers", "fast_clamps")
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "pillow", "numpy")
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a holder that has not touched its lock for this long is gone
@@ -62,6 +74,13 @@ STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a holder that has not touched its
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked; the message names the folder and what to do."""
+
+
+def resolve_output_dir(path) -> Path:
+    """``output_dir`` as an absolute path; a relative one is relative to the repository, not to the working
+    directory (notebooks run in ``notebooks/``, papermill from wherever it is started)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPOSITORY / path
 
 
 def check_output_dir(path) -> Path:
@@ -128,7 +147,7 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
 def has_run_output(run_dir) -> bool:
     """True when the folder holds a checkpoint or an adapter (something a new run would build on)."""
     run_dir = Path(run_dir)
-    return (run_dir / ADAPTER).exists() or any((run_dir / CHECKPOINTS).glob("checkpoint-*"))
+    return (run_dir / ADAPTER).exists() or any((run_dir / CHECKPOINTS).glob(CHECKPOINT_PREFIX + "*"))
 
 
 def clear_run_files(run_dir) -> list[str]:

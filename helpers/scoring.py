@@ -18,7 +18,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from helpers.losses import MODEL_INPUTS
+from helpers.losses import IGNORE_INDEX, MODEL_INPUTS
 
 END_OF_TURN = "<turn|>"
 
@@ -70,7 +70,7 @@ def score_class_names(model, processor_or_tokenizer, prompt_batch: dict, class_n
         k = len(idx)
         ids = torch.full((batch * k, length), pad, dtype=torch.long, device=device)
         cont_mask = torch.zeros((batch * k, length), dtype=mask.dtype, device=device)
-        tgt = torch.full((batch * k, length), -100, dtype=torch.long, device=device)
+        tgt = torch.full((batch * k, length), IGNORE_INDEX, dtype=torch.long, device=device)
         for j, c in enumerate(idx):
             n = len(feeds[c])
             rows = torch.arange(batch, device=device) * k + j
@@ -84,7 +84,7 @@ def score_class_names(model, processor_or_tokenizer, prompt_batch: dict, class_n
         logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
                        past_key_values=chunk_cache, use_cache=True).logits
         logp = F.log_softmax(logits.float(), dim=-1)
-        keep = tgt != -100
+        keep = tgt != IGNORE_INDEX
         token_logp = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * keep
         scores[:, start:start + k] += token_logp.sum(-1).view(batch, k)
         del chunk_cache, logits, logp

@@ -2,7 +2,7 @@
 
 Used by the Cloud Run evaluation job (``cloudrun/entrypoint.sh``, ``JOB_MODE=eval-shard``), where each of
 ``--tasks N`` tasks reads ``CLOUD_RUN_TASK_INDEX`` / ``CLOUD_RUN_TASK_COUNT``, evaluates its shard of the
-test split and writes a shard file; the merge recombines the *per-example predictions* and computes every
+test split and writes a shard file (``helpers.run_folder.SHARD_METRICS``); the merge recombines the *per-example predictions* and computes every
 metric once, from all of them, so N shards merged give exactly what one unsharded evaluation gives
 (averaging per-shard accuracies or F1 scores would not: shards differ in size and class mix).
 
@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from helpers.io import atomic_write_json
+from helpers.run_folder import SHARD_METRICS as SHARD_METRICS_FILE  # each evaluation task's file
 
 FORMAT = "gemma4-finetune/shard-metrics/v1"
-SHARD_METRICS_FILE = "shard_metrics.json"  # the name each evaluation task writes in its own output folder
 DEFAULT_SYSTEM = "model"  # the system name used when predictions are given as a plain list
 STRATEGIES = ("contiguous", "strided")
 
@@ -143,6 +143,12 @@ def compute_metrics(labels: Sequence[str], predictions: Sequence[str | None],
     }
 
 
+def metrics_by_system(labels: Sequence[str], predictions: Mapping[str, Sequence], class_names: Sequence[str]) -> dict:
+    """``{system: {"constrained": compute_metrics(...)}}``: constrained-scoring predictions per system, in
+    the shape ``helpers.report.write_metrics`` takes."""
+    return {name: {"constrained": compute_metrics(labels, preds, class_names)} for name, preds in predictions.items()}
+
+
 def write_shard_metrics(path, indices: Sequence[int], labels: Sequence[str], predictions,
                         class_names: Sequence[str], *, shard_index: int = 0, shard_count: int = 1,
                         n_total: int | None = None, meta: dict | None = None) -> dict:
@@ -197,9 +203,9 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
 
     Checks that the shards agree (class names, systems, shard count, split size), that each shard index
     appears once, that no example is evaluated twice and, when the split size is known, that none is
-    missing. Returns ``{"summary", "n_examples", "n_shards", "class_names", "systems", "skipped",
-    "metrics": {system: ...}, "predictions": [...]}`` (predictions in index order; ``skipped`` from the
-    first shard's ``meta``, as ``helpers.validation.skipped_summary`` gives it).
+    missing. Returns ``{"summary", "n_examples", "n_shards", "class_names", "systems", "skipped", "meta",
+    "metrics": {system: {"constrained": ...}}, "predictions": [...]}`` (predictions in index order; ``skipped``
+    and ``meta`` from the first shard, as notebook 05 wrote them); ``write_merged`` writes it as metrics.json.
     """
     paths = list(paths)
     if not paths:
@@ -242,24 +248,32 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
     ordered = [by_index[i] for i in sorted(by_index)]
     labels = [ex["label"] for ex in ordered]
     class_names = first["class_names"]
-    metrics = {
-        name: compute_metrics(labels, [ex["predictions"][name] for ex in ordered], class_names)
-        for name in first["systems"]
-    }
-    summary = {"n_eval": len(ordered), "n_skipped": sum(split.get("n_skipped", 0) for split in skipped.values())}
-    for name, m in metrics.items():
-        summary[f"{name}_accuracy"] = m["accuracy"]
-        summary[f"{name}_macro_f1"] = m["macro_f1"]
+    metrics = metrics_by_system(labels, {name: [ex["predictions"][name] for ex in ordered] for name in first["systems"]},
+                                class_names)
+    from helpers.report import summarize
+
     return {
-        "summary": summary,
+        "summary": summarize(metrics, skipped),
         "n_examples": len(ordered),
         "n_shards": count,
         "class_names": class_names,
         "systems": first["systems"],
         "skipped": skipped,
+        "meta": first.get("meta", {}),
         "metrics": metrics,
         "predictions": ordered,
     }
+
+
+def write_merged(path, merged: dict) -> dict:
+    """The merged shards as ``metrics.json`` (``helpers.report.write_metrics``: the one schema), with the run's
+    facts from the shards' ``meta`` (notebook 05 puts the config, model path, prompt and training summary there)."""
+    from helpers.report import write_metrics
+
+    meta = merged["meta"]
+    return write_metrics(path, merged["metrics"], config=meta.get("config"), model_path=meta.get("model_path"),
+                         train=meta.get("train"), skipped=merged["skipped"], prompt=meta.get("prompt"),
+                         shard=(None, merged["n_shards"]), predictions=merged["predictions"])
 
 
 def find_shard_files(root) -> list[Path]:
@@ -294,9 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShardError as err:
         print(f"merge failed: {err}", file=sys.stderr)
         return 1
-    atomic_write_json(Path(args.out), merged)
-    summary = ", ".join(f"{name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
-                        for name, m in merged["metrics"].items() if m["accuracy"] is not None)
+    write_merged(Path(args.out), merged)
+    summary = ", ".join(f"{name}: accuracy {m['constrained']['accuracy']:.4f}, macro-F1 {m['constrained']['macro_f1']:.4f}"
+                        for name, m in merged["metrics"].items() if m["constrained"]["accuracy"] is not None)
     print(f"merged {merged['n_shards']} shards, {merged['n_examples']} examples -> {args.out} ({summary})")
     return 0
 

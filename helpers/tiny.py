@@ -130,18 +130,22 @@ def build_tokenizer(vocab_size: int = 1024):
 
 
 def build_processor(tokenizer, family: str = LARGE, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS,
-                    patch_size: int = TINY_PATCH_SIZE):
+                    patch_size: int = TINY_PATCH_SIZE, encoder_free: bool = False):
     """The real Gemma 4 processor pieces (pooling 3 as released, ``patch_size`` as the model's), with the
-    family's chat template."""
-    from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor
-    from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+    family's chat template: ``Gemma4Processor``, or with ``encoder_free`` the 12B's ``Gemma4UnifiedProcessor``
+    (merged patches, no pooling in the model)."""
+    import importlib
 
+    import transformers
+
+    prefix, module = ("Gemma4Unified", "gemma4_unified") if encoder_free else ("Gemma4", "gemma4")
+    video = importlib.import_module(f"transformers.models.{module}.video_processing_{module}")
     geometry = {"patch_size": patch_size, "pooling_kernel_size": TINY_POOLING, "max_soft_tokens": max_soft_tokens}
-    return Gemma4Processor(
-        feature_extractor=Gemma4AudioFeatureExtractor(),
-        image_processor=Gemma4ImageProcessor(**geometry),
+    return getattr(transformers, f"{prefix}Processor")(
+        feature_extractor=getattr(transformers, f"{prefix}AudioFeatureExtractor")(),
+        image_processor=getattr(transformers, f"{prefix}ImageProcessor")(**geometry),
         tokenizer=tokenizer,
-        video_processor=Gemma4VideoProcessor(**geometry),
+        video_processor=getattr(video, f"{prefix}VideoProcessor")(**geometry),
         chat_template=CHAT_TEMPLATES[family],
         image_seq_length=max_soft_tokens,
     )
@@ -367,28 +371,6 @@ def tiny_12b_config(tokenizer, text_hidden: int = TINY_TEXT_HIDDEN, patch_size: 
                                **{key: getattr(base, key) for key in _TOKEN_ID_KEYS})
 
 
-def build_tiny_12b_processor(tokenizer, max_soft_tokens: int = TINY_MAX_SOFT_TOKENS,
-                             patch_size: int = TINY_PATCH_SIZE):
-    """``Gemma4UnifiedProcessor`` (the 12B's: merged patches, no pooling in the model) with the large family's
-    chat template."""
-    from transformers import (
-        Gemma4UnifiedAudioFeatureExtractor,
-        Gemma4UnifiedImageProcessor,
-        Gemma4UnifiedProcessor,
-    )
-    from transformers.models.gemma4_unified.video_processing_gemma4_unified import Gemma4UnifiedVideoProcessor
-
-    geometry = {"patch_size": patch_size, "pooling_kernel_size": TINY_POOLING, "max_soft_tokens": max_soft_tokens}
-    return Gemma4UnifiedProcessor(
-        feature_extractor=Gemma4UnifiedAudioFeatureExtractor(),
-        image_processor=Gemma4UnifiedImageProcessor(**geometry),
-        tokenizer=tokenizer,
-        video_processor=Gemma4UnifiedVideoProcessor(**geometry),
-        chat_template=CHAT_TEMPLATES[LARGE],
-        image_seq_length=max_soft_tokens,
-    )
-
-
 def build_tiny_12b_model(tokenizer, seed: int = TINY_SEED, position_std: float = TINY_12B_POSITION_STD, **shape):
     """``Gemma4UnifiedForConditionalGeneration`` from ``tiny_12b_config``, seeded, with the tiny model's scales
     (``scale_attention_norms``, ``reinit_token_embeddings``) and the position rows at ``position_std``."""
@@ -413,7 +395,8 @@ def build_tiny_gemma4_12b(path: str | Path | None = None, seed: int = TINY_SEED,
     path = Path(path) if path is not None else TINY_12B_PATH
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    processor = build_tiny_12b_processor(tokenizer, patch_size=shape.get("patch_size", TINY_PATCH_SIZE))
+    processor = build_processor(tokenizer, LARGE, patch_size=shape.get("patch_size", TINY_PATCH_SIZE),
+                                encoder_free=True)
     build_tiny_12b_model(tokenizer, seed=seed, **shape).save_pretrained(path)
     processor.save_pretrained(path)
     built = {"seed": seed, "built_by": "helpers.tiny", "init_version": TINY_12B_INIT_VERSION, "family": LARGE,

@@ -32,13 +32,15 @@ from transformers import Trainer, TrainerState, TrainingArguments
 from helpers.chat import save_prompt
 from helpers.losses import labelled_positions_loss
 from helpers.modeling import compile_layers, should_compile_layers, uncompile_layers
+from helpers.run_folder import (  # a folder without COMPLETE_MARKER is ignored by resume: a bucket mount
+    ADAPTER,  # has neither atomic directory renames nor locks to guarantee that a folder is whole
+    ADAPTER_STAGING,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS,
+    COMPLETE_MARKER,
+    STAGING,
+)
 
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-STAGING = ".staging"
-# Written last into a checkpoint or adapter folder once every other file is in place: a folder without it
-# is ignored by resume (a bucket mount has neither atomic directory renames nor locks to guarantee that).
-COMPLETE_MARKER = "COMPLETE"
 # Modules that "all-linear" LoRA wraps but image + text training never runs (E2B/E4B's audio tower and its
 # projector): their adapters would get no gradient, so train() freezes them (see freeze_unused_adapters).
 NOT_RUN_IN_IMAGE_TRAINING = ("audio_tower", "embed_audio")
@@ -60,6 +62,8 @@ class TrainResult:
     adapter_dir: str
     loss_history: list = field(default_factory=list)
     train_samples: int = 0
+    already_finished: bool = False  # the folder's last checkpoint was at the planned steps: nothing trained
+    compiled_layers: int = 0  # layers compile_layers compiled for this run (0: eager)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +108,7 @@ class LabelledPositionsTrainer(Trainer):
             staging, self._staging_dir = self._staging_dir, None
         self.accelerator.wait_for_everyone()  # rank 0 moves the folder only once every rank has written
         if self.args.should_save:
-            name = f"checkpoint-{self.state.global_step}"
+            name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             publish_folder(Path(staging) / name, Path(final_root) / name)  # complete once marked, never half
             shutil.rmtree(staging, ignore_errors=True)
             _rotate_checkpoints(final_root, self.args.save_total_limit)
@@ -142,12 +146,13 @@ def _copy_files(source: Path, target: Path) -> None:
 
 
 def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
+    return int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
 
 
 def _checkpoint_folders(folder: Path) -> list[Path]:
     """``checkpoint-N`` folders (complete or not), oldest step first."""
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
     return sorted(found, key=_step)
 
 
@@ -168,7 +173,8 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
-    """TrainingArguments from a ``RunConfig``: the fast, honest defaults this project uses."""
+    """TrainingArguments from a ``RunConfig``: exactly the ones notebook 04 shows as plain code (a test
+    checks the two agree)."""
     on_gpu = torch.cuda.is_available()
     if config.optimizer == "adamw_8bit" and not on_gpu:
         raise ValueError("optimizer='adamw_8bit' (bitsandbytes) needs a CUDA GPU; use 'adamw_torch' on the CPU")
@@ -183,20 +189,21 @@ def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
         warmup_steps=config.warmup_steps,
         weight_decay=0.0,
         max_grad_norm=1.0,
+        optim="adamw_bnb_8bit" if config.optimizer == "adamw_8bit" else "adamw_torch_fused",
         logging_steps=0.02,  # a fraction: about 50 loss points per run, whatever its length
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         seed=config.seed,
         data_seed=config.seed,
-        bf16=on_gpu and config.quantization != "none" or (on_gpu and torch.cuda.is_bf16_supported()),
+        bf16=on_gpu and (config.quantization != "none" or torch.cuda.is_bf16_supported()),
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
         remove_unused_columns=False,  # the collator takes raw {"image", "label"} examples
+        ddp_find_unused_parameters=False,  # see train(): nothing trainable is left without a gradient
         report_to="none",
         disable_tqdm=False,
-        **({"optim": "adamw_bnb_8bit"} if config.optimizer == "adamw_8bit" else {}),
-    )  # gradient checkpointing is applied by helpers.modeling.apply_lora when asked
+    )  # gradient checkpointing is applied with LoRA (helpers.modeling.apply_lora), not here
 
 
 def peak_memory() -> tuple[int, str]:
@@ -215,7 +222,7 @@ def save_adapter(model, output_dir: str | Path, state_dict: dict | None = None, 
     ``prompt`` (``helpers.chat``: the question, system prompt and thinking setting it was trained with) goes in
     with it."""
     final = Path(output_dir) / ADAPTER
-    staging = Path(output_dir) / (ADAPTER + ".tmp")
+    staging = Path(output_dir) / ADAPTER_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, state_dict=state_dict)
     if prompt is not None:
@@ -258,16 +265,19 @@ def freeze_unused_adapters(model) -> int:
     return frozen
 
 
-def train(model, collator, train_examples, config, output_dir: str | Path, callbacks=None) -> TrainResult:
+def train(model, collator, train_examples, config, output_dir: str | Path, callbacks=None,
+          args: TrainingArguments | None = None) -> TrainResult:
     """Fine-tune ``model`` (already wrapped with LoRA) on ``train_examples``; resumes when it can.
 
-    Taught in notebook 04. Returns a ``TrainResult`` with steps, wall time, peak memory and losses.
+    Taught in notebook 04. ``args``: the ``TrainingArguments`` (default: ``training_arguments(config,
+    output_dir)``, what notebook 04 shows). Returns a ``TrainResult`` with steps, wall time, peak memory and
+    losses; ``already_finished`` says that the folder's checkpoint was finished and nothing was trained.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    args = training_arguments(config, output_dir)
+    args = args or training_arguments(config, output_dir)
     freeze_unused_adapters(model)
     # Nothing trainable is left without a gradient. Said explicitly: left None, the Trainer turns DDP's
     # search for unused parameters on for any model that is not a PreTrainedModel, a PeftModel included.
@@ -277,13 +287,14 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     resume = last_complete_checkpoint(output_dir)
     start = time.perf_counter()
     finished = resume is not None and checkpoint_step(resume) >= planned_steps(trainer)
+    compiled = 0
     if finished:
         # A run killed after its last checkpoint (or simply rerun): resumed mid-epoch, the Trainer would
         # take one more optimizer step before checking max_steps. Load the finished weights instead.
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
     else:
-        compiled = should_compile_layers(config) and compile_layers(model)  # in place, lazily on first call
+        compiled = compile_layers(model) if should_compile_layers(config) else 0  # in place, lazily on first call
         try:
             trainer.train(resume_from_checkpoint=resume)
         finally:
@@ -295,7 +306,8 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     peak, kind = peak_memory()
     return TrainResult(global_step=trainer.state.global_step, resumed_from=resume, wall_seconds=wall,
                        peak_memory_bytes=peak, peak_memory_kind=kind, adapter_dir=str(adapter),
-                       loss_history=loss_history(trainer), train_samples=len(train_examples))
+                       loss_history=loss_history(trainer), train_samples=len(train_examples),
+                       already_finished=finished, compiled_layers=compiled)
 
 
 def planned_steps(trainer: Trainer) -> int:

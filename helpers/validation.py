@@ -8,7 +8,8 @@ converted to 8-bit RGB and, when huge, shrunk while it is decoded (a JPEG is dec
 counted under a reason, and the first of each reason is logged with the row named. Nothing bad is
 trained on silently, and a split with nothing left is an error naming the data set and split.
 
-This module imports only Pillow, NumPy and ``helpers.run_folder`` (file names), so the loaders stay light.
+This module imports only Pillow and NumPy, so the loaders stay light. Notebook 04 writes the counts to the run
+folder's ``helpers.run_folder.SKIPPED`` file, for notebook 05's metrics.json.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from helpers.run_folder import SKIPPED
-
 log = logging.getLogger(__name__)
 
 # Gemma 4's largest image budget (1,120 soft tokens × 3² pooled patches × 16² pixels) is about 2.6 M
@@ -33,9 +32,6 @@ MAX_SIDE = 2048
 # threshold (89.5 M pixels, ~270 MB as RGB). Images beyond it that cannot be decoded at a reduced
 # scale (PNG, TIFF...) are skipped as "too_large".
 MAX_DECODE_PIXELS = 89_478_485
-
-# Notebook 04 writes what it skipped here (in the run folder) for notebook 05's metrics.json.
-SKIPPED_FILE = SKIPPED
 
 # Skip reasons, as counted in ExampleSet.skipped and metrics.json.
 MISSING_IMAGE = "missing_image"

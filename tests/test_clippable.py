@@ -83,7 +83,7 @@ def test_alternative_targets_counts(tiny_model):
     results = trainable_by_target(tiny_model, r=16)
     assert results["language model only (regex)"]["wrapped per tower"] == {"decoder": 14}
     attention = 4 * tiny_model.config.vision_config.num_hidden_layers
-    assert results["vision attention .linear only (list)"]["wrapped per tower"] == {"vision": attention}
+    assert results["vision + audio attention .linear (list)"]["wrapped per tower"] == {"vision": attention}
     combined = results["language model + every .linear (regex)"]["wrapped per tower"]
     assert combined == {"decoder": 14, "vision": vision_clippables(tiny_model)}
     assert results["all-linear"]["trainable"] > results["language model + every .linear (regex)"]["trainable"]

@@ -484,8 +484,8 @@ def test_hadolint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-# Facts about images and indexes the Dockerfile relies on (FACTS.md, "Cloud Run, checked against Google's
-# documentation"): the users with uid >= 1000 each base image already has, and the torch builds an index has.
+# Facts about images and indexes the Dockerfile relies on (checked 2026-12-01 against the images and PyTorch's
+# package indexes; cloudrun/README.md): the users with uid >= 1000 each base image already has, and the torch builds an index has.
 BASE_IMAGE_USERS = {  # image prefix -> {uid: user}
     "nvidia/cuda:": {1000: "ubuntu"},  # the CUDA images are Ubuntu 24.04 / 22.04 based
     "ubuntu:24.04": {1000: "ubuntu"},
@@ -771,9 +771,9 @@ def test_eval_shards_merge_into_the_unsharded_metrics(cloud):
         assert (task_dir / "adapter" / "adapter_config.json").exists()  # notebook 05 reads output_dir/adapter
         assert (task_dir / "train_result.json").exists()
     merged = json.loads((eval_dir / "metrics.json").read_text())
-    assert merged["n_shards"] == 3 and merged["n_examples"] == len(labels)
-    assert merged["metrics"]["finetuned"] == shards.compute_metrics(labels, preds, sorted(set(labels)))
-    assert merged["summary"]["finetuned_accuracy"] == merged["metrics"]["finetuned"]["accuracy"]
+    assert merged["shard"]["count"] == 3 and merged["summary"]["n_eval"] == len(labels)
+    assert merged["metrics"]["finetuned"]["constrained"] == shards.compute_metrics(labels, preds, sorted(set(labels)))
+    assert merged["summary"]["finetuned_accuracy"] == merged["metrics"]["finetuned"]["constrained"]["accuracy"]
     argv = cloud["calls"]()[0]["argv"]
     assert argv == ["--output-dir", str(eval_dir / "task-00002"), "--notebook", "05_evaluation",
                     "-p", "shard_index", "2", "-p", "shard_count", "3", "--model-id", "/mnt/gcs/gemma-4-31b-it/"]
@@ -798,7 +798,7 @@ def test_eval_needs_a_training_run_and_merge_mode_remerges(cloud):
     metrics.unlink()
     r = cloud["run"](env={"JOB_MODE": "merge", "EVAL_DIR": "tr/eval-ev", "EXPECT_SHARDS": "2"})
     assert r.returncode == 0, r.stderr
-    assert json.loads(metrics.read_text())["n_examples"] == 20
+    assert json.loads(metrics.read_text())["summary"]["n_eval"] == 20
 
 
 # ------------------------------------------------------------------- end to end with the real runner

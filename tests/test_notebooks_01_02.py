@@ -43,6 +43,8 @@ def test_notebook_01_runs_and_shows_the_31b_estimate(tmp_path):
     assert "26B-A4B active parameters per token (8 of 128 experts): 3.82 B" in text
     assert "31.273" in text and "25.806" in text  # totals in billions, per-tower table
     assert "Gemma4TextExperts is nn.Linear: False" in text
+    assert "does not fit" in text and "NaN" not in text  # the planner says so instead of printing NaN
+    assert "Loading weights" not in text
     # the 12B (issue 18): its image path, its soft tokens, its miniature
     assert "12B soft tokens equal the others' for every size and budget: True" in text
     assert "for a flat patch of each shade: {0.1: 0.0, 0.5: 0.0, 0.9: 0.0}" in text
@@ -59,6 +61,10 @@ def test_notebook_02_runs_and_shows_the_clamps_hold(tmp_path):
     assert "q_proj.linear.lora_A.weight" in text
     assert "same tensor names as the original checkpoint: True" in text
     assert "merged equals LoRA model's output: True" in text
+    # the .linear suffix list reaches E2B's audio attention too, not the vision tower alone
+    assert "E2B modules the .linear list targets, per tower: {'vision': 64, 'audio': 36}" in text
+    assert "kernels-community" not in text and "is_gradient_checkpointing" not in text  # no stray messages
+    assert "Loading weights" not in text
     # the 12B (issue 18): no ClippableLinear; all-linear adapts the patch embedder and the projector
     assert "Gemma4UnifiedForConditionalGeneration | clippable linears: 0" in text
     assert "naive target list error: None" in text

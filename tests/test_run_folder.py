@@ -170,3 +170,12 @@ def test_the_runner_refuses_data_problems_before_any_notebook(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path / "run"), "-p", "dataset", "./no/such/photos"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "run" / MANIFEST).exists()
+
+
+def test_a_relative_output_dir_is_relative_to_the_repository_not_the_working_directory(tmp_path, monkeypatch):
+    from helpers.run_folder import REPOSITORY, resolve_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_output_dir("runs/offline") == REPOSITORY / "runs" / "offline"
+    assert (REPOSITORY / "helpers" / "run_folder.py").is_file()
+    assert resolve_output_dir(tmp_path / "x") == tmp_path / "x"

@@ -111,7 +111,7 @@ def test_n_shards_merged_equal_one_unsharded_computation(tmp_path, count, strate
     merged = merge_shard_metrics(paths, expected_count=count)
     assert merged["n_examples"] == 101 and merged["n_shards"] == count
     for name, preds in systems.items():
-        assert merged["metrics"][name] == compute_metrics(labels, preds, CLASSES)
+        assert merged["metrics"][name]["constrained"] == compute_metrics(labels, preds, CLASSES)
     assert [ex["index"] for ex in merged["predictions"]] == list(range(101))
 
 
@@ -170,7 +170,7 @@ def test_single_system_list_predictions(tmp_path):
     write_shard_metrics(path, [0, 1], ["breed_0", "breed_1"], ["breed_0", None], CLASSES)
     merged = merge_shard_metrics([path])
     assert merged["systems"] == [shards.DEFAULT_SYSTEM]
-    assert merged["metrics"]["model"]["accuracy"] == 0.5
+    assert merged["metrics"]["model"]["constrained"]["accuracy"] == 0.5
 
 
 def test_cli_merge_waits_for_all_shards_then_writes(tmp_path, capsys):
@@ -184,4 +184,29 @@ def test_cli_merge_waits_for_all_shards_then_writes(tmp_path, capsys):
     write_all(tmp_path / "run", labels, systems, 4, "strided")
     assert shards.main(["merge", str(tmp_path / "run"), "--out", str(out), "--expect", "4", "--if-complete"]) == 0
     merged = json.loads(out.read_text())
-    assert merged["metrics"]["finetuned"] == compute_metrics(labels, systems["finetuned"], CLASSES)
+    assert merged["metrics"]["finetuned"]["constrained"] == compute_metrics(labels, systems["finetuned"], CLASSES)
+    assert merged["shard"] == {"index": None, "count": 4} and merged["summary"]["n_eval"] == 40
+    assert len(merged["predictions"]) == 40
+
+
+def test_merged_metrics_json_has_the_schema_of_every_other_writer(tmp_path):
+    """One schema: the merge writes metrics.json through helpers.report.write_metrics, as notebook 05 and the
+    launcher do; the run's facts come from the shards' meta."""
+    from helpers.report import write_metrics
+
+    labels, systems = synthetic(12)
+    config = {"model_id": "tiny", "dataset": "digits", "train_size": 8}
+    train = {"global_step": 3, "wall_seconds": 1.5, "train_samples": 8, "peak_memory_bytes": 1, "peak_memory_kind": "x"}
+    meta = {"config": config, "model_path": "/m", "prompt": {"question": "Q"}, "train": train, "skipped": {}}
+    merged = shards.write_merged(tmp_path / "merged.json", merge_shard_metrics(write_all(tmp_path, labels, systems, 3,
+                                                                                         "contiguous", meta=meta)))
+    metrics = {name: {"constrained": compute_metrics(labels, preds, CLASSES),
+                      "generation": {**compute_metrics(labels, preds, CLASSES), "no_class_named_rate": 0.0},
+                      "seconds": {"constrained": 1.0}} for name, preds in systems.items()}
+    notebook = write_metrics(tmp_path / "metrics.json", metrics, config=config, model_path="/m", train=train,
+                             skipped={}, prompt={"question": "Q"})
+    assert set(merged) == set(notebook) and set(merged["summary"]) == set(notebook["summary"])
+    assert merged["summary"]["finetuned_generation_accuracy"] is None  # the merge scores constrained only
+    assert notebook["summary"]["finetuned_generation_accuracy"] == notebook["summary"]["finetuned_accuracy"]
+    for key in ("model_id", "dataset", "model_path", "optimizer_steps", "train_size", "prompt", "eval_size"):
+        assert merged[key] == notebook[key], key
