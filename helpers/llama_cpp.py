@@ -235,17 +235,19 @@ class Server:
                                                   threads), "--host", "127.0.0.1", "--port", str(self.port)]
         self.enable_thinking = enable_thinking
         self.start_timeout = start_timeout
-        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+        # the server's output, kept until __exit__ (its tail goes into errors)
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.process = None
 
-    def __enter__(self) -> Server:
+    def __enter__(self):
         env = {**os.environ, "LLAMA_MEDIA_MARKER": MEDIA_MARKER}
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise LlamaCppError(f"{SERVER} exited {self.process.returncode} ({' '.join(self.command)}):\n"
-                                    f"{self.log_tail()}")
+                message = f"{SERVER} exited {self.process.returncode} ({' '.join(self.command)}):\n{self.log_tail()}"
+                self.__exit__(None, None, None)
+                raise LlamaCppError(message)
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
                     if response.status == 200:
@@ -253,8 +255,9 @@ class Server:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
+        message = f"{SERVER} did not answer /health within {self.start_timeout:.0f} s:\n{self.log_tail()}"
         self.__exit__(None, None, None)
-        raise LlamaCppError(f"{SERVER} did not answer /health within {self.start_timeout:.0f} s:\n{self.log_tail()}")
+        raise LlamaCppError(message)
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -265,6 +268,7 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
 
     def log_tail(self, chars: int = 3000) -> str:
         self.log.flush()
