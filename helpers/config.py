@@ -28,10 +28,11 @@ _FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.Pa
                 "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
                 "max_steps": (int,), "warmup_steps": (int,), "seed": (int,), "image_soft_tokens": (int,),
                 "max_length": (int,), "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
-                "compile_layers": (bool,), "fast_clamps": (bool,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
+                "compile_layers": (bool,), "fast_clamps": (bool,), "dataloader_workers": (int,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
                 "image_column": (str,), "label_column": (str,), "train_split": (str,), "eval_split": (str,),
                 "test_fraction": (int, float), "class_map_file": (str, os.PathLike)}
-_OPTIONAL = ("image_soft_tokens", "max_length", "compile_layers", "system_prompt", "eval_split", "class_map_file")
+_OPTIONAL = ("image_soft_tokens", "max_length", "compile_layers", "system_prompt", "eval_split", "class_map_file",
+             "dataloader_workers")
 # Where the rows come from (helpers.data.describe_source's options): RunConfig.data_options() passes them on.
 DATA_OPTIONS = ("image_column", "label_column", "train_split", "eval_split", "test_fraction", "class_map_file")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
@@ -63,6 +64,7 @@ class RunConfig:
     optimizer: str = "adamw_torch"  # or "adamw_8bit" (bitsandbytes: 8-bit AdamW states, GPU only)
     compile_layers: bool | None = None  # torch.compile each layer; None: on for bf16 LoRA on a GPU
     fast_clamps: bool = True  # Gemma4ClippableLinear's clamps with a cheaper forward, same numbers (helpers.fast_clamps)
+    dataloader_workers: int | None = None  # processes running the collator (image processor); None: up to 4 on a GPU, 0 on a CPU
     learning_rate: float = 1.5e-3
     warmup_steps: int = 30  # linear warm-up, then a cosine decay to zero
     epochs: float = 8.0  # 344 steps of 32 on the digits (benchmarks/tiny_init_sweep.py, round 12)
@@ -105,6 +107,8 @@ class RunConfig:
             raise ConfigError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.dataloader_workers is not None and self.dataloader_workers < 0:
+            raise ConfigError(f"dataloader_workers must be >= 0 (or null: automatic), got {self.dataloader_workers!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not self.learning_rate > 0:

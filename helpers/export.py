@@ -13,7 +13,9 @@ and ``export.json`` (what made it, and how often it agrees with the adapter on h
 adapter was trained on a 4-bit base and is merged into the bf16 base: the agreement says what that changed.
 
 The GGUF folder holds llama.cpp's own conversion (``helpers.llama_cpp``, unpatched): the text model and the
-vision projector, and in ``export.json`` the image-token limits that match the training budget.
+vision projector, and in ``export.json`` the image-token limits that match the training budget. Where the
+vision tower's head size is not its width / heads (the tiny model; no released tower), the projector gets
+``clip.vision.attention.head_dim`` written after conversion (``export.json``: ``written_after_conversion``).
 """
 
 from __future__ import annotations
@@ -198,13 +200,19 @@ def export_gguf(merged, folder, llama_cpp=None) -> Path:
     outtype = gguf_outtype(merged)
     lc.convert(merged, folder / GGUF_TEXT, source, outtype)
     lc.convert(merged, folder / GGUF_PROJECTOR, source, outtype, projector=True)
+    written = {}
+    head_dim = lc.vision_head_dim_to_write(json.loads((merged / "config.json").read_text()).get("vision_config", {}))
+    if head_dim is not None:  # not for released towers: see lc.vision_head_dim_to_write
+        lc.write_vision_head_dim(folder / GGUF_PROJECTOR, head_dim, source)
+        written[lc.VISION_HEAD_DIM_KEY] = head_dim
     save_prompt(folder, record["prompt"])
     write_class_names(folder, record["class_names"])
     atomic_write_json(folder / EXPORT_RECORD, {
         **record, "kind": "gguf", "merged": str(merged.resolve()), "outtype": outtype,
         "files": {"text": GGUF_TEXT, "projector": GGUF_PROJECTOR},
         "llama_cpp": {"source": f"llama-cpp-python {lc.LLAMA_CPP_PYTHON_VERSION} sdist (vendor/llama.cpp)",
-                      "args": lc.image_token_args(record["image_soft_tokens"])}})
+                      "args": lc.image_token_args(record["image_soft_tokens"]),
+                      "written_after_conversion": written}})
     return folder
 
 

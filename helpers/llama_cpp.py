@@ -1,4 +1,4 @@
-"""llama.cpp for Gemma 4: its own converter (HF folder -> GGUF), its multimodal CLI, and the flags they need.
+"""llama.cpp for Gemma 4: its own converter (HF folder -> GGUF), its server and CLI, and the flags they need.
 
 Taught in notebook 06; used by ``helpers.export --gguf`` and ``benchmarks/export_parity.py``.
 
@@ -9,19 +9,36 @@ else the copy cached under the clone's git-ignored ``artifacts/llama-cpp/``, els
 
     pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d artifacts/llama-cpp
 
-(77 MB) and extracts it. ``build_mtmd_cli`` builds ``llama-mtmd-cli`` in that copy (about 4 minutes on 2
-cores; cmake and a C++ compiler needed).
+(77 MB) and extracts it. ``build`` builds ``llama-server`` and ``llama-mtmd-cli`` in that copy (cmake and a
+C++ compiler needed; 4 minutes on 2 idle cores).
 
 llama.cpp sizes images its own way and enforces at least 70 image tokens by default; with the token limits
 set to the training budget (``image_token_args``) it gives the model the image as training did.
+
+``Server`` runs ``llama-server`` on the loopback address and asks it two ways. ``chat`` is the OpenAI chat
+endpoint, as a client of a llama.cpp server asks (thinking set per request). llama.cpp joins a message's
+parts into one string with the image marker glued to the text, and Gemma 4's template trims string content,
+so the chat endpoint gives ``user\n<|image>...<image|>What is...`` where transformers renders
+``user\n\n\n<|image>...<image|>\n\nWhat is...``. ``complete`` sends the prompt transformers renders (the one
+training used, with the image marker in place of ``<|image|>``) to the raw completion endpoint: the same
+tokens the model was trained on. ``llama-mtmd-cli`` cannot be told thinking is off (it renders every template
+with ``enable_thinking=true``), so the parity benchmark uses the server.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import os
+import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -31,8 +48,10 @@ FETCH_COMMAND = (f"pip download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} --n
                  f"-d {CACHE_DIR}")
 CONVERTER = "convert_hf_to_gguf.py"
 CLI = "llama-mtmd-cli"
+SERVER = "llama-server"
 BUILD_COMMANDS = (["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"],
-                  ["cmake", "--build", "build", "-j2", "--target", CLI])
+                  ["cmake", "--build", "build", "-j2", "--target", SERVER, CLI])
+MEDIA_MARKER = "<__media__>"  # pinned for the server (LLAMA_MEDIA_MARKER); its default is random per process
 
 
 class LlamaCppError(RuntimeError):
@@ -95,24 +114,73 @@ def convert(model_dir, outfile, llama_cpp: Path, outtype: str, projector: bool =
     return Path(outfile)
 
 
-def cli_path(llama_cpp: Path) -> Path:
-    return llama_cpp / "build" / "bin" / CLI
+VISION_HEAD_DIM_KEY = "clip.vision.attention.head_dim"  # llama.cpp's clip loader reads it when present
+_ADD_KEY = """
+import sys
+import gguf
+from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+source, target, key, value = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+reader = gguf.GGUFReader(source, "r")
+writer = gguf.GGUFWriter(target, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
+                         endianess=reader.endianess)
+copy_with_new_metadata(reader, writer, {key: MetadataDetails(gguf.GGUFValueType.UINT32, value)}, [])
+"""
 
 
-def build_mtmd_cli(llama_cpp: Path) -> Path:
-    """Build ``llama-mtmd-cli`` in the llama.cpp folder (at low priority), or return the one already built."""
-    binary = cli_path(llama_cpp)
-    if binary.exists():
-        return binary
+def vision_head_dim_to_write(vision_config: dict) -> int | None:
+    """The vision head size to write into the projector, or None when llama.cpp's assumption holds.
+
+    llama.cpp's clip graph takes the head size as ``hidden_size / num_attention_heads`` unless the projector
+    carries ``clip.vision.attention.head_dim``, and Gemma 4's converter never writes it: right for the released
+    towers (768 / 12 = 64, 1152 / 16 = 72), wrong for a tower whose ``head_dim * heads`` is not its width
+    (the tiny model's: 1 head of 32 in a width of 64), which then aborts in ``ggml_reshape_4d`` at load."""
+    heads, head_dim, hidden = (vision_config.get(k) for k in ("num_attention_heads", "head_dim", "hidden_size"))
+    if heads and head_dim and hidden and heads * head_dim != hidden:
+        return int(head_dim)
+    return None
+
+
+def write_vision_head_dim(projector_gguf, head_dim: int, llama_cpp: Path) -> None:
+    """Add ``VISION_HEAD_DIM_KEY`` to a projector GGUF with llama.cpp's own gguf-py (its metadata copier)."""
+    projector_gguf = Path(projector_gguf)
+    staged = projector_gguf.with_suffix(".tmp.gguf")
+    env = {**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")}
+    result = subprocess.run([sys.executable, "-c", _ADD_KEY, str(projector_gguf), str(staged), VISION_HEAD_DIM_KEY,
+                             str(head_dim)], check=False, env=env, capture_output=True, text=True)
+    if result.returncode != 0 or not staged.exists():
+        raise LlamaCppError(f"writing {VISION_HEAD_DIM_KEY} into {projector_gguf} failed:\n{result.stderr[-2000:]}")
+    staged.replace(projector_gguf)
+
+
+def cli_path(llama_cpp: Path, name: str = CLI) -> Path:
+    return llama_cpp / "build" / "bin" / name
+
+
+def server_path(llama_cpp: Path) -> Path:
+    return cli_path(llama_cpp, SERVER)
+
+
+def build(llama_cpp: Path) -> Path:
+    """Build ``llama-server`` and ``llama-mtmd-cli`` in the llama.cpp folder (at low priority), unless both are
+    built; returns the server."""
+    if server_path(llama_cpp).exists() and cli_path(llama_cpp).exists():
+        return server_path(llama_cpp)
     for command in BUILD_COMMANDS:
         if subprocess.run(["nice", "-n", "19", *command], check=False, cwd=llama_cpp).returncode != 0:
-            raise LlamaCppError(f"building {CLI} failed at: {' '.join(command)} (in {llama_cpp})")
-    return binary
+            raise LlamaCppError(f"building {SERVER} and {CLI} failed at: {' '.join(command)} (in {llama_cpp})")
+    return server_path(llama_cpp)
 
 
 def image_token_args(image_soft_tokens: int) -> list[str]:
-    """llama.cpp's image-token limits set to the training budget (its default minimum is 70 tokens)."""
-    return ["--image-min-tokens", str(image_soft_tokens), "--image-max-tokens", str(image_soft_tokens)]
+    """llama.cpp's image-token limits for the training budget (its default minimum is 70 tokens).
+
+    transformers resizes an image to the largest size whose token count fits the budget (a square image:
+    ``isqrt(budget)**2`` tokens, 64 of 70, 256 of 280); llama.cpp scales an image up to its minimum pixel count
+    (``min_tokens * (patch * pooling)**2``) and down to its maximum. With the minimum at the budget, a square
+    image gets 81 tokens of 70 (9 x 9, not 8 x 8); with the minimum at ``isqrt(budget)**2`` it gets what
+    transformers gives it. Other aspect ratios can still differ by a row or column of tokens."""
+    square = math.isqrt(image_soft_tokens) ** 2
+    return ["--image-min-tokens", str(square), "--image-max-tokens", str(image_soft_tokens)]
 
 
 def prompt_args(prompt: dict) -> list[str]:
@@ -133,3 +201,117 @@ def generate(binary: Path, text_gguf, projector_gguf, image, prompt: dict, image
     if result.returncode != 0:
         raise LlamaCppError(f"{CLI} failed on {image} ({' '.join(command)}):\n{result.stderr[-2000:]}")
     return result.stdout.strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _data_uri(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode()
+
+
+def server_args(text_gguf, projector_gguf, image_soft_tokens: int, enable_thinking: bool = False,
+                threads: int = 1) -> list[str]:
+    """``llama-server``'s flags for a GGUF export: the model's own template (``--jinja``), thinking as trained,
+    one slot, and the image-token limits of the training budget."""
+    return ["-m", str(text_gguf), "--mmproj", str(projector_gguf), "--jinja",
+            "--reasoning", "on" if enable_thinking else "off", "-np", "1", "-c", "2048", "-t", str(threads),
+            "--no-webui", *image_token_args(image_soft_tokens)]
+
+
+class Server:
+    """``llama-server`` on 127.0.0.1 (a free port) for one GGUF export; a context manager that stops it.
+
+    The requests are greedy (temperature 0) and ask for no cached prompt, so each image is answered alone."""
+
+    def __init__(self, binary, text_gguf, projector_gguf, image_soft_tokens: int, enable_thinking: bool = False,
+                 threads: int = 1, start_timeout: float = 120):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [str(binary), *server_args(text_gguf, projector_gguf, image_soft_tokens, enable_thinking,
+                                                  threads), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.enable_thinking = enable_thinking
+        self.start_timeout = start_timeout
+        # the server's output, kept until __exit__ (its tail goes into errors)
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = None
+
+    def __enter__(self):
+        env = {**os.environ, "LLAMA_MEDIA_MARKER": MEDIA_MARKER}
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                message = f"{SERVER} exited {self.process.returncode} ({' '.join(self.command)}):\n{self.log_tail()}"
+                self.__exit__(None, None, None)
+                raise LlamaCppError(message)
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        message = f"{SERVER} did not answer /health within {self.start_timeout:.0f} s:\n{self.log_tail()}"
+        self.__exit__(None, None, None)
+        raise LlamaCppError(message)
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
+
+    def post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raise LlamaCppError(f"{SERVER} {path}: HTTP {err.code}: {err.read().decode(errors='replace')[:2000]}") from None
+
+    def messages(self, image, prompt: dict) -> list[dict]:
+        """The chat request's messages as training rendered them (``helpers.chat.to_messages``): an optional
+        system turn, then the image and the question."""
+        turns = [{"role": "system", "content": prompt["system_prompt"]}] if prompt.get("system_prompt") else []
+        content = [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
+                   {"type": "text", "text": prompt["question"]}]
+        return turns + [{"role": "user", "content": content}]
+
+    def chat(self, image, prompt: dict, max_tokens: int = 16) -> str:
+        """The greedy answer of the chat endpoint (``/v1/chat/completions``) for one image file."""
+        reply = self.post("/v1/chat/completions", {
+            "messages": self.messages(image, prompt), "temperature": 0, "max_tokens": max_tokens,
+            "cache_prompt": False, "chat_template_kwargs": {"enable_thinking": bool(prompt.get("enable_thinking"))}})
+        return reply["choices"][0]["message"].get("content") or ""
+
+    def chat_prompt(self, prompt: dict) -> str:
+        """The text the chat endpoint renders for ``prompt`` (``/apply-template``; the image as the marker)."""
+        messages = self.messages(Path(os.devnull), prompt)
+        messages[-1]["content"] = MEDIA_MARKER + prompt["question"]  # what llama.cpp joins the parts into
+        body = {"messages": messages, "chat_template_kwargs": {"enable_thinking": bool(prompt.get("enable_thinking"))}}
+        return self.post("/apply-template", body)["prompt"]
+
+    def complete(self, image, prompt_text: str, max_tokens: int = 16) -> str:
+        """The greedy continuation of ``prompt_text`` (holding ``MEDIA_MARKER`` once, where the image goes) from
+        the raw completion endpoint, which tokenizes the text as given (BOS added by the model's own rule)."""
+        reply = self.post("/completion", {
+            "prompt": {"prompt_string": prompt_text, "multimodal_data": [_data_uri(image).split(",", 1)[1]]},
+            "n_predict": max_tokens, "temperature": 0, "cache_prompt": False})
+        return reply.get("content", "")
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]

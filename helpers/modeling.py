@@ -258,14 +258,27 @@ def should_compile_layers(config) -> bool:
             and one_process)
 
 
-def compile_layers(model) -> int:
+# Dynamo's recompile limit while the layers are compiled. Every layer's compiled call is the same code
+# (``nn.Module._call_impl``), so its graphs count against one limit, 8 by default: E4B's seven layer kinds at one
+# sequence length, then a second length (real images give 253-266 soft tokens, so a batch's length varies) hit
+# it, and layers fell back to eager (H200, 2026-12-02: 1.13 s a step instead of 0.91). With the limit raised,
+# E4B settled at 14 graphs (each kind static, then dynamic) and image files trained at 0.87 s a step, as the
+# synthetic stream (benchmarks/README.md, "The user's path").
+COMPILED_RECOMPILE_LIMIT = 64
+
+
+def compile_layers(model, dynamic: bool | None = None) -> int:
     """``torch.compile`` every decoder and vision-encoder layer in place; returns how many.
 
     Regional compilation: layers of one kind share one compiled graph, so compiling takes a minute, not
     one per layer, and the rest of the model (the labelled-position LM head) stays eager. On an H200 it
     took E4B bf16 LoRA from 13.0 to 34.9 samples/s (MFU 8.8% -> 23.7%; benchmarks/README.md): it fuses the
     float32 RMSNorm casts and the clamps, which also makes micro-batch 32 fit. The clamps go back to
-    transformers' own forward, which the compiler fuses better than it traces ours.
+    transformers' own forward, which the compiler fuses better than it traces ours. ``dynamic``: passed to
+    ``torch.compile``; ``None`` (its default) compiles a layer kind for the first sequence length and once more,
+    with the length dynamic, when a second one comes. (``True``, dynamic from the start, took 194 s to compile
+    E4B's first step instead of 70-100 s and ran ~1.0 s a step instead of 0.87 on an H200.) Dynamo's recompile
+    limit is raised to ``COMPILED_RECOMPILE_LIMIT`` until ``uncompile_layers``.
     """
     inner = unwrap_gemma4(model).model
     model._fast_clamps_were_on = use_stock_clamps(inner) > 0  # uncompile_layers puts them back
@@ -273,8 +286,11 @@ def compile_layers(model) -> int:
     if getattr(inner, "vision_tower", None) is not None:
         layers += list(inner.vision_tower.encoder.layers)
     for layer in layers:
-        layer.compile()
+        layer.compile(**({} if dynamic is None else {"dynamic": dynamic}))
     model._compiled_layers = layers  # what uncompile_layers undoes, and nothing a user compiled
+    if getattr(model, "_recompile_limit_before", None) is None:  # compiled twice: keep the first "before"
+        model._recompile_limit_before = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_RECOMPILE_LIMIT)
     return len(layers)
 
 
@@ -287,6 +303,9 @@ def uncompile_layers(model) -> int:
     for layer in layers:
         layer._compiled_call_impl = None
     model._compiled_layers = []
+    if getattr(model, "_recompile_limit_before", None) is not None:
+        torch._dynamo.config.recompile_limit = model._recompile_limit_before
+        model._recompile_limit_before = None
     if getattr(model, "_fast_clamps_were_on", False):
         use_fast_clamps(unwrap_gemma4(model).model)
         model._fast_clamps_were_on = False

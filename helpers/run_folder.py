@@ -66,7 +66,7 @@ RUN_FILES = (MANIFEST, METRICS, TRAIN_RESULT, CLASS_NAMES, SKIPPED, SHARD_METRIC
 
 # Parameters that do not change the adapter: a rerun may change them (evaluate more rows, save less often).
 NOT_TRAINING_SETTINGS = ("output_dir", "eval_size", "shard_index", "shard_count", "save_steps",
-                         "save_total_limit", "compile_layers", "fast_clamps")
+                         "save_total_limit", "compile_layers", "fast_clamps", "dataloader_workers")
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "pillow", "numpy")
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a holder that has not touched its lock for this long is gone

@@ -69,7 +69,7 @@ def random_adapter_run(tmp_path_factory, tiny_path):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     model.save_pretrained(run_dir / ADAPTER)
     save_prompt(run_dir / ADAPTER, prompt_settings(config))
     return run_dir

@@ -58,5 +58,47 @@ def test_gguf_conversion_with_llama_cpps_own_converter(merged_dir, tmp_path):
     folder = export.export_gguf(merged_dir, tmp_path / "gguf", llama_cpp_source())
     record = json.loads((folder / EXPORT_RECORD).read_text())
     assert (folder / record["files"]["text"]).stat().st_size > 0 and (folder / record["files"]["projector"]).exists()
-    budget = str(record["image_soft_tokens"])
-    assert record["llama_cpp"]["args"] == ["--image-min-tokens", budget, "--image-max-tokens", budget]
+    assert record["llama_cpp"]["args"] == llama_cpp.image_token_args(record["image_soft_tokens"])
+
+
+def test_llama_cpp_is_asked_with_the_training_prompt(merged_dir):
+    """What the parity benchmark sends llama-server's completion endpoint: transformers' own generation prompt
+    (large family, thinking off: the empty thought channel), the image as llama.cpp's marker, no BOS."""
+    from helpers import parity
+
+    prompt = read_merged(merged_dir).prompt
+    text = parity.training_prompt_text(merged_dir, prompt)
+    assert text == (f"<|turn>user\n\n\n{llama_cpp.MEDIA_MARKER}\n\n{prompt['question']}<turn|>\n<|turn>model\n"
+                    "<|channel>thought\n<channel|>")
+    args = llama_cpp.server_args("m.gguf", "p.gguf", 70)
+    assert args[args.index("--reasoning") + 1] == "off" and args[-4:] == llama_cpp.image_token_args(70) == ["--image-min-tokens", "64", "--image-max-tokens", "70"]
+
+
+def llama_server():
+    server = llama_cpp.server_path(llama_cpp_source())
+    if not server.exists():
+        pytest.skip(f"{server} is not built (python benchmarks/export_parity.py RUN_DIR --build-llama-cpp builds it)")
+    return server
+
+
+def test_llama_server_answers_through_both_endpoints(merged_dir, tmp_path):
+    """Runs where llama-server is built: the projector loads (the vision head size written after conversion),
+    the text before the image tokenizes as transformers tokenizes it, and the server answers each image
+    (greedy) through both endpoints. (After the image the tiny vocabulary's merged ``model\n`` and ``thought\n``
+    tokens are split by llama.cpp: benchmarks/README.md, "Export parity".)"""
+    from transformers import AutoProcessor
+
+    from helpers import parity
+
+    server_binary = llama_server()
+    folder = export.export_gguf(merged_dir, tmp_path / "gguf", llama_cpp_source())
+    record = json.loads((folder / EXPORT_RECORD).read_text())
+    text = parity.training_prompt_text(merged_dir, record["prompt"])
+    tokenizer = AutoProcessor.from_pretrained(merged_dir).tokenizer
+    before = text.split(llama_cpp.MEDIA_MARKER)[0]
+    with llama_cpp.Server(server_binary, folder / record["files"]["text"], folder / record["files"]["projector"],
+                          record["image_soft_tokens"]) as server:
+        assert server.tokenize(before) == tokenizer(tokenizer.bos_token + before, add_special_tokens=False).input_ids
+    examples = export.held_out_examples(read_merged(merged_dir), 2)
+    results = parity.llama_cpp_engines(folder, server_binary, examples)
+    assert {len(r["text"]) for r in results.values()} == {2}

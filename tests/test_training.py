@@ -22,6 +22,7 @@ from helpers.training import (
     gathered_lora_state,
     last_complete_checkpoint,
     train,
+    training_arguments,
 )
 
 
@@ -149,7 +150,12 @@ def compiled_layer_count(model) -> int:
 
 
 def test_compile_layers_auto_rule_and_undo(tiny_path, monkeypatch):
-    from helpers.modeling import compile_layers, should_compile_layers, uncompile_layers
+    from helpers.modeling import (
+        COMPILED_RECOMPILE_LIMIT,
+        compile_layers,
+        should_compile_layers,
+        uncompile_layers,
+    )
 
     assert not should_compile_layers(RunConfig())  # no GPU here: eager
     assert should_compile_layers(RunConfig(compile_layers=True))
@@ -165,8 +171,12 @@ def test_compile_layers_auto_rule_and_undo(tiny_path, monkeypatch):
     users_own = model.get_base_model().model.embed_vision
     users_own.compile()  # compiled by the user, not by compile_layers: must stay compiled
     layers = compiled_layer_count(model)
+    limit = torch._dynamo.config.recompile_limit
     assert compile_layers(model) == layers  # every decoder and vision-encoder layer; compiled lazily, on first call
+    # all layers share one code object, so one limit: E4B needed 14 graphs (7 layer kinds x 2 lengths) on an H200
+    assert torch._dynamo.config.recompile_limit == max(limit, COMPILED_RECOMPILE_LIMIT) >= 2 * 7
     assert uncompile_layers(model) == layers and uncompile_layers(model) == 0
+    assert torch._dynamo.config.recompile_limit == limit
     assert users_own._compiled_call_impl is not None
 
 
@@ -208,3 +218,37 @@ def test_train_leaves_compiled_layers_eager_again(tmp_path, tiny_path, tiny_proc
     config, data, model, collator = _setup(tiny_path, tiny_processor, max_steps=2, compile_layers=True)
     assert train(model, collator, data.examples, config, tmp_path).global_step == 2
     assert len(marked) == compiled_layer_count(model) and all(layer._compiled_call_impl is None for layer in marked)
+
+
+def test_dataloader_workers_rule(tmp_path, monkeypatch):
+    from helpers import training
+    from helpers.config import ConfigError
+
+    assert training.dataloader_worker_count(RunConfig()) == 0  # no GPU here: the collator in the training process
+    assert training.dataloader_worker_count(RunConfig(dataloader_workers=3)) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training, "usable_cpus", lambda: 16)
+    assert training.dataloader_worker_count(RunConfig()) == training.AUTO_DATALOADER_WORKERS == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 CPUs per training process: 2 workers each
+    assert training.dataloader_worker_count(RunConfig()) == 2
+    monkeypatch.setattr(training, "usable_cpus", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert training.dataloader_worker_count(RunConfig()) == 0
+    assert training.dataloader_worker_count(RunConfig(dataloader_workers=0)) == 0
+    with pytest.raises(ConfigError, match="dataloader_workers"):
+        RunConfig(dataloader_workers=-1)
+
+
+def test_worker_processes_collate_the_same_batches(tmp_path, tiny_path, tiny_processor):
+    """The collator in a worker process (RunConfig.dataloader_workers) gives the same run as in the training
+    process: same batches, same losses; the workers are kept across epochs."""
+    losses = {}
+    for workers in (0, 1):
+        torch.manual_seed(0)
+        config, data, model, collator = _setup(tiny_path, tiny_processor, train_size=4, batch_size=2, max_steps=3,
+                                               save_steps=100, dataloader_workers=workers)
+        args = training_arguments(config, tmp_path / str(workers))
+        assert args.dataloader_num_workers == workers and args.dataloader_persistent_workers == (workers > 0)
+        result = train(model, collator, data.examples, config, tmp_path / str(workers))
+        losses[workers] = [loss for _, loss in result.loss_history]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
