@@ -132,7 +132,7 @@ def _flatten(value, prefix: str) -> dict:
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
-    """``"learning_rate: 0.0015 in the folder, 0.002 now"`` for every training setting or data fact
+    """``"learning_rate: 0.002 in the folder, 0.003 now"`` for every training setting or data fact
     that differs (settings in ``NOT_TRAINING_SETTINGS`` and package versions are not compared)."""
     compared = []
     for manifest in (old, new):
