@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The repository's own top-level folders and files (tracked ones: not artifacts/ or runs/, built on first use).
 TOP_LEVEL = {line.split("/")[0] for line in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True,
                                                             text=True, check=True).stdout.splitlines()}
-# A backticked path: `helpers/x.py`, ``benchmarks/README.md``, `../shared/FACTS.md`, `notebooks/`.
+# A backticked path, one to three backticks around it: helpers/NAME.py, benchmarks/README.md, a folder ending in /.
 CITED = re.compile(r"`+((?:\.\./)*[\w.-]+(?:/[\w.-]+)*/?)`+")
 HELPERS = sorted((REPO / "helpers").glob("*.py"))
 
