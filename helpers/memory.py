@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from helpers.presets import TOWERS, build_meta_model, image_patches, is_encoder_free, tower_of
+from helpers.presets import TOWERS, build_meta_model, image_patches, is_encoder_free, preset_config, tower_of
 
 BF16_BYTES = 2
 NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block size
@@ -137,16 +137,12 @@ def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
 def _preset_weight_bytes(size: str, quantization: str, skip_modules: tuple[str, ...] | None) -> int:
     """``weight_bytes`` of a preset, once per setting: each call builds a meta model (seconds for the large
     sizes), and the planner is asked again for every micro-batch, card and option (notebook 01's tables)."""
-    from helpers.presets import preset_config
-
     return weight_bytes(preset_config(size), quantization, None if skip_modules is None else list(skip_modules))
 
 
 @functools.lru_cache(maxsize=None)
 def _preset_lora_parameters_per_rank(size: str) -> int:
     """``lora_parameter_count`` of a preset at rank 1 (the count is linear in the rank), once per size."""
-    from helpers.presets import preset_config
-
     return lora_parameter_count(preset_config(size), 1)
 
 
@@ -227,8 +223,6 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     ``quantize_towers``, ``optimizer`` (``"adamw_8bit"``) and ``compiled`` (``compile_layers``) are
     ``RunConfig``'s options of the same names.
     """
-    from helpers.presets import preset_config
-
     config = preset_config(size)
     image_tokens = soft_tokens if image_tokens is None else image_tokens
     patches = image_patches(config, soft_tokens)
