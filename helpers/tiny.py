@@ -9,8 +9,8 @@ What is real and what is small:
 - real: the model classes (``Gemma4ForConditionalGeneration``), the vision tower with
   ``Gemma4ClippableLinear`` (clipping on, as in E2B/E4B), the special-token strings, the chat format,
   the image processor and its variable soft-token count;
-- small: every width and depth, and the vocabulary, a byte-level BPE trained on this repository's own
-  prompts and class names (so no text is ever an unknown token).
+- small: every width and depth, and the vocabulary, a SentencePiece-style BPE with byte fallback trained on
+  this repository's own prompts and class names (so no text is ever an unknown token).
 """
 
 from __future__ import annotations
@@ -82,25 +82,32 @@ TINY_VISION_LAYERS = 1  # 630 patches per image make a vision layer the CPU step
 TINY_PATCH_SIZE = 8
 TINY_POOLING = 3
 TINY_TEXT_HIDDEN = 64
+# The one shape that is not Gemma 4 in kind: released towers have heads x head size = width (768 = 12 x 64,
+# 1152 = 16 x 72); the miniature has 1 head of 32 in a width of 64. Measured on the main job's recipe (seed 0,
+# benchmarks/README.md, "Gemma 4 in miniature"): 2 heads of 32 cost 18% more a step, 1 head of 64 10% more and
+# reached 0.944; a width of 32 (1 head of 32) was 26% faster but reached 0.913-0.953. llama.cpp needs the head
+# size written into the projector for it (helpers.llama_cpp.vision_head_dim_to_write).
 TINY_VISION_HIDDEN = 64
-TINY_VISION_HEADS = 1  # attention over 630 patches: one head of 32 costs 18% less a step than two
+TINY_VISION_HEADS = 1
+TINY_VISION_HEAD_DIM = 32
 TINY_HEAD_DIM, TINY_GLOBAL_HEAD_DIM = 32, 64  # sliding vs full attention, distinct as in every released size
 # Bumped whenever build_tiny_model draws different weights or the folder's format changes, so
 # ensure_tiny_gemma4 rebuilds an older folder. 2: q/k norm scales at head_dim**-0.25 and vision positions at
 # std 0.1 (benchmarks/tiny_init_sweep.py round 11). 3: Gemma 4 in miniature (released chat templates per
 # family, a Gemma-style tokenizer, patch 16 / pooling 3, distinct full-attention head size).
-TINY_INIT_VERSION = 3
+TINY_INIT_VERSION = 4
 
 
 def tokenizer_training_corpus() -> list[str]:
     """Every text the tiny model will meet, one piece per line: prompts, class names, chat scaffolding, digits.
 
-    The pieces are the spans between special tokens, less the newlines the template puts around them, so
-    no merge learns to join a newline to the text that follows it: a prompt then tokenizes the same alone
-    as in front of an answer (``helpers.chat.chat_format`` checks it).
+    The pieces are the spans between special tokens with their newlines cut off into pieces of their own, so
+    no merge joins a newline to anything but newlines: Gemma 4's released vocabulary has no such piece, and
+    llama.cpp's Gemma 4 tokenizer relies on it (it splits text into newline runs and the rest before its BPE
+    merges). A prompt then tokenizes the same alone as in front of an answer, in transformers as in llama.cpp.
     """
     names = list(DIGIT_NAMES) + list(PET_BREEDS)
-    scaffolding = ["user\n", "model\n", "system\n", "thought\n", "\n\n", "\n", QUESTION,
+    scaffolding = ["user", "model", "system", "thought", "\n", "\n\n", "\n\n\n", QUESTION,
                    "You are a helpful assistant."]
     lines = scaffolding * 10 + names + [n.lower() for n in names]
     lines += [str(i) for i in range(100)]
@@ -166,7 +173,8 @@ def family_text_config(family: str) -> dict:
 
 def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION_LAYERS,
                 text_hidden: int = TINY_TEXT_HIDDEN, patch_size: int = TINY_PATCH_SIZE,
-                vision_hidden: int = TINY_VISION_HIDDEN, vision_heads: int = TINY_VISION_HEADS):
+                vision_hidden: int = TINY_VISION_HIDDEN, vision_heads: int = TINY_VISION_HEADS,
+                vision_head_dim: int = TINY_VISION_HEAD_DIM):
     """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer vision tower, no audio.
 
     The vision tower clips as the family's releases do: on for the E-series, off (standardized) for the large.
@@ -200,10 +208,11 @@ def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION
         "num_hidden_layers": vision_layers,
         "num_attention_heads": vision_heads,
         "num_key_value_heads": vision_heads,
-        "head_dim": 32,
+        "head_dim": vision_head_dim,
         "patch_size": patch_size,
         "pooling_kernel_size": TINY_POOLING,
         "position_embedding_size": 512,
+        "default_output_length": TINY_MAX_SOFT_TOKENS,  # in every released vision config (280 there); vLLM reads it
         "use_clipped_linears": family == E_SERIES,
         "standardize": family == LARGE,
     }

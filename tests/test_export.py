@@ -83,9 +83,8 @@ def llama_server():
 
 def test_llama_server_answers_through_both_endpoints(merged_dir, tmp_path):
     """Runs where llama-server is built: the projector loads (the vision head size written after conversion),
-    the text before the image tokenizes as transformers tokenizes it, and the server answers each image
-    (greedy) through both endpoints. (After the image the tiny vocabulary's merged ``model\n`` and ``thought\n``
-    tokens are split by llama.cpp: benchmarks/README.md, "Export parity".)"""
+    the training prompt's text on both sides of the image tokenizes as transformers tokenizes it, and the server
+    answers each image (greedy) through both endpoints."""
     from transformers import AutoProcessor
 
     from helpers import parity
@@ -95,10 +94,11 @@ def test_llama_server_answers_through_both_endpoints(merged_dir, tmp_path):
     record = json.loads((folder / EXPORT_RECORD).read_text())
     text = parity.training_prompt_text(merged_dir, record["prompt"])
     tokenizer = AutoProcessor.from_pretrained(merged_dir).tokenizer
-    before = text.split(llama_cpp.MEDIA_MARKER)[0]
+    before, after = text.split(llama_cpp.MEDIA_MARKER)
     with llama_cpp.Server(server_binary, folder / record["files"]["text"], folder / record["files"]["projector"],
                           record["image_soft_tokens"]) as server:
         assert server.tokenize(before) == tokenizer(tokenizer.bos_token + before, add_special_tokens=False).input_ids
+        assert server.tokenize(after) == tokenizer(tokenizer.bos_token + after, add_special_tokens=False).input_ids
     examples = export.held_out_examples(read_merged(merged_dir), 2)
     results = parity.llama_cpp_engines(folder, server_binary, examples)
     assert {len(r["text"]) for r in results.values()} == {2}

@@ -1,12 +1,14 @@
 """The tiny offline Gemma 4: a real checkpoint folder that round-trips through the Auto classes."""
 
 import json
+import re
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
-from helpers.chat import ALL_SPECIAL_TOKENS, NAMED_SPECIAL_TOKENS, QUESTION, to_messages
+from helpers.chat import ALL_SPECIAL_TOKENS, NAMED_SPECIAL_TOKENS, QUESTION, chat_format, to_messages
 from helpers.collator import VisionChatCollator
 from helpers.data import DIGIT_NAMES, PET_BREEDS, load_examples
 from helpers.modeling import apply_lora
@@ -79,6 +81,8 @@ def test_what_llama_cpp_converter_assumes(tiny_path):
     processor_config = json.loads((tiny_path / "processor_config.json").read_text())
     image = processor_config["image_processor"]
     assert image["pooling_kernel_size"] == 3 and image["patch_size"] == config["vision_config"]["patch_size"]
+    vision = config["vision_config"]
+    assert vision["default_output_length"] == image["max_soft_tokens"]  # vLLM's Gemma 4 code reads it
 
 
 def test_tokenizer_is_gemma_style(tiny_processor):
@@ -89,6 +93,36 @@ def test_tokenizer_is_gemma_style(tiny_processor):
     assert "\u2581" in "".join(pieces) and " " not in "".join(pieces)  # spaces are "▁", as in SentencePiece
     unseen = tok.tokenize("ß")  # a character the vocabulary never saw: its UTF-8 bytes, not <unk>
     assert unseen == ["<0xC3>", "<0x9F>"] and tok.decode(tok.convert_tokens_to_ids(unseen)) == "ß"
+
+
+def _llama_cpp_gemma4_ids(tokenizer, text: str) -> list[int]:
+    """Tokenize as llama.cpp's Gemma 4 tokenizer does (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GEMMA4): special
+    tokens first, then each stretch cut into newline runs and the rest (regex ``[^\\n]+|[\\n]+``), BPE on each."""
+    specials = "|".join(re.escape(t) for t in sorted(tokenizer.all_special_tokens, key=len, reverse=True))
+    ids = []
+    for piece in re.split(f"({specials})", text):
+        if piece in tokenizer.all_special_tokens:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        else:
+            for chunk in re.findall(r"[^\n]+|\n+", piece):
+                ids += tokenizer.encode(chunk, add_special_tokens=False)
+    return ids
+
+
+def test_no_piece_joins_a_newline_to_other_text(tiny_processor):
+    # llama.cpp's Gemma 4 BPE never sees a newline beside other text, so such a piece would tokenize differently
+    # there; Gemma 4's released vocabulary has none (llama.cpp asserts it).
+    vocab = tiny_processor.tokenizer.get_vocab()
+    assert "\n" in vocab and "\n\n" in vocab
+    assert [piece for piece in vocab if "\n" in piece and piece.strip("\n")] == []
+
+
+@pytest.mark.parametrize("system, thinking", [(None, False), ("You are a helpful assistant.", False), (None, True)])
+def test_training_text_tokenizes_as_in_llama_cpp(tiny_processor, tiny_e_series_processor, system, thinking):
+    for processor in (tiny_processor, tiny_e_series_processor):
+        tokenizer = processor.tokenizer
+        text = chat_format(processor, system_prompt=system, enable_thinking=thinking).training_text("Great Pyrenees")
+        assert tokenizer.encode(text, add_special_tokens=False) == _llama_cpp_gemma4_ids(tokenizer, text)
 
 
 def _soft_tokens(processor, size):
