@@ -354,7 +354,7 @@ def count_parameters(model) -> int:
 # TINY_PATCH_SIZE pixels (24 pixels; the released model's are 48).
 TINY_12B_PATH = DEFAULT_TINY_PATH.with_name(f"{DEFAULT_TINY_PATH.name}-12b")
 # Bumped whenever build_tiny_gemma4_12b draws different weights (ensure_tiny_gemma4_12b then rebuilds).
-TINY_12B_INIT_VERSION = 1
+TINY_12B_INIT_VERSION = 2  # 2: the tokenizer of init 4 (no newline merges)
 TINY_12B_POSITION_STD = 0.5  # the x and y position rows, against the unit-variance patch after LayerNorm 2
 _UNIFIED_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
