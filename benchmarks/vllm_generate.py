@@ -7,8 +7,8 @@ The messages are those training rendered (``helpers.chat.to_messages``): an opti
 image and the question; the model's own chat template renders them, with the run's thinking setting.
 
 vLLM 0.32's Gemma 4 code reads ``vision_config.default_output_length`` (released checkpoints' config.json
-carry it, 280); a folder without it (the tiny model's) gets it from the processor's image budget through
-``hf_overrides``. The content format is "openai" (the template renders the image part, ``\n\n<|image|>\n\n``
+carry it, 280, and so does the tiny model's since its init 4); a folder without it (a tiny model of an older
+init) gets it from the processor's image budget through ``hf_overrides``. The content format is "openai" (the template renders the image part, ``\n\n<|image|>\n\n``
 as transformers does): vLLM detects "string" for Gemma 4's template and then writes its own placeholder,
 ``<image_soft_token>``, which a tokenizer without that token (the tiny model's) splits into plain text.
 """
@@ -40,8 +40,10 @@ def main() -> None:
         print(f"hf_overrides: {overrides}", file=sys.stderr)
     # the merged folder's own dtype: vLLM's "auto" downcasts float32 to bfloat16 on the CPU
     dtype = json.loads((Path(model_dir) / "config.json").read_text()).get("dtype") or "auto"
+    # a fixed KV cache: by default vLLM on the CPU claims ~90% of the machine's memory and refuses to start
+    # ("Available memory ... is less than requested memory for kv") beside the parity script's own models
     llm = LLM(model=model_dir, max_model_len=1024, limit_mm_per_prompt={"image": 1}, enforce_eager=True,
-              hf_overrides=overrides or None, dtype=dtype)
+              hf_overrides=overrides or None, dtype=dtype, kv_cache_memory_bytes=2 << 30)
     outputs = llm.chat([messages(image, prompt) for image in images], SamplingParams(temperature=0, max_tokens=16),
                        chat_template_kwargs={"enable_thinking": bool(prompt.get("enable_thinking"))},
                        chat_template_content_format="openai")

@@ -76,16 +76,16 @@ TINY_SEED = 0
 # miniature's patch 8 keeps the patch count (9 per soft token: 630 at this budget) and the image path's code,
 # but quarters the pixels (192 x 192 instead of 384 x 384): at patch 16 the image processor alone took
 # 0.7-1.6 s per batch of 32 on 2 cores (0.07 s at patch 8), more than the main job's 5 minutes allow over its
-# 344 steps. ``build_tiny_gemma4(patch_size=16)`` builds the released geometry.
+# 344-595 steps. ``build_tiny_gemma4(patch_size=16)`` builds the released geometry.
 TINY_MAX_SOFT_TOKENS = 70
 TINY_VISION_LAYERS = 1  # 630 patches per image make a vision layer the CPU step's largest cost
 TINY_PATCH_SIZE = 8
 TINY_POOLING = 3
 TINY_TEXT_HIDDEN = 64
 # The one shape that is not Gemma 4 in kind: released towers have heads x head size = width (768 = 12 x 64,
-# 1152 = 16 x 72); the miniature has 1 head of 32 in a width of 64. Measured on the main job's recipe (seed 0,
-# benchmarks/README.md, "Gemma 4 in miniature"): 2 heads of 32 cost 18% more a step, 1 head of 64 10% more and
-# reached 0.944; a width of 32 (1 head of 32) was 26% faster but reached 0.913-0.953. llama.cpp needs the head
+# 1152 = 16 x 72); the miniature has 1 head of 32 in a width of 64. Measured (benchmarks/README.md, "Tiny init
+# 4"): 2 heads of 32 cost 18% more a forward + backward, 1 head of 64 10% more and reached 0.944 (seed 0); a
+# width of 32 (1 head of 32) was 26% faster but reached 0.900-0.953. llama.cpp needs the head
 # size written into the projector for it (helpers.llama_cpp.vision_head_dim_to_write).
 TINY_VISION_HIDDEN = 64
 TINY_VISION_HEADS = 1
@@ -94,7 +94,8 @@ TINY_HEAD_DIM, TINY_GLOBAL_HEAD_DIM = 32, 64  # sliding vs full attention, disti
 # Bumped whenever build_tiny_model draws different weights or the folder's format changes, so
 # ensure_tiny_gemma4 rebuilds an older folder. 2: q/k norm scales at head_dim**-0.25 and vision positions at
 # std 0.1 (benchmarks/tiny_init_sweep.py round 11). 3: Gemma 4 in miniature (released chat templates per
-# family, a Gemma-style tokenizer, patch 16 / pooling 3, distinct full-attention head size).
+# family, a Gemma-style tokenizer, patch 16 / pooling 3, distinct full-attention head size). 4: no vocabulary
+# piece joins a newline to other text (as in the released vocabulary), default_output_length in the vision config.
 TINY_INIT_VERSION = 4
 
 

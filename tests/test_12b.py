@@ -106,10 +106,11 @@ def test_real_shape_builder_and_synthetic_batch_take_the_12b():
     assert torch.isfinite(labelled_positions_loss(model, batch))
 
 
-# The runner on the 12B's miniature: 43 steps of the default recipe, 60 held-out digits. Measured here
-# (2026-12-02, seed 0, loaded 2-core machine): baseline 0.117 -> fine-tuned 0.467 at 43 steps (gain 0.35);
-# 0.078 -> 0.711 at 86 steps. The margin sits well inside the 43-step gain.
-RUNNER_12B = ["-p", "model_id", "tiny-12b", "-p", "eval_size", "60", "-p", "max_steps", "43", "-p", "save_steps", "43"]
+# The runner on the 12B's miniature: 43 steps of 32, 60 held-out digits. Measured here (seed 0): gain 0.383 on
+# tiny 12B init 2 at lr 1.5e-3 (2026-12-02, printed with pytest -s); on init 1 at lr 2e-3, 0.117 -> 0.467 at 43
+# steps (gain 0.35) and 0.078 -> 0.711 at 86 steps. The margin sits well inside the 43-step gain.
+RUNNER_12B = ["-p", "model_id", "tiny-12b", "-p", "eval_size", "60", "-p", "max_steps", "43", "-p", "save_steps", "43",
+              "-p", "batch_size", "32"]
 MARGIN_12B = 0.2
 
 
@@ -121,4 +122,5 @@ def test_the_runner_fine_tunes_the_12b_miniature_past_its_baseline(tmp_path):
     assert metrics["model_id"] == "tiny-12b" and metrics["optimizer_steps"] == 43
     summary = metrics["summary"]
     gain = summary["finetuned_accuracy"] - summary["baseline_accuracy"]
-    assert gain >= MARGIN_12B, f"fine-tuning gained {gain:.3f}; measured 0.35 with these settings"
+    print(f"fine-tuned minus baseline: {gain:.3f}")
+    assert gain >= MARGIN_12B, f"fine-tuning gained {gain:.3f}; measured 0.383 with these settings"

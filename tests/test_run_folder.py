@@ -56,7 +56,7 @@ def test_other_settings_or_data_are_refused_with_what_differs_and_how_to_start_f
     with pytest.raises(RunFolderError) as err:
         start_run(tmp_path, manifest_of(learning_rate=3e-3, test_fraction=0.5))
     message = str(err.value)
-    assert "learning_rate: 0.002 in the folder, 0.003 now" in message
+    assert "learning_rate: 0.0015 in the folder, 0.003 now" in message
     assert "test_fraction: 0.25 in the folder, 0.5 now" in message
     assert "data.splits.test.rows: 450 in the folder, 899 now" in message  # the data changed too
     assert "--fresh" in message and "another --output-dir" in message

@@ -10,14 +10,15 @@ import pytest
 
 from helpers.runner import main
 
-# Short enough for CI, long enough to learn: the first 86 steps (a quarter) of the default recipe, batch 32.
-RUN = ["-p", "eval_size", "90", "-p", "max_steps", "86", "-p", "save_steps", "43"]
+# Short enough for CI, long enough to learn: 86 steps of 32 (the samples of a quarter of the default recipe's 595
+# steps of 16, in fewer steps).
+RUN = ["-p", "eval_size", "90", "-p", "max_steps", "86", "-p", "save_steps", "43", "-p", "batch_size", "32"]
 EVAL_SIZE, STEPS = 90, 86
-# Fine-tuned minus baseline accuracy (constrained scoring) that the run must beat. These exact settings on the
-# current miniature (tiny init version 3) gained 0.433 at the default lr 2e-3 (0.111 -> 0.544, seed 0, measured
-# here 2026-12-02) and 0.311 at the earlier 1.5e-3 (0.122 -> 0.433). The margin leaves room for another CPU's
-# rounding; re-measure with these settings when the miniature or the recipe changes.
-MEASURED_MARGINS = (0.433, 0.311)
+# Fine-tuned minus baseline accuracy (constrained scoring) that the run must beat. MEASURED_MARGINS: these
+# exact settings at the default lr, on tiny init 4 (seed 0, measured here 2026-12-02; printed with pytest -s) and
+# on init 3 (lr 2e-3: 0.433, lr 1.5e-3: 0.311). The margin leaves room for another CPU's rounding; re-measure
+# with these settings when the miniature or the recipe changes.
+MEASURED_MARGINS = (0.500, 0.433, 0.311)
 MARGIN = 0.2
 
 
@@ -60,6 +61,7 @@ def test_run_folder_has_notebooks_metrics_adapter_and_plots(run_dir):
 def test_fine_tuning_beats_the_baseline_by_the_measured_margin(run_dir):
     summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
     gain = summary["finetuned_accuracy"] - summary["baseline_accuracy"]
+    print(f"fine-tuned minus baseline: {gain:.3f}")
     assert gain >= MARGIN, f"fine-tuning gained {gain:.3f} over the baseline; these settings gave {MEASURED_MARGINS}"
 
 
@@ -173,5 +175,5 @@ def test_a_finished_folder_refuses_other_data_and_settings(own_runs, capsys):
                  "-p", "label_column", "breed", "-p", "learning_rate", "0.003", *TINY])
     assert code == 1 and time.perf_counter() - start < 30
     err = capsys.readouterr().err
-    assert "dataset: " in err and "learning_rate: 0.002 in the folder, 0.003 now" in err and "--fresh" in err
+    assert "dataset: " in err and "learning_rate: 0.0015 in the folder, 0.003 now" in err and "--fresh" in err
     assert (run["out"] / "metrics.json").read_text() == before  # still the adapter it reports
