@@ -91,7 +91,7 @@ def _open(value, where: str) -> Image.Image:
     except FileNotFoundError:
         raise BadExampleError(MISSING_IMAGE, f"{where}: {what} does not exist") from None
     except UnidentifiedImageError:
-        raise BadExampleError(UNREADABLE_IMAGE, f"{where}: {what} are not in any image format Pillow reads "
+        raise BadExampleError(UNREADABLE_IMAGE, f"{where}: {what}: in no image format Pillow reads "
                                                 "(corrupt or not an image)") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise BadExampleError(UNREADABLE_IMAGE, f"{where}: {what} cannot be read as an image "
