@@ -307,14 +307,16 @@ def micro_batch_for(size: str, gpu_bytes: int, batch: int, margin: float = PLANN
     return largest_micro_batch(size, gpu_bytes / GB, candidates=divisors, margin=margin, **kwargs)
 
 
-def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", compiled: bool = False) -> tuple[int, int, str]:
+def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", compiled: bool = False,
+              liger: bool = False) -> tuple[int, int, str]:
     """(micro-batch, gradient accumulation, how chosen) for a ``RunConfig`` on one GPU of ``gpu_bytes``, as
     ``helpers.training.train`` uses them there.
 
     For a published size (``preset_of(model_config)``): ``micro_batch_for`` over the step's batch
     ``config.batch_size x config.gradient_accumulation``, which stays as configured (on an H200: 31B QLoRA r64,
     8 x 4 for the default 32 x 1; E4B bf16 compiled, 32 x 1). For other models (the tiny ones), the config's own
-    values. ``lora_dtype`` and ``compiled`` (``compile_layers`` on) are what ``train()`` found."""
+    values. ``lora_dtype``, ``compiled`` (``compile_layers`` on) and ``liger``
+    (``helpers.modeling.use_liger_kernels``) are what ``train()`` found."""
     configured = (config.batch_size, config.gradient_accumulation)
     size = preset_of(model_config)
     if size is None:
@@ -324,9 +326,10 @@ def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", co
                             soft_tokens=config.image_soft_tokens or 280, lora_dtype=lora_dtype,
                             gradient_checkpointing=config.gradient_checkpointing,
                             quantize_towers=config.quantization == "4bit" and config.quantize_towers,
-                            optimizer=config.optimizer, compiled=compiled)
+                            optimizer=config.optimizer, compiled=compiled, liger=liger)
     how = (f"helpers.memory.plan for {size}, quantization {config.quantization}, LoRA r{config.lora_r} {lora_dtype}"
-           f"{', compiled' if compiled else ''}{', checkpointing' if config.gradient_checkpointing else ''}: the "
+           f"{', compiled' if compiled else ''}{', Liger' if liger else ''}"
+           f"{', checkpointing' if config.gradient_checkpointing else ''}: the "
            f"largest that fits {gpu_bytes / GB:.0f} GB with a {PLANNER_MARGIN:.0%} margin; {batch} samples a step "
            "as configured")
     if micro is None:

@@ -7,8 +7,17 @@ each class name's tokens followed by the end-of-turn token ``<turn|>``, and the 
 log-likelihood is the prediction. Every answer is a valid label; the scores are real log-likelihoods, so
 they also give a ranking (top-k) and a calibrated-looking confidence.
 
+How the names are scored on the prompt's cache (``method``):
+- ``"tree"`` (the default): the names' tokens form a prefix tree (names that start alike share their first
+  tokens' nodes), and every node of it goes into *one* forward pass over the prompt's cache, all names at
+  once, with a tree attention mask: a node sees the prompt and its own ancestors, at the position it would
+  have in ``prompt + that name``. No copy of the cache, one pass whatever the number of classes.
+- ``"copies"``: the cache copied once per class (in chunks), each name fed as an ordinary continuation.
+  Used when the attention implementation takes no custom mask (not SDPA or eager).
+
 The scores equal those of naive full forward passes over ``prompt + class name`` (``tests/test_scoring.py``
-checks it on the tiny model): positions are taken from the attention mask, so left padding changes nothing.
+checks both methods on the tiny model): positions are taken from the attention mask, so left padding changes
+nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from helpers.losses import IGNORE_INDEX, MODEL_INPUTS
+from helpers.losses import IGNORE_INDEX, MODEL_INPUTS, softcapped_logits, unwrap_gemma4
 
 END_OF_TURN = "<turn|>"
 
@@ -35,13 +44,16 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_class_names(model, processor_or_tokenizer, prompt_batch: dict, class_names, *,
-                      end_token: str = END_OF_TURN, max_logit_bytes: int = 2**30) -> torch.Tensor:
+                      end_token: str = END_OF_TURN, max_logit_bytes: int = 2**30, method: str = "tree") -> torch.Tensor:
     """Log-likelihood of each class name (plus ``<turn|>``) after each prompt: a ``[batch, classes]`` matrix.
 
     ``prompt_batch``: the processor's output for the prompts *with* the generation prompt
-    (``add_generation_prompt=True``), left-padded as for ``generate``. The prompt runs once; its cache is
-    copied per class (in chunks that keep the logits under ``max_logit_bytes``) to score the continuations.
+    (``add_generation_prompt=True``), left-padded as for ``generate``. The prompt runs once; the names are
+    then scored on its cache, ``method`` ``"tree"`` (one pass over a prefix tree of the names) or ``"copies"``
+    (the cache copied per class), see the module docstring; float32 logits are kept under ``max_logit_bytes``.
     """
+    if method not in ("tree", "copies"):
+        raise ValueError(f"method must be 'tree' or 'copies', got {method!r}")
     tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
     candidates = class_token_ids(tokenizer, class_names, end_token)
     device = next(p.device for p in model.parameters())
@@ -56,6 +68,8 @@ def score_class_names(model, processor_or_tokenizer, prompt_batch: dict, class_n
     scores = first[:, [c[0] for c in candidates]].clone()  # the first token of every class, for free
     cache = out.past_key_values
     del out
+    if method == "tree" and _takes_custom_masks(model):
+        return scores + _tree_scores(model, candidates, mask, cache, max_logit_bytes)
 
     feeds = [c[:-1] for c in candidates]  # tokens fed after the prompt ...
     targets = [c[1:] for c in candidates]  # ... and the tokens they predict (the rest of the name, <turn|>)
@@ -89,6 +103,105 @@ def score_class_names(model, processor_or_tokenizer, prompt_batch: dict, class_n
         scores[:, start:start + k] += token_logp.sum(-1).view(batch, k)
         del chunk_cache, logits, logp
     return scores
+
+
+def answer_tree(candidates: list[list[int]]) -> tuple[list[int], list[int], list[int], list[list[tuple[int, int]]]]:
+    """The prefix tree of the tokens fed after the prompt (each answer but its last token).
+
+    Returns ``tokens``, ``parents`` (-1: the node follows the prompt) and ``depths`` (1 = the first token) per
+    node, parents before children; and per answer its ``(node, next token)`` pairs: the node whose output
+    predicts that token (the answer's first token is predicted by the prompt itself)."""
+    index, tokens, parents, depths = {}, [], [], []
+    for answer in candidates:
+        for k in range(1, len(answer)):
+            prefix = tuple(answer[:k])
+            if prefix not in index:
+                index[prefix] = len(tokens)
+                tokens.append(answer[k - 1])
+                parents.append(index.get(prefix[:-1], -1))
+                depths.append(k)
+    steps = [[(index[tuple(answer[:k])], answer[k]) for k in range(1, len(answer))] for answer in candidates]
+    return tokens, parents, depths, steps
+
+
+def _takes_custom_masks(model) -> bool:
+    """SDPA and eager attention take a ready 4-D mask per layer type; other implementations may not."""
+    return unwrap_gemma4(model).config.get_text_config()._attn_implementation in ("sdpa", "eager")
+
+
+def tree_masks(prompt_mask: torch.Tensor, parents: list[int], depths: list[int], layer_types, sliding_window,
+               attn_implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The attention mask of each layer type for the tree's nodes over the prompt's cache, ``[B, 1, nodes, keys]``.
+
+    A node sees the prompt's real (unpadded) tokens and its own ancestors and itself. Sliding-window layers keep
+    only the prompt's last ``sliding_window - 1`` tokens in the cache (transformers' ``DynamicSlidingWindowLayer``),
+    so their keys are those plus the nodes, and a key further back than the window from the node is hidden, as
+    in a plain forward over ``prompt + answer``. SDPA takes booleans (True: attend), eager an additive float mask."""
+    device = prompt_mask.device
+    batch, prompt_len = prompt_mask.shape
+    nodes = len(parents)
+    ancestors = torch.eye(nodes, dtype=torch.bool)
+    for i, parent in enumerate(parents):  # parents come first, so each row copies a finished one
+        if parent >= 0:
+            ancestors[i] |= ancestors[parent]
+    ancestors = ancestors.to(device)
+    valid = prompt_mask.bool()
+    prompt_positions = _positions(prompt_mask)  # [B, P]
+    node_positions = prompt_mask.long().sum(-1, keepdim=True) + torch.tensor(depths, device=device) - 1  # [B, N]
+    masks = {}
+    for kind in set(layer_types):
+        seen = valid[:, None, :].expand(batch, nodes, prompt_len)
+        tree = ancestors[None].expand(batch, nodes, nodes)
+        if kind == "sliding_attention" and sliding_window:
+            kept = min(prompt_len, sliding_window - 1)
+            near = (node_positions[:, :, None] - prompt_positions[:, None, :]) < sliding_window
+            seen = (seen & near)[:, :, prompt_len - kept:]
+            depth = torch.tensor(depths, device=device)
+            tree = tree & ((depth[:, None] - depth[None, :]) < sliding_window)[None]
+        allowed = torch.cat([seen, tree], dim=-1)[:, None]
+        if attn_implementation == "eager":
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        masks[kind] = allowed
+    return masks
+
+
+def _tree_scores(model, candidates, mask: torch.Tensor, cache, max_logit_bytes: int) -> torch.Tensor:
+    """Every answer's log-likelihood after its first token, ``[B, classes]``: one forward of the answer tree's
+    nodes over the prompt's ``cache`` (``tree_masks``), then ``lm_head`` on the nodes' hidden states in chunks."""
+    gemma = unwrap_gemma4(model)
+    text = gemma.config.get_text_config()
+    device = mask.device
+    tokens, parents, depths, steps = answer_tree(candidates)
+    batch = mask.shape[0]
+    masks = tree_masks(mask, parents, depths, text.layer_types, getattr(text, "sliding_window", None),
+                       text._attn_implementation, gemma.get_input_embeddings().weight.dtype)
+    ids = torch.tensor(tokens, device=device)[None].expand(batch, -1)
+    positions = mask.long().sum(-1, keepdim=True) + torch.tensor(depths, device=device) - 1
+    hidden = {}
+
+    def keep_hidden(module, args):  # lm_head sees one row; the nodes' hidden states are kept for the chunks below
+        hidden["nodes"] = args[0]
+        return (args[0][:, :1],)
+
+    handle = gemma.lm_head.register_forward_pre_hook(keep_hidden)
+    try:
+        model(input_ids=ids, attention_mask=masks, position_ids=positions, past_key_values=cache, use_cache=True)
+    finally:
+        handle.remove()
+    nodes_hidden = hidden.pop("nodes")
+    node_of = torch.tensor([n for answer in steps for n, _ in answer], dtype=torch.long, device=device)
+    token_of = torch.tensor([t for answer in steps for _, t in answer], dtype=torch.long, device=device)
+    answer_of = torch.tensor([c for c, answer in enumerate(steps) for _ in answer], dtype=torch.long, device=device)
+    picked = torch.zeros((batch, len(node_of)), dtype=torch.float32, device=device)
+    vocab = gemma.lm_head.weight.shape[0]
+    chunk = max(1, max_logit_bytes // max(1, batch * vocab * 4))
+    for start in range(0, len(tokens), chunk):
+        logp = F.log_softmax(softcapped_logits(model, nodes_hidden[:, start:start + chunk]).float(), dim=-1)
+        inside = (node_of >= start) & (node_of < start + chunk)
+        picked[:, inside] = logp[:, node_of[inside] - start, token_of[inside]]
+        del logp
+    scores = torch.zeros((batch, len(candidates)), dtype=torch.float32, device=device)
+    return scores.index_add_(1, answer_of, picked)
 
 
 def predict(scores: torch.Tensor) -> torch.Tensor:

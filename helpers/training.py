@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerState, TrainingArguments
 
 from helpers.chat import save_prompt
 from helpers.losses import labelled_positions_loss, unwrap_gemma4
-from helpers.modeling import compile_layers, should_compile_layers, uncompile_layers
+from helpers.modeling import compile_layers, liger_kernel_count, should_compile_layers, uncompile_layers
 from helpers.run_folder import (  # a folder without COMPLETE_MARKER is ignored by resume: a bucket mount
     ADAPTER,  # has neither atomic directory renames nor locks to guarantee that a folder is whole
     ADAPTER_STAGING,
@@ -217,7 +217,7 @@ def planned_batch(model, config) -> tuple[int, int, str]:
     trainable = next((p for p in model.parameters() if p.requires_grad), None)
     lora_dtype = "fp32" if trainable is not None and trainable.dtype == torch.float32 else "bf16"
     return run_batch(unwrap_gemma4(model).config, config, gpu_memory_bytes(), lora_dtype=lora_dtype,
-                     compiled=should_compile_layers(config))
+                     compiled=should_compile_layers(config), liger=liger_kernel_count(model) > 0)
 
 
 def training_arguments(config, output_dir: str | Path, micro_batch: int | None = None,
