@@ -10,9 +10,11 @@ template adds the empty thought block), the 37 Oxford-IIIT Pet breeds as the lab
 - ``generate-1``: one new token: the prompt pass as ``generate`` runs it, so ``D = (t8 - t1) / 7`` is one
   decoding step.
 - ``prefill``: the prompt pass alone as ``score_class_names`` runs it (``P``).
-- ``score`` (``helpers.scoring.score_class_names``, ``method="tree"``, the default): the prompt pass, then every
-  class name in one pass over a prefix tree of the names on the prompt's cache; ``score-copies``
-  (``method="copies"``, the earlier method): the cache copied per class. ``S = t_score - P``.
+- ``score`` (``helpers.scoring.score_class_names``, ``method="tree"``, the default): one pass, the prompt with a
+  prefix tree of the class names' tokens appended (tree attention mask); ``score-copies`` (``method="copies"``,
+  the earlier method): the prompt pass with a cache, then the names on copies of it. ``S = t_score - P``.
+- ``--fp32-check SIZE``: the same prompts on a float32 build of SIZE, tree against copies (the bf16/NF4 rows
+  differ by rounding; in float32 the two methods must agree).
 
 So the 8-token ratio is ``(P' + 7 D) / (P + S)`` (``P'``: generate's prompt pass), at most ``t8 / P`` however
 cheap scoring gets. The tree's and the copies' predictions are compared (identical argmax, largest score
@@ -107,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--shrink", action="store_true")
     parser.add_argument("--quant", default="ref4", choices=["ref4", "bf16"])
     parser.add_argument("--gen128", action="store_true", help="also time generate forced to 128 tokens")
+    parser.add_argument("--fp32-check", default="", help="a size: compare tree and copies on a float32 build of it")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +168,21 @@ def main(argv=None):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         (out / "eval_results.json").write_text(json.dumps(results, indent=1))
+    if args.fp32_check:  # the two methods on a float32 model of real shape: the same scores up to float32 rounding
+        size = args.fp32_check
+        config = shrunk_config(size) if args.shrink else preset_config(size)
+        model = build_model(config, "none", device=device, dtype=torch.float32)
+        batch = {k: v.to(device) for k, v in prompt_batch(config, args.batch, size, seed=0).items()}
+        tree = score_class_names(model, tokenizer, batch, names, method="tree")
+        copies = score_class_names(model, tokenizer, batch, names, method="copies")
+        check = {"fp32_check": size, "batch": args.batch, "same_argmax": bool(torch.equal(tree.argmax(-1), copies.argmax(-1))),
+                 "max_abs_diff": float((tree - copies).abs().max()), "max_abs_score": float(copies.abs().max()),
+                 "top2_gap_min": float(copies.topk(2, dim=-1).values.diff(dim=-1).abs().min())}
+        results.append(check)
+        print(json.dumps(check), flush=True)
+        (out / "eval_results.json").write_text(json.dumps(results, indent=1))
+        del model
+    results = [r for r in results if "P_s" in r]
     lines = ["size   batch  P s     P' s    D s     S tree  S copies  gen-8 img/s  score img/s  ×gen8  (copies)  bound  same argmax"]
     for r in results:
         lines.append(f"{r['size']:<6} {r['batch']:>5}  {r['P_s']:<6}  {r['P_generate_s']:<6}  {r['D_s']:<6}  "

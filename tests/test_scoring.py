@@ -114,3 +114,18 @@ def test_class_tokens_end_with_end_of_turn(prompts):
     ids = class_token_ids(processor.tokenizer, ["seven", "Great Pyrenees"])
     end = processor.tokenizer.convert_tokens_to_ids("<turn|>")
     assert all(c[-1] == end and len(c) >= 2 for c in ids)
+
+
+def test_tree_scores_on_the_e_series_format(tiny_e_series_path):
+    """The E2B/E4B miniature (per-layer inputs, clipped vision tower, causal attention over the image)."""
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_e_series_path)
+    processor.tokenizer.padding_side = "left"
+    examples = load_digits_examples("test", size=2, seed=5).examples
+    texts = [processor.apply_chat_template(to_messages(q), tokenize=False, add_generation_prompt=True)
+             for q in QUESTIONS[:2]]
+    batch = processor(text=texts, images=[[e["image"]] for e in examples], padding=True, return_tensors="pt")
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_e_series_path, dtype=torch.float32).eval()
+    names = list(DIGIT_NAMES)
+    _check_against_naive(model, processor, batch, names, score_class_names(model, processor, batch, names))
