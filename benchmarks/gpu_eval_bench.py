@@ -141,7 +141,7 @@ def main(argv=None):
         scores = {}
         for method in ("copies", "tree"):
             seconds[f"score_{method}"], outs = timed(
-                batches, lambda b, m=method: score_class_names(model, tokenizer, b, names, method=m).cpu())
+                batches, lambda b, m=method, model=model: score_class_names(model, tokenizer, b, names, method=m).cpu())
             scores[method] = torch.cat(outs)
         row["seconds_per_batch"] = {k: round(v, 4) for k, v in seconds.items()}
         row.update({f"{k}_img_s": round(n / v, 3) for k, v in seconds.items()})

@@ -284,7 +284,7 @@ PLANNER_MARGIN = 0.06
 _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size", "hidden_size_per_layer_input")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _preset_shapes() -> dict:
     from helpers.presets import PRESET_NAMES
 

@@ -181,7 +181,7 @@ def _tree_scores(model, inputs: dict, candidates, max_logit_bytes: int) -> torch
     window = getattr(text, "sliding_window", None)
     mask = inputs["attention_mask"]
     device = mask.device
-    batch, prompt_len = mask.shape
+    batch = mask.shape[0]
     tokens, parents, depths, steps = answer_tree(candidates)
     nodes = len(tokens)
     depth = torch.tensor(depths, device=device)

@@ -5,7 +5,14 @@ import torch
 
 from helpers.chat import QUESTION, to_messages
 from helpers.data import DIGIT_NAMES, load_digits_examples
-from helpers.scoring import _takes_custom_masks, answer_tree, class_token_ids, naive_class_scores, predict, score_class_names
+from helpers.scoring import (
+    _takes_custom_masks,
+    answer_tree,
+    class_token_ids,
+    naive_class_scores,
+    predict,
+    score_class_names,
+)
 
 QUESTIONS = [QUESTION, "Which digit is this? Answer with its name.", QUESTION + " One word."]
 
