@@ -453,8 +453,8 @@ KERNEL_KINDS = [  # (kind, substrings of CUDA kernel names), first match wins
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitk", "sm90_", "sm80_")),
     ("4-bit dequantize", ("dequantize", "kdequant")),
     ("optimizer", ("multi_tensor", "adam")),
+    ("inductor-fused (triton)", ("triton_",)),  # before liger: inductor's names say "gelu" too
     ("liger", ("_rms_norm", "geglu", "_gelu")),
-    ("inductor-fused (triton)", ("triton_",)),
     ("copy / cast", ("copy", "memcpy", "memset", "cast")),
     ("reduction", ("reduce",)),
     ("elementwise (eager)", ("elementwise", "vectorized", "unrolled")),

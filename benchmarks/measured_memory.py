@@ -46,7 +46,7 @@ MEASURED = [
                                     "liger": True}, 96_757_303_296),
     ("E4B ours-bf16-compile", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 32, "lora_dtype": "fp32",
                                       "compiled": True}, 133_953_498_624),
-    # issue 19 (H200, 2026-12-02, results/train_issue19_31b.json): the 31B through train(), Liger by
+    # issue 19 (H200, 2026-12-02, results/train_issue19_runB_31b.json): the 31B through train(), Liger by
     # helpers.modeling.use_liger_kernels, and compile_layers on the 4-bit model; these two fitted the factors
     ("31B ours-q-liger-helper", "31B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 8, "liger": True},
      114_176_802_816),
