@@ -1,14 +1,24 @@
-"""Evaluation speed on one GPU: the seed's ``generate(max_new_tokens=128)`` at batch 8 vs cached class scoring.
+"""Evaluation speed on one GPU: the seed's ``generate`` at batch 8 vs cached class scoring, and where the time goes.
 
 Same real-shape random-weight model (the seed's NF4 settings, as it evaluates the 4-bit model), same
 prompts (one 224×224 image -> 256 soft tokens, a short question, the generation prompt; the large models'
 template adds the empty thought block), the 37 Oxford-IIIT Pet breeds as the label set.
 
-- ``generate-128``: greedy ``generate`` forced to 128 new tokens (``min_new_tokens=128``), the seed's
-  ceiling: what a model that thinks or rambles costs (random weights rarely stop on their own).
+- ``generate-128`` (``--gen128``): greedy ``generate`` forced to 128 new tokens (``min_new_tokens=128``), the
+  seed's ceiling: what a model that thinks or rambles costs (random weights rarely stop on their own).
 - ``generate-8``: the same, forced to 8 new tokens: a model that answers with the name and stops.
-- ``score``: ``helpers.scoring.score_class_names``: one prompt pass, then every class name scored on copies
-  of the prompt's KV cache.
+- ``generate-1``: one new token: the prompt pass as ``generate`` runs it, so ``D = (t8 - t1) / 7`` is one
+  decoding step.
+- ``prefill``: the prompt pass alone as ``score_class_names`` runs it (``P``).
+- ``score`` (``helpers.scoring.score_class_names``, ``method="tree"``, the default): one pass, the prompt with a
+  prefix tree of the class names' tokens appended (tree attention mask); ``score-copies`` (``method="copies"``,
+  the earlier method): the prompt pass with a cache, then the names on copies of it. ``S = t_score - P``.
+- ``--fp32-check SIZE``: the same prompts on a float32 build of SIZE, tree against copies (the bf16/NF4 rows
+  differ by rounding; in float32 the two methods must agree).
+
+So the 8-token ratio is ``(P' + 7 D) / (P + S)`` (``P'``: generate's prompt pass), at most ``t8 / P`` however
+cheap scoring gets. The tree's and the copies' predictions are compared (identical argmax, largest score
+difference). Times are medians over the timed batches (the first batch of each is a warm-up).
 
 Run: ``python benchmarks/gpu_eval_bench.py --sizes E4B,31B --out $OUT``.
 """
@@ -19,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,32 +68,36 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(batches, run_one) -> tuple[float, int, list]:
-    """Images/s of ``run_one`` over ``batches``; the first batch is a warm-up and is not timed."""
-    n, t0, outputs = 0, None, []
-    for i, b in enumerate(batches):
-        if i == 1:
-            sync()
-            t0 = time.perf_counter()
-        if i >= 1:
-            n += b["input_ids"].shape[0]
+def timed(batches, run_one) -> tuple[float, list]:
+    """Median seconds per batch of ``run_one`` over ``batches`` after the first (a warm-up), and the outputs."""
+    times, outputs = [], []
+    for b in batches:
+        sync()
+        t0 = time.perf_counter()
         outputs.append(run_one(b))
-    sync()
-    return n / (time.perf_counter() - t0), n, outputs
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:] or times), outputs
 
 
-def time_generate(model, batches, new_tokens: int) -> tuple[float, int]:
+def generate_fn(model, new_tokens: int):
     def generate(b):
         with torch.no_grad():
-            model.generate(**b, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-
-    rate, n, _ = timed(batches, generate)
-    return rate, n
+            return model.generate(**b, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return generate
 
 
-def time_score(model, tokenizer, batches, names) -> tuple[float, int, torch.Tensor]:
-    rate, n, preds = timed(batches, lambda b: score_class_names(model, tokenizer, b, names).argmax(-1).cpu())
-    return rate, n, torch.cat(preds)
+def prefill_fn(model):
+    """The prompt pass exactly as ``score_class_names`` makes it (positions from the mask, cache, last logits)."""
+    from helpers.losses import MODEL_INPUTS
+    from helpers.scoring import _positions
+
+    def prefill(b):
+        with torch.no_grad():
+            inputs = {k: v for k, v in b.items() if k in MODEL_INPUTS}
+            inputs["position_ids"] = _positions(inputs["attention_mask"])
+            return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float().log_softmax(-1).amax(-1)
+    return prefill
 
 
 def main(argv=None):
@@ -90,9 +105,11 @@ def main(argv=None):
     parser.add_argument("--sizes", default="E4B,31B")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=3, help="the first is a warm-up")
+    parser.add_argument("--batches", type=int, default=4, help="the first is a warm-up")
     parser.add_argument("--shrink", action="store_true")
     parser.add_argument("--quant", default="ref4", choices=["ref4", "bf16"])
+    parser.add_argument("--gen128", action="store_true", help="also time generate forced to 128 tokens")
+    parser.add_argument("--fp32-check", default="", help="a size: compare tree and copies on a float32 build of it")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,15 +129,36 @@ def main(argv=None):
         model.generation_config.pad_token_id = 0
         batches = [{k: v.to(device) for k, v in prompt_batch(config, args.batch, size, seed=i).items()}
                    for i in range(args.batches)]
-        row = {"size": size, "quant": args.quant, "batch": args.batch, "classes": len(names)}
-        for new in (128, 8):
-            sps, n = time_generate(model, batches, new)
-            row[f"generate{new}_img_s"] = round(sps, 3)
-        sps, n, _preds = time_score(model, tokenizer, batches, names)
-        row["score_img_s"] = round(sps, 3)
-        row["images_timed"] = n
-        row["ratio_vs_generate128"] = round(row["score_img_s"] / row["generate128_img_s"], 2)
-        row["ratio_vs_generate8"] = round(row["score_img_s"] / row["generate8_img_s"], 2)
+        row = {"size": size, "quant": args.quant, "batch": args.batch, "classes": len(names),
+               "batches_timed": len(batches) - 1}
+        n = args.batch
+        seconds = {}
+        if args.gen128:
+            seconds["generate128"], _ = timed(batches, generate_fn(model, 128))
+        for new in (1, 8):
+            seconds[f"generate{new}"], _ = timed(batches, generate_fn(model, new))
+        seconds["prefill"], _ = timed(batches, prefill_fn(model))
+        scores = {}
+        for method in ("copies", "tree"):
+            seconds[f"score_{method}"], outs = timed(
+                batches, lambda b, m=method, model=model: score_class_names(model, tokenizer, b, names, method=m).cpu())
+            scores[method] = torch.cat(outs)
+        row["seconds_per_batch"] = {k: round(v, 4) for k, v in seconds.items()}
+        row.update({f"{k}_img_s": round(n / v, 3) for k, v in seconds.items()})
+        prefill_s, decode_s = seconds["prefill"], (seconds["generate8"] - seconds["generate1"]) / 7
+        row["P_s"] = round(prefill_s, 4)  # the prompt pass (scoring's)
+        row["P_generate_s"] = round(seconds["generate1"], 4)  # generate's prompt pass (and one token)
+        row["D_s"] = round(decode_s, 4)  # one decoding step of generate
+        row["S_tree_s"] = round(seconds["score_tree"] - prefill_s, 4)  # scoring beyond the prompt pass
+        row["S_copies_s"] = round(seconds["score_copies"] - prefill_s, 4)
+        row["bound_vs_generate8"] = round(seconds["generate8"] / prefill_s, 2)  # if scoring cost nothing past P
+        row["ratio_vs_generate8"] = round(seconds["generate8"] / seconds["score_tree"], 2)
+        row["ratio_copies_vs_generate8"] = round(seconds["generate8"] / seconds["score_copies"], 2)
+        if args.gen128:
+            row["ratio_vs_generate128"] = round(seconds["generate128"] / seconds["score_tree"], 2)
+        row["tree_equals_copies_argmax"] = bool(torch.equal(scores["tree"].argmax(-1), scores["copies"].argmax(-1)))
+        row["tree_vs_copies_max_abs_diff"] = float((scores["tree"] - scores["copies"]).abs().max())
+        row["tree_vs_copies_max_score"] = float(scores["copies"].abs().max())
         row["peak_alloc"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -130,13 +168,28 @@ def main(argv=None):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         (out / "eval_results.json").write_text(json.dumps(results, indent=1))
-    lines = ["size     quant  batch  generate-128 img/s  generate-8 img/s  score img/s  ×gen128  ×gen8"]
+    if args.fp32_check:  # the two methods on a float32 model of real shape: the same scores up to float32 rounding
+        size = args.fp32_check
+        config = shrunk_config(size) if args.shrink else preset_config(size)
+        model = build_model(config, "none", device=device, dtype=torch.float32)
+        batch = {k: v.to(device) for k, v in prompt_batch(config, args.batch, size, seed=0).items()}
+        tree = score_class_names(model, tokenizer, batch, names, method="tree")
+        copies = score_class_names(model, tokenizer, batch, names, method="copies")
+        check = {"fp32_check": size, "batch": args.batch, "same_argmax": bool(torch.equal(tree.argmax(-1), copies.argmax(-1))),
+                 "max_abs_diff": float((tree - copies).abs().max()), "max_abs_score": float(copies.abs().max()),
+                 "top2_gap_min": float(copies.topk(2, dim=-1).values.diff(dim=-1).abs().min())}
+        results.append(check)
+        print(json.dumps(check), flush=True)
+        (out / "eval_results.json").write_text(json.dumps(results, indent=1))
+        del model
+    results = [r for r in results if "P_s" in r]
+    lines = ["size   batch  P s     P' s    D s     S tree  S copies  gen-8 img/s  score img/s  ×gen8  (copies)  bound  same argmax"]
     for r in results:
-        lines.append(f"{r['size']:<8} {r['quant']:<5} {r['batch']:>5}  {r['generate128_img_s']:>18}  "
-                     f"{r['generate8_img_s']:>16}  {r['score_img_s']:>11}  {r['ratio_vs_generate128']:>7}  "
-                     f"{r['ratio_vs_generate8']:>5}")
-    text = "\n".join(lines)
-    print(text)
+        lines.append(f"{r['size']:<6} {r['batch']:>5}  {r['P_s']:<6}  {r['P_generate_s']:<6}  {r['D_s']:<6}  "
+                     f"{r['S_tree_s']:<6}  {r['S_copies_s']:<8}  {r['generate8_img_s']:>11}  {r['score_tree_img_s']:>11}  "
+                     f"{r['ratio_vs_generate8']:>5}  {r['ratio_copies_vs_generate8']:>8}  {r['bound_vs_generate8']:>5}  "
+                     f"{r['tree_equals_copies_argmax']}")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -106,9 +106,20 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
                for s in streams]
     else:
         out = []
+    if size in ("E4B", "E2B"):  # issue 19: the compiled run, profiled inside train(), and candidates for its MFU
+        out += [
+            ours("compiled-profile", "bf16", (32,), lora_dtype="fp32", steps=8, compile=True, profile_step=5),
+            ours("compiled-lora-bf16", "bf16", (32,), lora_dtype="bf16", steps=8, compile=True),
+        ]
     if size == "31B":
         out += [
-            ref,
+            # issue 19, the x20 target: train() with the planner's micro-batch (16 a step -> 8 x 2), then Liger's
+            # kernels (helpers.modeling.use_liger_kernels), then compile_layers on the 4-bit model, then the seed
+            ours("ours-q-planned", "nf4", (16,), ga=1, steps=6),
+            ours("ours-q-liger-helper", "nf4", (16,), ga=1, steps=6, liger=True),
+            ours("ours-q-compile", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5),
+            dict(ref, steps=3),  # two timed steps (each 16 micro-batches of 1)
+            ours("ours-q-compile-liger", "nf4", (16,), ga=1, steps=7, compile=True, liger=True),
             ours("ours-q-mb1-r64", "nf4", (1,), ga=16, ckpt=1, steps=1),
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
             ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")]),
@@ -425,15 +436,79 @@ def user_data(size: str, config, root: Path, per_class: int, shrink: bool):
 
 
 # ----------------------------------------------------------------------------------------------- one variant
-def train_ours(model, v, examples, collator, mb, ga, out_dir: str, timer, waits):
-    """``helpers.training.train`` on the variant's ``RunConfig``: the shipped path, callbacks for the timer."""
+def train_ours(model, v, examples, collator, mb, ga, out_dir: str, callbacks, waits):
+    """``helpers.training.train`` on the variant's ``RunConfig``: the shipped path, callbacks for the timer.
+    ``train()`` picks the micro-batch (``helpers.training.planned_batch``) for ``mb x ga`` samples a step."""
     from helpers.training import train
 
     shutil.rmtree(out_dir, ignore_errors=True)
     config = ours_config(v, mb, ga, out_dir)
     with timed_data_fetch(waits):
-        result = train(model, collator, examples, config, out_dir, callbacks=[timer])
+        result = train(model, collator, examples, config, out_dir, callbacks=callbacks)
     return result, config
+
+
+KERNEL_KINDS = [  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitk", "sm90_", "sm80_")),
+    ("4-bit dequantize", ("dequantize", "kdequant")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("inductor-fused (triton)", ("triton_",)),  # before liger: inductor's names say "gelu" too
+    ("liger", ("_rms_norm", "geglu", "_gelu")),
+    ("copy / cast", ("copy", "memcpy", "memset", "cast")),
+    ("reduction", ("reduce",)),
+    ("elementwise (eager)", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def step_profiler(step: int, out_path: Path):
+    """A callback that profiles optimizer step ``step`` (counting from 0) inside ``train()``: compiled layers,
+    optimizer and all, as the user's run does it. ``summary``: device time per kernel kind (``KERNEL_KINDS``),
+    the kernels' total against the step's wall time (the rest: the GPU waiting for the CPU), the top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self.prof, self.t0, self.summary = None, None, {}
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == step and self.prof is None:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is None or self.summary:
+                return
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            averages = self.prof.key_averages()
+            out_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=60))
+            kernels = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+            total = sum(e.self_device_time_total for e in kernels) / 1e6
+            kinds = {}
+            for e in kernels:
+                kind = kernel_kind(e.key)
+                kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+            self.summary = {
+                "step": step, "wall_s": round(wall, 4), "kernel_s": round(total, 4),
+                "gpu_busy_share": round(total / wall, 3) if wall else None,
+                "by_kind_s": {k: round(t, 4) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                "by_kind_share": {k: round(t / total, 3) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                "top_kernels": [(e.key[:90], round(e.self_device_time_total / 1e6, 4), e.count) for e in top],
+            }
+
+    return StepProfiler()
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -547,8 +622,6 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
         model = None
         cleanup()
         try:
-            if v.get("liger"):
-                restore = patch_liger()
             if kept:
                 model = kept["model"]
             else:
@@ -557,6 +630,10 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                               config=copy.deepcopy(config) if config is not None else None)
                 result["build_s"] = round(time.perf_counter() - t_build, 1)
                 result["weights_bytes"] = torch.cuda.memory_allocated() if not cpu else None
+                if v.get("liger"):  # the shipped helper (this model only, text decoder's norms and MLPs)
+                    from helpers.modeling import use_liger_kernels
+
+                    result["liger_modules"] = use_liger_kernels(model)
                 if size not in flops_cache:
                     flops_cache[size] = forward_flops(model, collate([rows[0]]))
                 if v["trainer"] != "trl":
@@ -579,11 +656,17 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                 trainer.train()
                 del trainer
             else:
-                trained, config = train_ours(model, v, examples, collator, mb, ga, run_dir, timer, waits)
+                profiler = step_profiler(v["profile_step"], out_dir / f"profile_{size}_{v['name']}.txt") if (
+                    v.get("profile_step") and not cpu and args.profile) else None
+                trained, config = train_ours(model, v, examples, collator, mb, ga, run_dir,
+                                             [timer] + ([profiler] if profiler else []), waits)
+                if profiler is not None:
+                    result["profile"] = profiler.summary
                 from helpers.training import dataloader_worker_count
 
                 result.update(workers=dataloader_worker_count(config), compiled_layers=trained.compiled_layers,
-                              steps_done=trained.global_step)
+                              steps_done=trained.global_step, mb_asked=mb, ga_asked=ga)
+                mb, ga = trained.micro_batch, trained.gradient_accumulation  # train()'s own (planned_batch)
                 if v.get("compile"):  # graphs and recompiles so far in this process (lengths vary on real data)
                     from torch._dynamo.utils import counters
 

@@ -46,6 +46,12 @@ MEASURED = [
                                     "liger": True}, 96_757_303_296),
     ("E4B ours-bf16-compile", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 32, "lora_dtype": "fp32",
                                       "compiled": True}, 133_953_498_624),
+    # issue 19 (H200, 2026-12-02, results/train_issue19_runB_31b.json): the 31B through train(), Liger by
+    # helpers.modeling.use_liger_kernels, and compile_layers on the 4-bit model; these two fitted the factors
+    ("31B ours-q-liger-helper", "31B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 8, "liger": True},
+     114_176_802_816),
+    ("31B ours-q-compile", "31B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 8, "compiled": True},
+     97_085_303_808),
     # the 12B (issue 18), 2026-12-01, one process for all five rows (results/train_12b_run1.json); the
     # two micro-batch-1 rows are predictions, the others fitted ACTIVATION_BYTES_PER_UNIT["12B"]
     ("12B ref", "12B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 1, "gradient_checkpointing": True,

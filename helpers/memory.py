@@ -165,12 +165,17 @@ ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in b
     "26B-A4B": 18.2,
     "31B": 16.0,
 }
-LIGER_ACTIVATION_FACTOR = 0.78  # Liger's RMSNorm + GeGLU keep bf16, not float32, copies (31B, measured)
+# Liger's RMSNorm + GeGLU keep bf16, not float32, copies: 0.85 with helpers.modeling.use_liger_kernels (text decoder
+# only; 31B QLoRA mb 8, H200, 2026-12-02); the class-level patch of issue 7 (which also reached other norms) kept 0.78
+LIGER_ACTIVATION_FACTOR = 0.85
 FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own loss (bf16 logits, fp32
 # upcast, softmax and gradient): 1.5 GB for one 31B sample of 290 tokens; the labelled-position loss: ~0
 LORA_STATE_BYTES = {"bf16": 8, "fp32": 16}  # parameter + gradient + AdamW's two moments
 EIGHT_BIT_STATE_SAVING = {"bf16": 2, "fp32": 6}  # bitsandbytes' 8-bit AdamW: two 1-byte moments per parameter
-COMPILED_ACTIVATION_FACTOR = 0.61  # compile_layers fuses the float32 RMSNorm copies (E4B mb 32, measured)
+# compile_layers fuses the float32 RMSNorm copies: E4B bf16 mb 32 measured 0.61 (the 12B's row fits it too), the 31B
+# in NF4 mb 8 0.69 (H200, 2026-12-02); sizes not measured compiled take the larger
+COMPILED_ACTIVATION_FACTOR = {"E2B": 0.61, "E4B": 0.61, "12B": 0.61, "31B": 0.69}
+COMPILED_ACTIVATION_FACTOR_UNMEASURED = 0.69
 TEXT_TOKENS = 29  # chat scaffolding + a short question + a class name (the benchmark's stream)
 
 
@@ -235,7 +240,7 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     lora = state_bytes * lora_r * _preset_lora_parameters_per_rank(size)
     units = activation_units(config, image_tokens, patches, text_tokens)
     per_unit = ACTIVATION_BYTES_PER_UNIT[size] * (LIGER_ACTIVATION_FACTOR if liger else 1.0) * (
-        COMPILED_ACTIVATION_FACTOR if compiled else 1.0)
+        COMPILED_ACTIVATION_FACTOR.get(size, COMPILED_ACTIVATION_FACTOR_UNMEASURED) if compiled else 1.0)
     text = config.get_text_config()
     if gradient_checkpointing:
         one_layer = units / text.num_hidden_layers  # the layer being recomputed (the widest: a text layer)
@@ -250,16 +255,88 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     return {**terms, "total": sum(terms.values())}
 
 
-def fits(size: str, gpu_gb: float, **kwargs) -> bool:
-    """``plan(...)["total"]`` under the GPU's memory, keeping ~1 GB for the CUDA context and allocator."""
-    return plan(size, **kwargs)["total"] + 1 * GB <= gpu_gb * GB
+def fits(size: str, gpu_gb: float, margin: float = 0.0, **kwargs) -> bool:
+    """``plan(...)["total"]`` under the GPU's memory, keeping ~1 GB for the CUDA context and allocator;
+    ``margin``: a share added to the prediction first (0.06: 6% more than planned must still fit)."""
+    return plan(size, **kwargs)["total"] * (1 + margin) + 1 * GB <= gpu_gb * GB
 
 
-def largest_micro_batch(size: str, gpu_gb: float, candidates=(64, 32, 16, 8, 4, 2, 1), **kwargs) -> int | None:
+def largest_micro_batch(size: str, gpu_gb: float, candidates=(64, 32, 16, 8, 4, 2, 1), margin: float = 0.0,
+                        **kwargs) -> int | None:
     """The largest micro-batch whose ``plan`` fits ``gpu_gb`` (``None``: not even 1). Taught in notebook 01.
 
     Use it for ``batch_size`` instead of the seed's 1 x 16: with the same global batch (raise
     ``gradient_accumulation`` to match), fewer, larger steps keep the GPU busy (31B NF4 on an H200:
     micro-batch 8 trained 11x faster than 1 x 16 with checkpointing; benchmarks/README.md).
+    ``helpers.training.train`` asks it on a GPU (``micro_batch_for``).
     """
-    return next((mb for mb in sorted(candidates, reverse=True) if fits(size, gpu_gb, micro_batch=mb, **kwargs)), None)
+    return next((mb for mb in sorted(candidates, reverse=True)
+                 if fits(size, gpu_gb, margin=margin, micro_batch=mb, **kwargs)), None)
+
+
+# The share by which train()'s micro-batch must undercut the GPU's memory (micro_batch_for): the plan was within
+# 6.2% of every peak measured on the H200 (tests/test_memory_plan.py), and it counts a full image budget
+# (2,520 patches, 280 image tokens at the default) where real photos give 253-266 image tokens.
+PLANNER_MARGIN = 0.06
+
+# The shape numbers that tell the published sizes apart (preset_of): a checkpoint's config.json carries the same.
+# (Not the per-layer ones such as num_key_value_heads: a built model's config refuses to give those globally.)
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size", "hidden_size_per_layer_input")
+
+
+@functools.cache
+def _preset_shapes() -> dict:
+    from helpers.presets import PRESET_NAMES
+
+    shapes = {}
+    for name in PRESET_NAMES:
+        config = preset_config(name)
+        shapes[name] = (config.model_type, tuple(getattr(config.get_text_config(), k, None) for k in _SHAPE_KEYS))
+    return shapes
+
+
+def preset_of(config) -> str | None:
+    """Which of the published sizes (``helpers.presets``) a model's config is, by its text model's shape;
+    ``None`` for anything else (the tiny offline models, other architectures): the planner has no numbers then."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    shape = (getattr(config, "model_type", None), tuple(getattr(text, k, None) for k in _SHAPE_KEYS))
+    return next((name for name, known in _preset_shapes().items() if known == shape), None)
+
+
+def micro_batch_for(size: str, gpu_bytes: int, batch: int, margin: float = PLANNER_MARGIN, **kwargs) -> int | None:
+    """The micro-batch ``helpers.training.train`` uses on a GPU of ``gpu_bytes``: the largest divisor of ``batch``
+    (the samples of one optimizer step on one device, ``batch_size x gradient_accumulation``) whose ``plan``,
+    ``margin`` added, fits; the accumulation is then ``batch // micro-batch``, so the step's batch is unchanged.
+    ``None``: not even 1 is predicted to fit. ``kwargs``: ``plan``'s (quantization, lora_r, soft_tokens, ...)."""
+    divisors = [d for d in range(batch, 0, -1) if batch % d == 0]
+    return largest_micro_batch(size, gpu_bytes / GB, candidates=divisors, margin=margin, **kwargs)
+
+
+def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", compiled: bool = False,
+              liger: bool = False) -> tuple[int, int, str]:
+    """(micro-batch, gradient accumulation, how chosen) for a ``RunConfig`` on one GPU of ``gpu_bytes``, as
+    ``helpers.training.train`` uses them there.
+
+    For a published size (``preset_of(model_config)``): ``micro_batch_for`` over the step's batch
+    ``config.batch_size x config.gradient_accumulation``, which stays as configured (on an H200: 31B QLoRA r64,
+    8 x 4 for the default 32 x 1; E4B bf16 compiled, 32 x 1). For other models (the tiny ones), the config's own
+    values. ``lora_dtype``, ``compiled`` (``compile_layers`` on) and ``liger``
+    (``helpers.modeling.use_liger_kernels``) are what ``train()`` found."""
+    configured = (config.batch_size, config.gradient_accumulation)
+    size = preset_of(model_config)
+    if size is None:
+        return (*configured, "as configured: not a published Gemma 4 size, so no memory plan")
+    batch = config.batch_size * config.gradient_accumulation
+    micro = micro_batch_for(size, gpu_bytes, batch, quantization=config.quantization, lora_r=config.lora_r,
+                            soft_tokens=config.image_soft_tokens or 280, lora_dtype=lora_dtype,
+                            gradient_checkpointing=config.gradient_checkpointing,
+                            quantize_towers=config.quantization == "4bit" and config.quantize_towers,
+                            optimizer=config.optimizer, compiled=compiled, liger=liger)
+    how = (f"helpers.memory.plan for {size}, quantization {config.quantization}, LoRA r{config.lora_r} {lora_dtype}"
+           f"{', compiled' if compiled else ''}{', Liger' if liger else ''}"
+           f"{', checkpointing' if config.gradient_checkpointing else ''}: the "
+           f"largest that fits {gpu_bytes / GB:.0f} GB with a {PLANNER_MARGIN:.0%} margin; {batch} samples a step "
+           "as configured")
+    if micro is None:
+        return 1, batch, how + " (even micro-batch 1 is predicted not to fit)"
+    return micro, batch // micro, how

@@ -250,7 +250,9 @@ def apply_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, target
 
 def should_compile_layers(config) -> bool:
     """``compile_layers`` as asked; ``None`` means on for bf16 LoRA on one GPU (measured there, off elsewhere:
-    4-bit, checkpointing and several processes are not measured compiled)."""
+    checkpointing and several processes are not measured compiled; 4-bit was measured on the 31B only, where
+    ``compile_layers=True`` trained QLoRA 1.5x faster than eager, 7.2 against 4.7 samples/s on an H200 with no graph
+    break, benchmarks/README.md; the other 4-bit sizes and real image files are not measured compiled yet)."""
     if config.compile_layers is not None:
         return config.compile_layers
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
@@ -310,6 +312,51 @@ def uncompile_layers(model) -> int:
         use_fast_clamps(unwrap_gemma4(model).model)
         model._fast_clamps_were_on = False
     return len(layers)
+
+
+LIGER_METHODS = ("forward", "extra_repr", "_get_name")  # what liger-kernel binds on a module it patches
+
+
+def use_liger_kernels(model) -> int:
+    """Liger-kernel's Triton RMSNorm and GeGLU MLP in the text decoder of a loaded Gemma 4 (``gemma4``: E2B, E4B,
+    26B-A4B's norms, 31B), in place, this model only; returns how many modules. Undone by ``use_stock_kernels``.
+
+    liger-kernel's ``apply_liger_kernel_to_gemma4(model=...)``, without its fused cross-entropy (the loss here
+    is ``helpers.losses``'s, at labelled positions). That call also swaps transformers' ``Gemma4RMSNorm`` and
+    ``Gemma4TextMLP`` classes for every model built later; those are put back at once. Needs ``liger-kernel``
+    and a CUDA GPU (its kernels are Triton). Measured in benchmarks/README.md (31B QLoRA on an H200)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_gemma4
+    from transformers.models.gemma4 import modeling_gemma4
+
+    gemma = unwrap_gemma4(model)
+    if gemma.config.model_type != "gemma4":
+        raise ValueError(f"liger-kernel patches Gemma 4 (model_type 'gemma4'), not {gemma.config.model_type!r}")
+    before = {id(m) for m in gemma.modules() if "forward" in m.__dict__}
+    classes = modeling_gemma4.Gemma4RMSNorm, modeling_gemma4.Gemma4TextMLP
+    try:
+        apply_liger_kernel_to_gemma4(rope=False, cross_entropy=False, fused_linear_cross_entropy=False,
+                                     rms_norm=True, geglu=True, model=gemma)
+    finally:
+        modeling_gemma4.Gemma4RMSNorm, modeling_gemma4.Gemma4TextMLP = classes
+    patched = [m for m in gemma.modules() if "forward" in m.__dict__ and id(m) not in before]
+    gemma._liger_modules = getattr(gemma, "_liger_modules", []) + patched
+    return len(patched)
+
+
+def use_stock_kernels(model) -> int:
+    """Undo ``use_liger_kernels``: transformers' own forwards again; returns how many modules."""
+    gemma = unwrap_gemma4(model)
+    modules = getattr(gemma, "_liger_modules", [])
+    for module in modules:
+        for name in LIGER_METHODS:
+            module.__dict__.pop(name, None)
+    gemma._liger_modules = []
+    return len(modules)
+
+
+def liger_kernel_count(model) -> int:
+    """Modules of ``model`` running liger-kernel's forwards (``use_liger_kernels``)."""
+    return len(getattr(unwrap_gemma4(model), "_liger_modules", []))
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -30,8 +30,8 @@ import torch
 from transformers import Trainer, TrainerState, TrainingArguments
 
 from helpers.chat import save_prompt
-from helpers.losses import labelled_positions_loss
-from helpers.modeling import compile_layers, should_compile_layers, uncompile_layers
+from helpers.losses import labelled_positions_loss, unwrap_gemma4
+from helpers.modeling import compile_layers, liger_kernel_count, should_compile_layers, uncompile_layers
 from helpers.run_folder import (  # a folder without COMPLETE_MARKER is ignored by resume: a bucket mount
     ADAPTER,  # has neither atomic directory renames nor locks to guarantee that a folder is whole
     ADAPTER_STAGING,
@@ -64,6 +64,8 @@ class TrainResult:
     train_samples: int = 0
     already_finished: bool = False  # the folder's last checkpoint was at the planned steps: nothing trained
     compiled_layers: int = 0  # layers compile_layers compiled for this run (0: eager)
+    micro_batch: int = 0  # per device, as trained (planned_batch on a GPU)
+    gradient_accumulation: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,17 +202,37 @@ def dataloader_worker_count(config) -> int:
     return max(0, min(AUTO_DATALOADER_WORKERS, per_process - 2))
 
 
-def training_arguments(config, output_dir: str | Path) -> TrainingArguments:
+def gpu_memory_bytes() -> int:
+    """The current GPU's memory (what ``helpers.memory`` plans against)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def planned_batch(model, config) -> tuple[int, int, str]:
+    """(micro-batch, gradient accumulation, how chosen) for ``train()``: on a GPU ``helpers.memory.run_batch``
+    (the largest micro-batch the memory plan fits, the step's batch as configured); on a CPU the config's."""
+    if not torch.cuda.is_available():
+        return config.batch_size, config.gradient_accumulation, "as configured (CPU)"
+    from helpers.memory import run_batch
+
+    trainable = next((p for p in model.parameters() if p.requires_grad), None)
+    lora_dtype = "fp32" if trainable is not None and trainable.dtype == torch.float32 else "bf16"
+    return run_batch(unwrap_gemma4(model).config, config, gpu_memory_bytes(), lora_dtype=lora_dtype,
+                     compiled=should_compile_layers(config), liger=liger_kernel_count(model) > 0)
+
+
+def training_arguments(config, output_dir: str | Path, micro_batch: int | None = None,
+                       gradient_accumulation: int | None = None) -> TrainingArguments:
     """TrainingArguments from a ``RunConfig``: exactly the ones notebook 04 shows as plain code (a test
-    checks the two agree)."""
+    checks the two agree). ``micro_batch`` / ``gradient_accumulation``: in place of the config's
+    ``batch_size`` / ``gradient_accumulation`` (``train()`` passes ``planned_batch``'s)."""
     on_gpu = torch.cuda.is_available()
     workers = dataloader_worker_count(config)
     if config.optimizer == "adamw_8bit" and not on_gpu:
         raise ValueError("optimizer='adamw_8bit' (bitsandbytes) needs a CUDA GPU; use 'adamw_torch' on the CPU")
     return TrainingArguments(
         output_dir=str(Path(output_dir) / CHECKPOINTS),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation,
+        per_device_train_batch_size=micro_batch or config.batch_size,
+        gradient_accumulation_steps=gradient_accumulation or config.gradient_accumulation,
         learning_rate=config.learning_rate,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -307,7 +329,11 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     output_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    args = args or training_arguments(config, output_dir)
+    if args is None:
+        micro, accumulation, how = planned_batch(model, config)
+        if torch.cuda.is_available():  # the chosen micro-batch, said (CPU runs print nothing new)
+            print(f"train(): micro-batch {micro} x gradient accumulation {accumulation} ({how})", flush=True)
+        args = training_arguments(config, output_dir, micro, accumulation)
     freeze_unused_adapters(model)
     # Nothing trainable is left without a gradient. Said explicitly: left None, the Trainer turns DDP's
     # search for unused parameters on for any model that is not a PreTrainedModel, a PeftModel included.
@@ -337,7 +363,9 @@ def train(model, collator, train_examples, config, output_dir: str | Path, callb
     return TrainResult(global_step=trainer.state.global_step, resumed_from=resume, wall_seconds=wall,
                        peak_memory_bytes=peak, peak_memory_kind=kind, adapter_dir=str(adapter),
                        loss_history=loss_history(trainer), train_samples=len(train_examples),
-                       already_finished=finished, compiled_layers=compiled)
+                       already_finished=finished, compiled_layers=compiled,
+                       micro_batch=args.per_device_train_batch_size,
+                       gradient_accumulation=args.gradient_accumulation_steps)
 
 
 def planned_steps(trainer: Trainer) -> int:

@@ -123,3 +123,23 @@ def test_eight_bit_optimizer_trains_on_gpu(tmp_path):
                        compile_layers=False)
     result = train(model, collator, data.examples, config, tmp_path)
     assert result.global_step == 2 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+
+
+def test_liger_kernels_give_the_stock_loss_on_gpu():
+    """helpers.modeling.use_liger_kernels: the same loss as transformers' forwards (bf16 tolerance), undone exactly."""
+    pytest.importorskip("liger_kernel")
+    from helpers.losses import labelled_positions_loss
+    from helpers.modeling import use_liger_kernels, use_stock_kernels
+    from helpers.realshape import build_model, shrunk_config, synthetic_batch
+
+    config = shrunk_config("31B")
+    model = build_model(config, "none", dtype=torch.float32)
+    batch = synthetic_batch(config, 3, device="cuda")
+    with torch.no_grad():
+        stock = labelled_positions_loss(model, batch)
+        assert use_liger_kernels(model) > 0
+        liger = labelled_positions_loss(model, batch)
+        assert use_stock_kernels(model) > 0
+        again = labelled_positions_loss(model, batch)
+    torch.testing.assert_close(liger, stock, atol=2e-3, rtol=2e-3)
+    assert torch.equal(again, stock)

@@ -252,3 +252,59 @@ def test_worker_processes_collate_the_same_batches(tmp_path, tiny_path, tiny_pro
         result = train(model, collator, data.examples, config, tmp_path / str(workers))
         losses[workers] = [loss for _, loss in result.loss_history]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def _meta_preset(size: str, adapter_dtype: torch.dtype):
+    """A published size on the meta device (no memory), one weight made trainable as an adapter would be."""
+    from helpers.presets import build_meta_model, preset_config
+
+    model = build_meta_model(preset_config(size))
+    model.requires_grad_(False)
+    weight = model.get_output_embeddings().weight
+    weight.data = weight.data.to(adapter_dtype)
+    weight.requires_grad_(True)
+    return model
+
+
+H200_BYTES = 143_771 * 2**20  # what torch reports for an H200 (benchmarks/README.md: 143,771 MiB)
+
+
+@pytest.mark.parametrize("size,adapter_dtype,settings,gpu_bytes,expected", [
+    ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 64}, H200_BYTES, (8, 4)),  # measured: 8 fits, 16 OOM
+    ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 64, "batch_size": 4, "gradient_accumulation": 4},
+     H200_BYTES, (8, 2)),  # the README's 4 x 4 on an H200: a larger micro-batch, the same 16 samples a step
+    ("E4B", torch.float32, {"lora_r": 64}, H200_BYTES, (32, 1)),  # bf16, compiled (the GPU default): 32 trained
+    ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 16, "gradient_checkpointing": True}, 24e9, (2, 16)),
+])
+def test_micro_batch_on_a_gpu_comes_from_the_memory_plan(monkeypatch, size, adapter_dtype, settings, gpu_bytes,
+                                                        expected):
+    from helpers import training
+    from helpers.memory import PLANNER_MARGIN, fits, plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training, "gpu_memory_bytes", lambda: int(gpu_bytes))
+    config = RunConfig(**settings)
+    micro, accumulation, how = training.planned_batch(_meta_preset(size, adapter_dtype), config)
+    assert (micro, accumulation) == expected and "helpers.memory.plan" in how
+    assert micro * accumulation == config.batch_size * config.gradient_accumulation  # the step's batch as configured
+    kwargs = {"quantization": config.quantization, "lora_r": config.lora_r, "compiled": size == "E4B",
+              "lora_dtype": "fp32" if adapter_dtype == torch.float32 else "bf16",
+              "gradient_checkpointing": config.gradient_checkpointing}
+    assert fits(size, gpu_bytes / 1e9, margin=PLANNER_MARGIN, micro_batch=micro, **kwargs)
+    # the next larger divisor of the step's batch would not fit with the margin
+    larger = next((d for d in range(micro + 1, micro * accumulation + 1) if (micro * accumulation) % d == 0), None)
+    assert larger is None or plan(size, micro_batch=larger, **kwargs)["total"] * (1 + PLANNER_MARGIN) + 1e9 > gpu_bytes
+
+
+def test_micro_batch_stays_as_configured_on_a_cpu_and_for_other_models(monkeypatch, tiny_path):
+    from helpers import training
+
+    config = RunConfig(batch_size=6, gradient_accumulation=2)
+    assert training.planned_batch(_meta_preset("31B", torch.bfloat16), config)[:2] == (6, 2)  # no GPU here
+    args = training_arguments(config, "/tmp/unused")
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (6, 2)  # CPU runs unchanged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training, "gpu_memory_bytes", lambda: H200_BYTES)
+    tiny = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path))
+    micro, accumulation, how = training.planned_batch(tiny, config)
+    assert (micro, accumulation) == (6, 2) and "no memory plan" in how
