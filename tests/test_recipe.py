@@ -41,12 +41,13 @@ def test_the_notebooks_bitsandbytes_config_is_nf4_config(quantize_towers):
 
 @pytest.mark.parametrize("settings", [{}, {"optimizer": "adamw_torch", "max_steps": 7, "gradient_accumulation": 2,
                                            "seed": 3, "learning_rate": 2e-4, "warmup_steps": 0}])
-def test_the_notebooks_training_arguments_are_training_arguments(tmp_path, settings):
-    from helpers.training import training_arguments
+def test_the_notebooks_training_arguments_are_training_arguments(tmp_path, settings, tiny_model):
+    from helpers.training import planned_batch, training_arguments
 
     config = RunConfig(output_dir=str(tmp_path), **settings)
-    shown = run_cell("TrainingArguments(", config=config)["training_args"]
-    assert shown.to_dict() == training_arguments(config, tmp_path).to_dict()
+    shown = run_cell("TrainingArguments(", config=config, model=tiny_model)["training_args"]
+    micro_batch, accumulation, _ = planned_batch(tiny_model, config)
+    assert shown.to_dict() == training_arguments(config, tmp_path, micro_batch, accumulation).to_dict()
 
 
 @pytest.mark.parametrize("settings", [{}, {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
