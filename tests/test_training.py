@@ -270,11 +270,12 @@ H200_BYTES = 143_771 * 2**20  # what torch reports for an H200 (benchmarks/READM
 
 
 @pytest.mark.parametrize("size,adapter_dtype,settings,gpu_bytes,expected", [
-    ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 64}, H200_BYTES, (8, 4)),  # measured: 8 fits, 16 OOM
+    ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 64, "batch_size": 32}, H200_BYTES, (8, 4)),  # measured: 8 fits, 16 OOM
     ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 64, "batch_size": 4, "gradient_accumulation": 4},
      H200_BYTES, (8, 2)),  # the README's 4 x 4 on an H200: a larger micro-batch, the same 16 samples a step
-    ("E4B", torch.float32, {"lora_r": 64}, H200_BYTES, (32, 1)),  # bf16, compiled (the GPU default): 32 trained
-    ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 16, "gradient_checkpointing": True}, 24e9, (2, 16)),
+    ("E4B", torch.float32, {"lora_r": 64, "batch_size": 32}, H200_BYTES, (32, 1)),  # bf16, compiled (the GPU default): 32 trained
+    ("31B", torch.bfloat16, {"quantization": "4bit", "lora_r": 16, "gradient_checkpointing": True, "batch_size": 32},
+     24e9, (2, 16)),
 ])
 def test_micro_batch_on_a_gpu_comes_from_the_memory_plan(monkeypatch, size, adapter_dtype, settings, gpu_bytes,
                                                         expected):

@@ -103,7 +103,7 @@ def test_odd_formats_train_in_one_batch(tiny_processor, tiny_model):
 
 def test_corrupt_and_truncated_images_name_the_sample():
     jpeg = encode(photo(), "JPEG")
-    with pytest.raises(BadExampleError, match="row 7.*not in any image format") as err:
+    with pytest.raises(BadExampleError, match="row 7.*in no image format") as err:
         to_rgb_image(b"\x89PNG this is not really an image", "row 7")
     assert err.value.reason == "unreadable_image"
     with pytest.raises(BadExampleError, match="row 8.*truncated") as err:
