@@ -20,12 +20,17 @@ from pathlib import Path
 from PIL import Image
 from vllm import LLM, SamplingParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # vLLM's venv has the clone, not the package
+
+from helpers.chat import to_messages  # it needs only the standard library
+
 
 def messages(image_path: str, prompt: dict) -> list[dict]:
-    turns = [{"role": "system", "content": prompt["system_prompt"]}] if prompt.get("system_prompt") else []
-    content = [{"type": "image_pil", "image_pil": Image.open(image_path).convert("RGB")},
-               {"type": "text", "text": prompt["question"]}]
-    return turns + [{"role": "user", "content": content}]
+    """``helpers.chat.to_messages`` (what training rendered), the image part as vLLM takes a PIL image."""
+    turns = to_messages(prompt["question"], system=prompt.get("system_prompt"))
+    image_part = {"type": "image_pil", "image_pil": Image.open(image_path).convert("RGB")}
+    turns[-1]["content"] = [image_part if part["type"] == "image" else part for part in turns[-1]["content"]]
+    return turns
 
 
 def main() -> None:

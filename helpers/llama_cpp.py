@@ -41,6 +41,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from helpers.chat import to_messages
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE_DIR = Path(__file__).resolve().parent.parent / "artifacts" / "llama-cpp"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
@@ -183,26 +185,6 @@ def image_token_args(image_soft_tokens: int) -> list[str]:
     return ["--image-min-tokens", str(square), "--image-max-tokens", str(image_soft_tokens)]
 
 
-def prompt_args(prompt: dict) -> list[str]:
-    """The run's prompt as llama-mtmd-cli takes it: the question (the CLI puts the image before it, as training
-    did) and the system turn. There is no thinking switch: llama-mtmd-cli 0.3.36 renders every template with
-    ``enable_thinking=true`` (``--reasoning`` and ``--chat-template-kwargs`` belong to llama-server and
-    llama-cli), so a model trained with thinking off sees a thinking prompt there."""
-    return ["-p", prompt["question"]] + (["-sys", prompt["system_prompt"]] if prompt.get("system_prompt") else [])
-
-
-def generate(binary: Path, text_gguf, projector_gguf, image, prompt: dict, image_soft_tokens: int,
-             max_new_tokens: int = 16) -> str:
-    """The greedy answer of the GGUF model for one image file (``--jinja``: the model's own chat template)."""
-    command = [str(binary), "-m", str(text_gguf), "--mmproj", str(projector_gguf), "--image", str(image),
-               "--temp", "0", "-n", str(max_new_tokens), "--jinja", "--no-warmup", "-t", "1",
-               *prompt_args(prompt), *image_token_args(image_soft_tokens)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise LlamaCppError(f"{CLI} failed on {image} ({' '.join(command)}):\n{result.stderr[-2000:]}")
-    return result.stdout.strip()
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -284,12 +266,12 @@ class Server:
             raise LlamaCppError(f"{SERVER} {path}: HTTP {err.code}: {err.read().decode(errors='replace')[:2000]}") from None
 
     def messages(self, image, prompt: dict) -> list[dict]:
-        """The chat request's messages as training rendered them (``helpers.chat.to_messages``): an optional
-        system turn, then the image and the question."""
-        turns = [{"role": "system", "content": prompt["system_prompt"]}] if prompt.get("system_prompt") else []
-        content = [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
-                   {"type": "text", "text": prompt["question"]}]
-        return turns + [{"role": "user", "content": content}]
+        """The chat request's messages as training rendered them (``helpers.chat.to_messages``), the image part
+        as the OpenAI API sends it (a data URI)."""
+        messages = to_messages(prompt["question"], system=prompt.get("system_prompt"))
+        image_part = {"type": "image_url", "image_url": {"url": _data_uri(image)}}
+        messages[-1]["content"] = [image_part if part["type"] == "image" else part for part in messages[-1]["content"]]
+        return messages
 
     def chat(self, image, prompt: dict, max_tokens: int = 16) -> str:
         """The greedy answer of the chat endpoint (``/v1/chat/completions``) for one image file."""
