@@ -30,7 +30,15 @@ from collections import OrderedDict
 
 from torch import nn
 
-from helpers.presets import TOWERS, build_meta_model, image_patches, is_encoder_free, preset_config, tower_of
+from helpers.presets import (
+    PRESET_NAMES,
+    TOWERS,
+    build_meta_model,
+    image_patches,
+    is_encoder_free,
+    preset_config,
+    tower_of,
+)
 
 BF16_BYTES = 2
 NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block size
@@ -133,14 +141,14 @@ def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
     return sum(lora_parameters_by_tower(build_meta_model(config), r).values())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _preset_weight_bytes(size: str, quantization: str, skip_modules: tuple[str, ...] | None) -> int:
     """``weight_bytes`` of a preset, once per setting: each call builds a meta model (seconds for the large
     sizes), and the planner is asked again for every micro-batch, card and option (notebook 01's tables)."""
     return weight_bytes(preset_config(size), quantization, None if skip_modules is None else list(skip_modules))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _preset_lora_parameters_per_rank(size: str) -> int:
     """``lora_parameter_count`` of a preset at rank 1 (the count is linear in the rank), once per size."""
     return lora_parameter_count(preset_config(size), 1)
@@ -286,8 +294,6 @@ _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size", "hidden_size_pe
 
 @functools.cache
 def _preset_shapes() -> dict:
-    from helpers.presets import PRESET_NAMES
-
     shapes = {}
     for name in PRESET_NAMES:
         config = preset_config(name)
@@ -319,7 +325,7 @@ def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", co
 
     For a published size (``preset_of(model_config)``): ``micro_batch_for`` over the step's batch
     ``config.batch_size x config.gradient_accumulation``, which stays as configured (on an H200: 31B QLoRA r64,
-    8 x 4 for the default 32 x 1; E4B bf16 compiled, 32 x 1). For other models (the tiny ones), the config's own
+    8 x 4 for 32 x 1, 8 x 2 for the default 16 x 1; E4B bf16 compiled, 32 x 1 for 32 x 1). For other models (the tiny ones), the config's own
     values. ``lora_dtype``, ``compiled`` (``compile_layers`` on) and ``liger``
     (``helpers.modeling.use_liger_kernels``) are what ``train()`` found."""
     configured = (config.batch_size, config.gradient_accumulation)

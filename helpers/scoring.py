@@ -191,14 +191,13 @@ def _tree_scores(model, inputs: dict, candidates, max_logit_bytes: int) -> torch
     joined["position_ids"] = torch.cat([_positions(mask), mask.long().sum(-1, keepdim=True) + depth - 1], 1)
     if "mm_token_type_ids" in inputs:  # the nodes are text
         joined["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, nodes))
-    rows = {kind: node_rows(mask, parents, depths, window if kind == "sliding_attention" else None)
-            for kind in set(text.layer_types)}
+    windows = {kind: window if kind == "sliding_attention" else None for kind in set(text.layer_types)}
+    rows = {kind: node_rows(mask, parents, depths, kind_window) for kind, kind_window in windows.items()}
     hidden = {}
 
     def tree_masks(module, args, kwargs):  # transformers' masks for prompt + nodes, the nodes' rows replaced
         masks = kwargs["attention_mask"]
-        kwargs["attention_mask"] = {kind: _with_node_rows(m, rows[kind], window if kind == "sliding_attention" else None)
-                                    for kind, m in masks.items()}
+        kwargs["attention_mask"] = {kind: _with_node_rows(m, rows[kind], windows[kind]) for kind, m in masks.items()}
         return args, kwargs
 
     def keep_hidden(module, args):  # lm_head sees one row; the kept rows' hidden states are scored below in chunks

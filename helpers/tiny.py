@@ -176,7 +176,7 @@ def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION
                 text_hidden: int = TINY_TEXT_HIDDEN, patch_size: int = TINY_PATCH_SIZE,
                 vision_hidden: int = TINY_VISION_HIDDEN, vision_heads: int = TINY_VISION_HEADS,
                 vision_head_dim: int = TINY_VISION_HEAD_DIM):
-    """A small Gemma4Config: 2 text layers (sliding then full), a 2-layer vision tower, no audio.
+    """A small Gemma4Config: 2 text layers (sliding then full), a vision tower of ``vision_layers`` layers, no audio.
 
     The vision tower clips as the family's releases do: on for the E-series, off (standardized) for the large.
     """
