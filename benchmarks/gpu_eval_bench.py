@@ -100,6 +100,36 @@ def prefill_fn(model):
     return prefill
 
 
+def profiled(model, run_one, batch, out_path: Path) -> dict:
+    """One call of ``run_one(batch)`` under torch.profiler: device time by kernel kind, and where the GPU idled
+    (``gpu_gaps.idle_gaps``; the model's parts annotated). The trace is kept beside the results, gzipped."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.gpu_gaps import annotate_modules, export_and_analyse
+    from benchmarks.gpu_train_bench import kernel_kind
+
+    handles = annotate_modules(model)
+    try:
+        sync()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run_one(batch)
+            sync()
+        wall = time.perf_counter() - t0
+    finally:
+        for handle in handles:
+            handle.remove()
+    kinds: dict = {}
+    for e in prof.key_averages():
+        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e6
+    out_path.with_suffix(".txt").write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+    return {"wall_s": round(wall, 4), "kernel_s": round(sum(kinds.values()), 4),
+            "by_kind_s": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "idle": export_and_analyse(prof, out_path.with_suffix(".trace.json.gz"))}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="E4B,31B")
@@ -110,6 +140,7 @@ def main(argv=None):
     parser.add_argument("--quant", default="ref4", choices=["ref4", "bf16"])
     parser.add_argument("--gen128", action="store_true", help="also time generate forced to 128 tokens")
     parser.add_argument("--fp32-check", default="", help="a size: compare tree and copies on a float32 build of it")
+    parser.add_argument("--profile", default="", help="sizes whose prompt pass, scoring and generate-8 are profiled")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +190,12 @@ def main(argv=None):
         row["tree_equals_copies_argmax"] = bool(torch.equal(scores["tree"].argmax(-1), scores["copies"].argmax(-1)))
         row["tree_vs_copies_max_abs_diff"] = float((scores["tree"] - scores["copies"]).abs().max())
         row["tree_vs_copies_max_score"] = float(scores["copies"].abs().max())
+        if size in args.profile.split(",") and device == "cuda":
+            runs = {"prefill": prefill_fn(model), "generate8": generate_fn(model, 8),
+                    "score_tree": lambda b, model=model: score_class_names(model, tokenizer, b, names).cpu()}
+            row["profile"] = {name: profiled(model, run_one, batches[1], out / f"profile_eval_{size}_{name}")
+                              for name, run_one in runs.items()}
+            print(json.dumps({"size": size, "profile": row["profile"]}), flush=True)
         row["peak_alloc"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
         results.append(row)
         print(json.dumps(row), flush=True)

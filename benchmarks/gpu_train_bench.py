@@ -61,6 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gpu_gaps import annotate_modules, export_and_analyse
 from helpers.losses import labelled_positions_loss
 from helpers.realshape import build_model, reference_nf4_config, shrunk_config, synthetic_batch
 
@@ -478,8 +479,9 @@ def step_profiler(step: int, out_path: Path):
         def __init__(self):
             self.prof, self.t0, self.summary = None, None, {}
 
-        def on_step_begin(self, args, state, control, **kw):
+        def on_step_begin(self, args, state, control, model=None, **kw):
             if state.global_step == step and self.prof is None:
+                self.handles = annotate_modules(model) if model is not None else []
                 torch.cuda.synchronize()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
@@ -491,6 +493,8 @@ def step_profiler(step: int, out_path: Path):
             torch.cuda.synchronize()
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
+            for handle in self.handles:
+                handle.remove()
             averages = self.prof.key_averages()
             out_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=60))
             kernels = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
@@ -506,7 +510,9 @@ def step_profiler(step: int, out_path: Path):
                 "by_kind_s": {k: round(t, 4) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 "by_kind_share": {k: round(t / total, 3) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 "top_kernels": [(e.key[:90], round(e.self_device_time_total / 1e6, 4), e.count) for e in top],
+                "idle": export_and_analyse(self.prof, out_path.with_suffix(".trace.json.gz")),
             }
+            print("idle:", json.dumps(self.summary["idle"]), flush=True)
 
     return StepProfiler()
 
