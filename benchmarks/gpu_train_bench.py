@@ -105,6 +105,9 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
     elif size == "31B":
         out = [ours(s["name"], "nf4", (8,), ga=2, steps=8, reuse=True, stream=s["stream"], workers=s["workers"])
                for s in streams]
+        # compile_layers on the 4-bit model, on ready tensors and on files (varied lengths: the recompile path)
+        out += [ours(s["name"] + "-compiled", "nf4", (8,), ga=2, steps=8, reuse=True, compile=True,
+                     stream=s["stream"], workers=s["workers"]) for s in streams if s["name"] != "stream-files-w0"]
     else:
         out = []
     if size in ("E4B", "E2B"):  # issue 19: the compiled run, profiled inside train(), and candidates for its MFU

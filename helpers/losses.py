@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
+LABELLED_INDEX = "labelled_index"  # the batch key of labelled_index(labels), when computed before the GPU
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids",
                 "position_ids")
 
@@ -46,19 +47,34 @@ def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def labelled_index(labels: torch.Tensor) -> torch.Tensor:
+    """Where the labelled positions are: flat indices into ``labels.flatten()`` of the positions whose *next*
+    label is kept (the hidden state there predicts it), in row-major order.
+
+    The Trainer computes it on the CPU before the batch goes to the GPU (``LabelledPositionsTrainer``): found on
+    the GPU, the data-dependent size would make the CPU wait for the GPU (a sync) on every micro-batch."""
+    predicts_a_label = torch.zeros_like(labels, dtype=torch.bool)
+    predicts_a_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    index = predicts_a_label.flatten().nonzero().squeeze(1)
+    if index.numel() == 0:
+        raise ValueError("no labelled tokens in this batch: every label is -100")
+    return index
+
+
 def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Softcapped logits at the labelled positions and their targets, through ``model``'s own forward.
 
     ``model`` may be wrapped (PEFT, DDP, FSDP): the call goes through every wrapper, and a pre-hook on
     ``lm_head`` replaces its input (every position's hidden state) with the labelled rows only.
+    ``batch[LABELLED_INDEX]``, when there, is ``labelled_index(labels)`` computed beforehand.
     """
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    if not keep.any():
-        raise ValueError("no labelled tokens in this batch: every label is -100")
+    labels = batch["labels"]
+    index = batch.get(LABELLED_INDEX)
+    index = labelled_index(labels) if index is None else index.to(labels.device)
 
     def labelled_rows(module, args):
-        return (args[0][:, :-1][keep],)
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),)
 
     handle = unwrap_gemma4(model).lm_head.register_forward_pre_hook(labelled_rows)
     try:
@@ -66,7 +82,7 @@ def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(**inputs, use_cache=False).logits  # Gemma 4's softcap is applied by its forward
     finally:
         handle.remove()
-    return logits, targets[keep]
+    return logits, labels.flatten().index_select(0, index + 1)
 
 
 def labelled_positions_loss(model, batch: dict, num_items_in_batch: int | None = None) -> torch.Tensor:

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from helpers.chat import save_prompt
-from helpers.losses import labelled_positions_loss, unwrap_gemma4
+from helpers.losses import LABELLED_INDEX, labelled_index, labelled_positions_loss, unwrap_gemma4
 from helpers.modeling import compile_layers, liger_kernel_count, should_compile_layers, uncompile_layers
 from helpers.run_folder import (  # a folder without COMPLETE_MARKER is ignored by resume: a bucket mount
     ADAPTER,  # has neither atomic directory renames nor locks to guarantee that a folder is whole
@@ -71,6 +71,48 @@ class TrainResult:
         return asdict(self)
 
 
+class FiniteLossCheck(TrainerCallback):
+    """Stops training on a NaN or infinite loss, without making the CPU wait for the GPU on every micro-batch.
+
+    ``record`` copies whether a loss is finite to the host asynchronously; the flags that have arrived are read at
+    the next micro-batch, and all of them at the end of every optimizer step, before any checkpoint is saved, so a
+    non-finite loss stops the run in the step that produced it and the last checkpoint stays good. (Checking
+    ``torch.isfinite(loss)`` at once, as a ``bool``, is a device sync on every micro-batch: the GPU then idles
+    while the CPU queues the backward pass.)"""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.pending: list = []
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        self.check(wait=False)
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        if finite.is_cuda:
+            finite = finite.to("cpu", non_blocking=True)  # pinned by the caching host allocator
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            done = None
+        self.pending.append((finite, done, loss, step))
+
+    def check(self, wait: bool = True) -> None:
+        pending, self.pending = self.pending, []
+        for i, (finite, done, loss, step) in enumerate(pending):
+            if done is not None and not wait and not done.query():
+                self.pending = pending[i:]  # not arrived yet: read later, in order
+                return
+            if done is not None:
+                done.synchronize()  # recorded before that micro-batch's backward
+            if not bool(finite):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss.item()}) at step {step}; "
+                    f"stopping. The last complete checkpoint in {self.output_dir} is kept.")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.check()
+
+
 class LabelledPositionsTrainer(Trainer):
     """A Trainer whose loss is computed at labelled positions only, with atomic checkpoints."""
 
@@ -82,13 +124,17 @@ class LabelledPositionsTrainer(Trainer):
         # micro-batch (and each rank) would be averaged on its own, a mean of means. Our compute_loss takes
         # the count, so ask the Trainer for it: labelled tokens over the accumulated batch, summed over ranks.
         self.model_accepts_loss_kwargs = True
+        self.finite_loss = FiniteLossCheck(self.args.output_dir)
+        self.callback_handler.callbacks.insert(0, self.finite_loss)  # first: before any callback saves or logs
+
+    def _prepare_inputs(self, inputs):
+        if "labels" in inputs and LABELLED_INDEX not in inputs:  # on the CPU still: no device sync to find them
+            inputs = {**inputs, LABELLED_INDEX: labelled_index(inputs["labels"])}
+        return super()._prepare_inputs(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = labelled_positions_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}; "
-                f"stopping. The last complete checkpoint in {self.args.output_dir} is kept.")
+        self.finite_loss.record(loss, self.state.global_step + 1)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # the count is global, but DDP/FSDP average gradients over ranks: undo that average (as
             # Trainer.compute_loss does) so the gradient is that of the global labelled-token mean
@@ -240,6 +286,7 @@ def training_arguments(config, output_dir: str | Path, micro_batch: int | None =
         warmup_steps=config.warmup_steps,
         weight_decay=0.0,
         max_grad_norm=1.0,
+        logging_nan_inf_filter=False,  # a non-finite loss stops the run (FiniteLossCheck); the filter's test syncs
         optim="adamw_bnb_8bit" if config.optimizer == "adamw_8bit" else "adamw_torch_fused",
         logging_steps=0.02,  # a fraction: about 50 loss points per run, whatever its length
         save_strategy="steps",

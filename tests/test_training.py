@@ -309,3 +309,15 @@ def test_micro_batch_stays_as_configured_on_a_cpu_and_for_other_models(monkeypat
     tiny = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path))
     micro, accumulation, how = training.planned_batch(tiny, config)
     assert (micro, accumulation) == (6, 2) and "no memory plan" in how
+
+
+def test_a_non_finite_loss_is_caught_at_the_end_of_its_step_at_the_latest():
+    """FiniteLossCheck reads the flags without waiting (record) and all of them at the step's end (check)."""
+    from helpers.training import FiniteLossCheck
+
+    watch = FiniteLossCheck("out")
+    watch.record(torch.tensor(1.0), step=1)
+    watch.record(torch.tensor(float("nan")), step=2)  # read at the next record, or at on_step_end
+    with pytest.raises(NonFiniteLossError, match=r"\(nan\) at step 2"):
+        watch.on_step_end(None, None, None)
+    assert watch.pending == []
