@@ -101,9 +101,8 @@ def prefill_fn(model):
 
 
 def profiled(model, run_one, batch, out_path: Path) -> dict:
-    """One call of ``run_one(batch)`` under torch.profiler: device time by kernel kind, and where the GPU idled
-    (``gpu_gaps.idle_gaps``; the model's parts annotated). The trace is kept beside the results, gzipped."""
-    from torch.autograd import DeviceType
+    """One call of ``run_one(batch)`` under torch.profiler: where the GPU idled and the kernels' time by kind, from
+    the trace (``gpu_gaps.idle_gaps``; the model's parts annotated). The trace is kept beside the results, gzipped."""
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.gpu_gaps import annotate_modules, export_and_analyse
@@ -120,14 +119,9 @@ def profiled(model, run_one, batch, out_path: Path) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    kinds: dict = {}
-    for e in prof.key_averages():
-        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
-            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e6
     out_path.with_suffix(".txt").write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
-    return {"wall_s": round(wall, 4), "kernel_s": round(sum(kinds.values()), 4),
-            "by_kind_s": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "idle": export_and_analyse(prof, out_path.with_suffix(".trace.json.gz"))}
+    return {"wall_s": round(wall, 4),
+            "idle": export_and_analyse(prof, out_path.with_suffix(".trace.json.gz"), kind_of=kernel_kind)}
 
 
 def main(argv=None):

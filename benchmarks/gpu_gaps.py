@@ -57,8 +57,9 @@ def _enclosing(ops_by_thread: dict, tid, ts: float) -> tuple[str, str]:
     return containing[0]["name"], containing[-1]["name"]
 
 
-def idle_gaps(trace, top: int = 12) -> dict:
-    """The idle time of the profiled window, by the CPU op that ended each gap; the largest gaps listed."""
+def idle_gaps(trace, top: int = 12, kind_of=None) -> dict:
+    """The idle time of the profiled window, by the CPU op that ended each gap; the largest gaps listed.
+    ``kind_of``: a kernel name's kind (``gpu_train_bench.kernel_kind``), to add the kernels' time by kind."""
     events = [e for e in _load(trace) if e.get("ph") == "X"]
     kernels = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     if not kernels:
@@ -101,7 +102,12 @@ def idle_gaps(trace, top: int = 12) -> dict:
     def ranked(d):
         return [(k[:80], round(v / 1e3, 2)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
 
+    kinds: dict = {}
+    for e in kernels if kind_of is not None else []:
+        kinds[kind_of(e["name"])] = kinds.get(kind_of(e["name"]), 0.0) + e.get("dur", 0) / 1e3
     return {
+        **({"kernel_ms_by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+           if kinds else {}),
         "window_ms": round(window / 1e3, 2), "busy_ms": round((window - idle) / 1e3, 2), "idle_ms": round(idle / 1e3, 2),
         "gaps": len(gaps), "syncs": len(syncs),
         "idle_after_sync_ms": round(sum(g["us"] for g in gaps if g["after_sync"]) / 1e3, 2),
@@ -113,12 +119,12 @@ def idle_gaps(trace, top: int = 12) -> dict:
     }
 
 
-def export_and_analyse(prof, path: Path, top: int = 12) -> dict:
+def export_and_analyse(prof, path: Path, top: int = 12, kind_of=None) -> dict:
     """Write ``prof``'s trace to ``path`` (gzip, kept beside the results), and return its ``idle_gaps``."""
     raw = path.with_suffix("")
     prof.export_chrome_trace(str(raw))
     try:
-        summary = idle_gaps(raw, top)
+        summary = idle_gaps(raw, top, kind_of)
     except Exception as err:  # the analysis must not lose the measurement it annotates
         summary = {"error": repr(err)[:300]}
     with open(raw, "rb") as f_in, gzip.open(path, "wb") as f_out:

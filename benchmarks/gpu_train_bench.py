@@ -513,7 +513,7 @@ def step_profiler(step: int, out_path: Path):
                 "by_kind_s": {k: round(t, 4) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 "by_kind_share": {k: round(t / total, 3) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 "top_kernels": [(e.key[:90], round(e.self_device_time_total / 1e6, 4), e.count) for e in top],
-                "idle": export_and_analyse(self.prof, out_path.with_suffix(".trace.json.gz")),
+                "idle": export_and_analyse(self.prof, out_path.with_suffix(".trace.json.gz"), kind_of=kernel_kind),
             }
             print("idle:", json.dumps(self.summary["idle"]), flush=True)
 
