@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
-LABELLED_INDEX = "labelled_index"  # the batch key of labelled_index(labels), when computed before the GPU
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids",
                 "position_ids")
 
@@ -51,8 +50,9 @@ def labelled_index(labels: torch.Tensor) -> torch.Tensor:
     """Where the labelled positions are: flat indices into ``labels.flatten()`` of the positions whose *next*
     label is kept (the hidden state there predicts it), in row-major order.
 
-    The Trainer computes it on the CPU before the batch goes to the GPU (``LabelledPositionsTrainer``): found on
-    the GPU, the data-dependent size would make the CPU wait for the GPU (a sync) on every micro-batch."""
+    On a GPU its data-dependent size costs one device sync (the CPU waits for the GPU); checking for no label on
+    the CPU-side size and selecting rows by this index needs none, where ``keep.any()`` and a boolean selection of
+    the rows were one each."""
     predicts_a_label = torch.zeros_like(labels, dtype=torch.bool)
     predicts_a_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     index = predicts_a_label.flatten().nonzero().squeeze(1)
@@ -66,11 +66,9 @@ def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``model`` may be wrapped (PEFT, DDP, FSDP): the call goes through every wrapper, and a pre-hook on
     ``lm_head`` replaces its input (every position's hidden state) with the labelled rows only.
-    ``batch[LABELLED_INDEX]``, when there, is ``labelled_index(labels)`` computed beforehand.
     """
     labels = batch["labels"]
-    index = batch.get(LABELLED_INDEX)
-    index = labelled_index(labels) if index is None else index.to(labels.device)
+    index = labelled_index(labels)
 
     def labelled_rows(module, args):
         hidden = args[0]

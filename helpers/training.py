@@ -10,7 +10,7 @@ a plain ``Trainer``:
   resume trusts only the marker, which also covers a bucket's non-atomic rename;
 - resume: when ``output_dir/checkpoints`` holds a checkpoint, training continues from it, so rerunning
   the same command finishes the run;
-- a non-finite loss stops training at once with the step named (the last checkpoint stays good);
+- a non-finite loss stops training in the step that produced it, with the step named (the last checkpoint stays good);
 - wall time, peak memory, and the adapter saved with ``save_pretrained`` (atomically, too);
 - several processes (``python -m helpers.launch`` under ``torchrun`` / ``accelerate launch``): the loss is the
   mean over the labelled tokens of *all* ranks, checkpoints and the adapter are written once (rank 0)
@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from helpers.chat import save_prompt
-from helpers.losses import LABELLED_INDEX, labelled_index, labelled_positions_loss, unwrap_gemma4
+from helpers.losses import labelled_positions_loss, unwrap_gemma4
 from helpers.modeling import compile_layers, liger_kernel_count, should_compile_layers, uncompile_layers
 from helpers.run_folder import (  # a folder without COMPLETE_MARKER is ignored by resume: a bucket mount
     ADAPTER,  # has neither atomic directory renames nor locks to guarantee that a folder is whole
@@ -126,11 +126,6 @@ class LabelledPositionsTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.finite_loss = FiniteLossCheck(self.args.output_dir)
         self.callback_handler.callbacks.insert(0, self.finite_loss)  # first: before any callback saves or logs
-
-    def _prepare_inputs(self, inputs):
-        if "labels" in inputs and LABELLED_INDEX not in inputs:  # on the CPU still: no device sync to find them
-            inputs = {**inputs, LABELLED_INDEX: labelled_index(inputs["labels"])}
-        return super()._prepare_inputs(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = labelled_positions_loss(model, inputs, num_items_in_batch=num_items_in_batch)

@@ -5,7 +5,7 @@ import torch
 
 from helpers.collator import VisionChatCollator
 from helpers.data import load_examples
-from helpers.losses import full_logits_loss, labelled_index, labelled_positions_loss
+from helpers.losses import full_logits_loss, labelled_index, labelled_positions_loss, softcapped_logits
 
 
 @pytest.fixture()
@@ -56,24 +56,11 @@ def test_labelled_index_finds_the_positions_that_predict_a_label():
         labelled_index(torch.full((2, 3), -100))
 
 
-def test_a_precomputed_index_gives_the_same_loss_and_targets(tiny_model, batch):
-    """The Trainer computes the index on the CPU (no device sync); the result is that of the boolean mask."""
-    from helpers.losses import LABELLED_INDEX, labelled_logits
+def test_the_labelled_rows_and_targets_are_those_of_the_boolean_mask(tiny_model, batch):
+    from helpers.losses import labelled_logits
 
     logits, targets = labelled_logits(tiny_model, batch)
-    given = labelled_logits(tiny_model, {**batch, LABELLED_INDEX: labelled_index(batch["labels"])})
     keep = batch["labels"][:, 1:] != -100
-    assert torch.equal(targets, batch["labels"][:, 1:][keep]) and torch.equal(given[1], targets)
-    assert torch.allclose(given[0], logits) and logits.shape[0] == int(keep.sum())
-
-
-def test_the_trainer_adds_the_index_before_the_batch_moves(tiny_model, batch, tmp_path):
-    from transformers import TrainingArguments
-
-    from helpers.losses import LABELLED_INDEX
-    from helpers.training import LabelledPositionsTrainer
-
-    trainer = LabelledPositionsTrainer(model=tiny_model, args=TrainingArguments(tmp_path, use_cpu=True,
-                                                                                report_to="none"))
-    prepared = trainer._prepare_inputs(dict(batch))
-    assert torch.equal(prepared[LABELLED_INDEX], labelled_index(batch["labels"]))
+    assert torch.equal(targets, batch["labels"][:, 1:][keep])
+    hidden = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(logits, softcapped_logits(tiny_model, hidden[:, :-1][keep]), atol=1e-5)
