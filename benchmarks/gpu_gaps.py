@@ -4,8 +4,9 @@
 kernels, copies and memsets are merged into busy spans on all streams; every gap between spans (and before the
 first and after the last, within the profiled window) is idle time. Each gap is charged to the CPU op that
 launched the kernel ending it (its outermost enclosing op on the launching thread, and the innermost), and marked
-"after a sync" when a synchronising runtime call (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, a blocking
-``cudaMemcpy``) returned inside it: the CPU waited for the GPU there, so whatever it did next ran with the GPU idle.
+``after_sync`` when a synchronising runtime call (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``,
+``cudaEventSynchronize``, a blocking ``cudaMemcpy``) returned inside the gap itself. (A sync that drained the queue
+earlier and left the CPU behind for a while is not marked: compare traces with and without it for that.)
 
 Used by ``gpu_train_bench.step_profiler`` and ``gpu_eval_bench --profile``; ``python benchmarks/gpu_gaps.py TRACE``
 prints the summary of a saved trace.
@@ -46,14 +47,16 @@ def _busy_spans(kernels: list[dict]) -> list[tuple[float, float]]:
     return [(s, e) for s, e in spans]
 
 
-def _enclosing(ops_by_thread: dict, tid, ts: float) -> tuple[str, str]:
-    """(outermost, innermost) CPU op names on thread ``tid`` that contain the instant ``ts``."""
+def _enclosing(ops_by_thread: dict, annotations: list[dict], tid, ts: float) -> tuple[str, str]:
+    """(outermost, innermost) CPU op names on thread ``tid`` that contain the instant ``ts``. The annotations (few,
+    long: the model's parts) are searched in full, the ops among the last few thousand that started before ``ts``."""
     starts, ops = ops_by_thread.get(tid, ([], []))
     i = bisect.bisect_right(starts, ts)
     containing = [op for op in ops[max(0, i - 4000):i] if op["ts"] + op.get("dur", 0) >= ts]
+    containing += [a for a in annotations if a["tid"] == tid and a["ts"] <= ts <= a["ts"] + a.get("dur", 0)]
     if not containing:
         return "(no CPU op)", "(no CPU op)"
-    containing.sort(key=lambda op: op["ts"])
+    containing.sort(key=lambda op: (op["ts"], -op.get("dur", 0)))
     return containing[0]["name"], containing[-1]["name"]
 
 
@@ -65,6 +68,7 @@ def idle_gaps(trace, top: int = 12, kind_of=None) -> dict:
     if not kernels:
         return {"error": "no GPU events in the trace"}
     cpu_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+    annotations = [e for e in cpu_ops if e.get("cat") == "user_annotation"]
     runtime = [e for e in events if e.get("cat") == "cuda_runtime" or e.get("cat") == "cuda_driver"]
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
     ops_by_thread: dict = {}
@@ -77,14 +81,14 @@ def idle_gaps(trace, top: int = 12, kind_of=None) -> dict:
     window_start = min(e["ts"] for e in cpu_ops + kernels)
     window_end = max(e["ts"] + e.get("dur", 0) for e in cpu_ops + kernels)
     spans = _busy_spans(kernels)
-    first_kernel = {round(e["ts"], 3): e for e in kernels}
+    kernel_starting_at = {round(e["ts"], 3): e for e in kernels}
     gaps = []
     previous_end = window_start
     for start, end in spans + [(window_end, window_end)]:
         if start - previous_end >= MIN_GAP_US:
-            kernel = first_kernel.get(round(start, 3))
+            kernel = kernel_starting_at.get(round(start, 3))
             launch = launches.get(kernel["args"].get("correlation")) if kernel is not None else None
-            outer, inner = (_enclosing(ops_by_thread, launch["tid"], launch["ts"]) if launch is not None
+            outer, inner = (_enclosing(ops_by_thread, annotations, launch["tid"], launch["ts"]) if launch is not None
                             else ("(end of window)", "(end of window)"))
             i = bisect.bisect_left(sync_ends, previous_end)
             after_sync = i < len(sync_ends) and sync_ends[i] <= start
@@ -133,9 +137,6 @@ def export_and_analyse(prof, path: Path, top: int = 12, kind_of=None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
-    print(json.dumps(idle_gaps(sys.argv[1]), indent=1))
-
 
 def annotate_modules(model) -> list:
     """Name the model's parts in the profile (``record_function`` around the forward of the vision tower, its
@@ -155,7 +156,7 @@ def annotate_modules(model) -> list:
             continue
         open_ranges = []
 
-        def enter(mod, args, kwargs=None, name=name, open_ranges=open_ranges):
+        def enter(mod, args, name=name, open_ranges=open_ranges):
             label = record_function(f"## {name}")
             label.__enter__()
             open_ranges.append(label)
@@ -166,3 +167,7 @@ def annotate_modules(model) -> list:
 
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     return handles
+
+
+if __name__ == "__main__":
+    print(json.dumps(idle_gaps(sys.argv[1]), indent=1))

@@ -500,7 +500,8 @@ def step_profiler(step: int, out_path: Path):
                 handle.remove()
             averages = self.prof.key_averages()
             out_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=60))
-            kernels = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+            kernels = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+                       and not e.key.startswith("## ")]  # annotate_modules' ranges carry their kernels' time too
             total = sum(e.self_device_time_total for e in kernels) / 1e6
             kinds = {}
             for e in kernels:

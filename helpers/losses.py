@@ -50,9 +50,9 @@ def labelled_index(labels: torch.Tensor) -> torch.Tensor:
     """Where the labelled positions are: flat indices into ``labels.flatten()`` of the positions whose *next*
     label is kept (the hidden state there predicts it), in row-major order.
 
-    On a GPU its data-dependent size costs one device sync (the CPU waits for the GPU); checking for no label on
-    the CPU-side size and selecting rows by this index needs none, where ``keep.any()`` and a boolean selection of
-    the rows were one each."""
+    On a GPU its data-dependent size costs one device sync (the CPU waits for the GPU); checking its size for no
+    label and selecting rows and targets by it cost none, where ``keep.any()`` and the boolean selections of the
+    rows and of the targets were one sync each."""
     predicts_a_label = torch.zeros_like(labels, dtype=torch.bool)
     predicts_a_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     index = predicts_a_label.flatten().nonzero().squeeze(1)
@@ -72,6 +72,8 @@ def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     def labelled_rows(module, args):
         hidden = args[0]
+        if hidden.shape[:-1] != labels.shape:  # known on the host: a wrong row would be picked silently
+            raise ValueError(f"hidden states {tuple(hidden.shape[:-1])} do not match labels {tuple(labels.shape)}")
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),)
 
     handle = unwrap_gemma4(model).lm_head.register_forward_pre_hook(labelled_rows)

@@ -75,8 +75,9 @@ class FiniteLossCheck(TrainerCallback):
     """Stops training on a NaN or infinite loss, without making the CPU wait for the GPU on every micro-batch.
 
     ``record`` copies whether a loss is finite to the host asynchronously; the flags that have arrived are read at
-    the next micro-batch, and all of them at the end of every optimizer step, before any checkpoint is saved, so a
-    non-finite loss stops the run in the step that produced it and the last checkpoint stays good. (Checking
+    the next micro-batch, and all of them just before every optimizer step (after the backward passes and gradient
+    clipping), so a non-finite loss stops the run in the step that produced it, before the weights in memory are
+    updated and before any checkpoint is saved: the last checkpoint stays good. (Checking
     ``torch.isfinite(loss)`` at once, as a ``bool``, is a device sync on every micro-batch: the GPU then idles
     while the CPU queues the backward pass.)"""
 
@@ -89,9 +90,9 @@ class FiniteLossCheck(TrainerCallback):
         loss = loss.detach()
         finite = torch.isfinite(loss)
         if finite.is_cuda:
-            finite = finite.to("cpu", non_blocking=True)  # pinned by the caching host allocator
+            finite = finite.to("cpu", non_blocking=True)  # into pinned memory, from the caching host allocator
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(loss.device))  # the stream the copy was queued on
         else:
             done = None
         self.pending.append((finite, done, loss, step))
@@ -109,8 +110,14 @@ class FiniteLossCheck(TrainerCallback):
                     f"non-finite training loss ({loss.item()}) at step {step}; "
                     f"stopping. The last complete checkpoint in {self.output_dir} is kept.")
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.check()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.check()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check()  # micro-batches a callback's stop left behind
 
 
 class LabelledPositionsTrainer(Trainer):
@@ -129,7 +136,8 @@ class LabelledPositionsTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = labelled_positions_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        self.finite_loss.record(loss, self.state.global_step + 1)
+        if model.training:  # the Trainer's own evaluation calls compute_loss too: that is no training loss
+            self.finite_loss.record(loss, self.state.global_step + 1)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # the count is global, but DDP/FSDP average gradients over ranks: undo that average (as
             # Trainer.compute_loss does) so the gradient is that of the global labelled-token mean

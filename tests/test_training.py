@@ -311,8 +311,40 @@ def test_micro_batch_stays_as_configured_on_a_cpu_and_for_other_models(monkeypat
     assert (micro, accumulation) == (6, 2) and "no memory plan" in how
 
 
+def _poison_call(monkeypatch, n: int):
+    """Make the n-th training loss NaN (counting compute_loss calls from 1)."""
+    from helpers import training
+
+    real, calls = training.labelled_positions_loss, {"n": 0}
+
+    def poisoned(model, batch, num_items_in_batch=None):
+        calls["n"] += 1
+        loss = real(model, batch, num_items_in_batch)
+        return loss * float("nan") if calls["n"] == n else loss
+
+    monkeypatch.setattr(training, "labelled_positions_loss", poisoned)
+
+
+@pytest.mark.parametrize("accumulation,poisoned_call,step,last_checkpoint", [
+    (1, 4, 4, "checkpoint-2"),  # a save step: the check comes before the optimizer step and the save
+    (2, 3, 2, "checkpoint-1"),  # the first micro-batch of step 2: read before step 2's optimizer step
+])
+def test_a_non_finite_loss_stops_before_its_optimizer_step(tmp_path, tiny_path, tiny_processor, monkeypatch,
+                                                             accumulation, poisoned_call, step, last_checkpoint):
+    """The flags are read asynchronously (FiniteLossCheck), yet the run stops in the step of the bad loss: no
+    checkpoint of that step, and the weights in memory untouched by it."""
+    config, data, model, collator = _setup(tiny_path, tiny_processor, max_steps=6, batch_size=2,
+                                           gradient_accumulation=accumulation, save_steps=2 // accumulation)
+    _poison_call(monkeypatch, poisoned_call)
+    with pytest.raises(NonFiniteLossError, match=f"at step {step};"):
+        train(model, collator, data.examples, config, tmp_path)
+    assert last_complete_checkpoint(tmp_path).endswith(last_checkpoint)
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_a_non_finite_loss_is_caught_at_the_end_of_its_step_at_the_latest():
-    """FiniteLossCheck reads the flags without waiting (record) and all of them at the step's end (check)."""
+    """FiniteLossCheck reads the flags without waiting (record) and all of them before the optimizer step and at
+    the step's end (check)."""
     from helpers.training import FiniteLossCheck
 
     watch = FiniteLossCheck("out")
