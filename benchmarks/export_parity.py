@@ -6,7 +6,7 @@
 Engines (``helpers.parity``): (1) transformers + adapter, (2) transformers + the merged folder
 (``helpers.export``, written into the run folder if missing), (3) llama.cpp: ``llama-server`` on the GGUF
 export, greedy, asked with the training prompt (raw completion endpoint) and through its chat endpoint
-(``--build-llama-cpp`` builds it in artifacts/llama-cpp, 4 minutes on 2 idle cores), (4) vLLM in its own venv
+(``--build-llama-cpp`` builds it in artifacts/llama-cpp, 10 minutes on 2 otherwise idle cores), (4) vLLM in its own venv
 (``--vllm-python``). Agreement is against (1), method by method. Results and the engines that could not run:
 benchmarks/README.md.
 """

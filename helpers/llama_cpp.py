@@ -1,4 +1,4 @@
-"""llama.cpp for Gemma 4: its own converter (HF folder -> GGUF), its server and CLI, and the flags they need.
+"""llama.cpp for Gemma 4: its own converter (HF folder -> GGUF), its server, and the flags it needs.
 
 Taught in notebook 06; used by ``helpers.export --gguf`` and ``benchmarks/export_parity.py``.
 
@@ -9,8 +9,7 @@ else the copy cached under the clone's git-ignored ``artifacts/llama-cpp/``, els
 
     pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d artifacts/llama-cpp
 
-(77 MB) and extracts it. ``build`` builds ``llama-server`` and ``llama-mtmd-cli`` in that copy (cmake and a
-C++ compiler needed; 4 minutes on 2 idle cores).
+(77 MB) and extracts it. ``build`` builds ``llama-server`` in that copy (cmake and a C++ compiler needed).
 
 llama.cpp sizes images its own way and enforces at least 70 image tokens by default; with the token limits
 set to the training budget (``image_token_args``) it gives the model the image as training did.
@@ -49,15 +48,14 @@ SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 FETCH_COMMAND = (f"pip download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} --no-deps --no-binary :all: "
                  f"-d {CACHE_DIR}")
 CONVERTER = "convert_hf_to_gguf.py"
-CLI = "llama-mtmd-cli"
 SERVER = "llama-server"
 BUILD_COMMANDS = (["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"],
-                  ["cmake", "--build", "build", "-j2", "--target", SERVER, CLI])
+                  ["cmake", "--build", "build", "-j2", "--target", SERVER])
 MEDIA_MARKER = "<__media__>"  # pinned for the server (LLAMA_MEDIA_MARKER); its default is random per process
 
 
 class LlamaCppError(RuntimeError):
-    """llama.cpp's source, converter or CLI is missing or failed; the message says what to run."""
+    """llama.cpp's source, converter or server is missing or failed; the message says what to run."""
 
 
 def _as_llama_cpp_folder(path: Path) -> Path | None:
@@ -154,22 +152,17 @@ def write_vision_head_dim(projector_gguf, head_dim: int, llama_cpp: Path) -> Non
     staged.replace(projector_gguf)
 
 
-def cli_path(llama_cpp: Path, name: str = CLI) -> Path:
-    return llama_cpp / "build" / "bin" / name
-
-
 def server_path(llama_cpp: Path) -> Path:
-    return cli_path(llama_cpp, SERVER)
+    return llama_cpp / "build" / "bin" / SERVER
 
 
 def build(llama_cpp: Path) -> Path:
-    """Build ``llama-server`` and ``llama-mtmd-cli`` in the llama.cpp folder (at low priority), unless both are
-    built; returns the server."""
-    if server_path(llama_cpp).exists() and cli_path(llama_cpp).exists():
+    """Build ``llama-server`` in the llama.cpp folder (at low priority), unless it is built; returns its path."""
+    if server_path(llama_cpp).exists():
         return server_path(llama_cpp)
     for command in BUILD_COMMANDS:
         if subprocess.run(["nice", "-n", "19", *command], check=False, cwd=llama_cpp).returncode != 0:
-            raise LlamaCppError(f"building {SERVER} and {CLI} failed at: {' '.join(command)} (in {llama_cpp})")
+            raise LlamaCppError(f"building {SERVER} failed at: {' '.join(command)} (in {llama_cpp})")
     return server_path(llama_cpp)
 
 

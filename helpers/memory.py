@@ -181,7 +181,8 @@ FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own l
 LORA_STATE_BYTES = {"bf16": 8, "fp32": 16}  # parameter + gradient + AdamW's two moments
 EIGHT_BIT_STATE_SAVING = {"bf16": 2, "fp32": 6}  # bitsandbytes' 8-bit AdamW: two 1-byte moments per parameter
 # compile_layers fuses the float32 RMSNorm copies: E4B bf16 mb 32 measured 0.61 (the 12B's row fits it too), the 31B
-# in NF4 mb 8 0.69 (H200, 2026-12-02); sizes not measured compiled take the larger
+# in NF4 mb 8 0.69 (H200, 2026-12-02); E2B, not measured compiled, takes E4B's (the same E-series layers); the other
+# sizes not measured compiled take the larger
 COMPILED_ACTIVATION_FACTOR = {"E2B": 0.61, "E4B": 0.61, "12B": 0.61, "31B": 0.69}
 COMPILED_ACTIVATION_FACTOR_UNMEASURED = 0.69
 TEXT_TOKENS = 29  # chat scaffolding + a short question + a class name (the benchmark's stream)
