@@ -76,8 +76,7 @@ def idle_gaps(trace, top: int = 12, kind_of=None) -> dict:
         starts, ops = ops_by_thread.setdefault(op["tid"], ([], []))
         starts.append(op["ts"])
         ops.append(op)
-    syncs = sorted((e["ts"] + e.get("dur", 0), e["name"]) for e in runtime if _is_sync(e["name"]))
-    sync_ends = [t for t, _ in syncs]
+    sync_ends = sorted(e["ts"] + e.get("dur", 0) for e in runtime if _is_sync(e["name"]))
     window_start = min(e["ts"] for e in cpu_ops + kernels)
     window_end = max(e["ts"] + e.get("dur", 0) for e in cpu_ops + kernels)
     spans = _busy_spans(kernels)
@@ -113,7 +112,7 @@ def idle_gaps(trace, top: int = 12, kind_of=None) -> dict:
         **({"kernel_ms_by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
            if kinds else {}),
         "window_ms": round(window / 1e3, 2), "busy_ms": round((window - idle) / 1e3, 2), "idle_ms": round(idle / 1e3, 2),
-        "gaps": len(gaps), "syncs": len(syncs),
+        "gaps": len(gaps), "syncs": len(sync_ends),
         "idle_after_sync_ms": round(sum(g["us"] for g in gaps if g["after_sync"]) / 1e3, 2),
         "idle_ms_by_outer_op": ranked(by_outer), "idle_ms_by_inner_op": ranked(by_inner),
         "largest_gaps": [{"ms": round(g["us"] / 1e3, 3), "at_ms": round((g["start_us"] - window_start) / 1e3, 2),
@@ -135,7 +134,6 @@ def export_and_analyse(prof, path: Path, top: int = 12, kind_of=None) -> dict:
         f_out.write(f_in.read())
     raw.unlink()
     return summary
-
 
 
 def annotate_modules(model) -> list:

@@ -500,21 +500,21 @@ def step_profiler(step: int, out_path: Path):
                 handle.remove()
             averages = self.prof.key_averages()
             out_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=60))
+            idle = export_and_analyse(self.prof, out_path.with_suffix(".trace.json.gz"), kind_of=kernel_kind)
+            # kernel time by kind from the trace, where each kernel appears once (key_averages also gives the
+            # annotate_modules ranges their kernels' time)
+            kinds = {kind: ms / 1e3 for kind, ms in idle.get("kernel_ms_by_kind", {}).items()}
+            total = sum(kinds.values())
             kernels = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
-                       and not e.key.startswith("## ")]  # annotate_modules' ranges carry their kernels' time too
-            total = sum(e.self_device_time_total for e in kernels) / 1e6
-            kinds = {}
-            for e in kernels:
-                kind = kernel_kind(e.key)
-                kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+                       and not e.key.startswith("## ")]
             top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
             self.summary = {
                 "step": step, "wall_s": round(wall, 4), "kernel_s": round(total, 4),
                 "gpu_busy_share": round(total / wall, 3) if wall else None,
-                "by_kind_s": {k: round(t, 4) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                "by_kind_share": {k: round(t / total, 3) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                "by_kind_s": {k: round(t, 4) for k, t in kinds.items()},
+                "by_kind_share": {k: round(t / total, 3) for k, t in kinds.items()} if total else {},
                 "top_kernels": [(e.key[:90], round(e.self_device_time_total / 1e6, 4), e.count) for e in top],
-                "idle": export_and_analyse(self.prof, out_path.with_suffix(".trace.json.gz"), kind_of=kernel_kind),
+                "idle": idle,
             }
             print("idle:", json.dumps(self.summary["idle"]), flush=True)
 

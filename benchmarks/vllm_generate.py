@@ -27,10 +27,8 @@ from helpers.chat import to_messages  # it needs only the standard library
 
 def messages(image_path: str, prompt: dict) -> list[dict]:
     """``helpers.chat.to_messages`` (what training rendered), the image part as vLLM takes a PIL image."""
-    turns = to_messages(prompt["question"], system=prompt.get("system_prompt"))
-    image_part = {"type": "image_pil", "image_pil": Image.open(image_path).convert("RGB")}
-    turns[-1]["content"] = [image_part if part["type"] == "image" else part for part in turns[-1]["content"]]
-    return turns
+    return to_messages(prompt["question"], system=prompt.get("system_prompt"),
+                       image_part={"type": "image_pil", "image_pil": Image.open(image_path).convert("RGB")})
 
 
 def main() -> None:

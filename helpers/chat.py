@@ -67,17 +67,20 @@ def special_token(tokenizer, attribute: str) -> str:
     return getattr(tokenizer, attribute, None) or NAMED_SPECIAL_TOKENS[attribute]
 
 
-def to_messages(question: str = QUESTION, answer: str | None = None, system: str | None = None) -> list[dict]:
+def to_messages(question: str = QUESTION, answer: str | None = None, system: str | None = None,
+                image_part: dict | None = None) -> list[dict]:
     """Chat messages for one example: the image first, then the question; the answer as the model turn.
 
     The system turn's content is a plain string: the released templates read it as one
     (``messages[0]['content'] | trim``) and would print a list of parts as a Python repr. The image comes
-    first, as in Google's examples and the seed's training code.
+    first, as in Google's examples and the seed's training code. ``image_part``: the image as an engine takes it
+    (an OpenAI ``image_url`` part, vLLM's ``image_pil``); by default ``{"type": "image"}``, as processors take it.
     """
     messages = []
     if system:
         messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    image = image_part if image_part is not None else {"type": "image"}
+    messages.append({"role": "user", "content": [image, {"type": "text", "text": question}]})
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages

@@ -261,10 +261,8 @@ class Server:
     def messages(self, image, prompt: dict) -> list[dict]:
         """The chat request's messages as training rendered them (``helpers.chat.to_messages``), the image part
         as the OpenAI API sends it (a data URI)."""
-        messages = to_messages(prompt["question"], system=prompt.get("system_prompt"))
-        image_part = {"type": "image_url", "image_url": {"url": _data_uri(image)}}
-        messages[-1]["content"] = [image_part if part["type"] == "image" else part for part in messages[-1]["content"]]
-        return messages
+        return to_messages(prompt["question"], system=prompt.get("system_prompt"),
+                           image_part={"type": "image_url", "image_url": {"url": _data_uri(image)}})
 
     def chat(self, image, prompt: dict, max_tokens: int = 16) -> str:
         """The greedy answer of the chat endpoint (``/v1/chat/completions``) for one image file."""

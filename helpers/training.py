@@ -111,10 +111,7 @@ class FiniteLossCheck(TrainerCallback):
                     f"stopping. The last complete checkpoint in {self.output_dir} is kept.")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.check()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.check()
+        self.check()  # every step has one, after its last micro-batch: nothing is recorded between it and the save
 
     def on_train_end(self, args, state, control, **kwargs):
         self.check()  # micro-batches a callback's stop left behind
@@ -132,7 +129,7 @@ class LabelledPositionsTrainer(Trainer):
         # the count, so ask the Trainer for it: labelled tokens over the accumulated batch, summed over ranks.
         self.model_accepts_loss_kwargs = True
         self.finite_loss = FiniteLossCheck(self.args.output_dir)
-        self.callback_handler.callbacks.insert(0, self.finite_loss)  # first: before any callback saves or logs
+        self.callback_handler.callbacks.insert(0, self.finite_loss)  # first: before other callbacks see the step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = labelled_positions_loss(model, inputs, num_items_in_batch=num_items_in_batch)

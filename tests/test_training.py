@@ -342,14 +342,13 @@ def test_a_non_finite_loss_stops_before_its_optimizer_step(tmp_path, tiny_path, 
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_a_non_finite_loss_is_caught_at_the_end_of_its_step_at_the_latest():
-    """FiniteLossCheck reads the flags without waiting (record) and all of them before the optimizer step and at
-    the step's end (check)."""
+def test_a_non_finite_loss_is_caught_before_its_optimizer_step_at_the_latest():
+    """FiniteLossCheck reads the flags without waiting (record) and all of them before the optimizer step (check)."""
     from helpers.training import FiniteLossCheck
 
     watch = FiniteLossCheck("out")
     watch.record(torch.tensor(1.0), step=1)
-    watch.record(torch.tensor(float("nan")), step=2)  # read at the next record, or at on_step_end
+    watch.record(torch.tensor(float("nan")), step=2)  # read at the next record, or before the optimizer step
     with pytest.raises(NonFiniteLossError, match=r"\(nan\) at step 2"):
-        watch.on_step_end(None, None, None)
+        watch.on_pre_optimizer_step(None, None, None)
     assert watch.pending == []
