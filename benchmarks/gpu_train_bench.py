@@ -122,7 +122,12 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q-planned", "nf4", (16,), ga=1, steps=6),
             ours("ours-q-liger-helper", "nf4", (16,), ga=1, steps=6, liger=True),
             ours("ours-q-compile", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5),
+            # what would lift the compiled step's CPU-bound forward: CUDA graphs (what torch.compile's
+            # mode="reduce-overhead" turns on) and inductor's C++ wrapper, set around train() (see inductor_settings)
+            ours("ours-q-compile-cudagraphs", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
+                 inductor={"triton.cudagraphs": True}),
             dict(ref, steps=3),  # two timed steps (each 16 micro-batches of 1)
+            ours("ours-q-compile-cppwrap", "nf4", (16,), ga=1, steps=7, compile=True, inductor={"cpp_wrapper": True}),
             ours("ours-q-compile-liger", "nf4", (16,), ga=1, steps=7, compile=True, liger=True),
             ours("ours-q-mb1-r64", "nf4", (1,), ga=16, ckpt=1, steps=1),
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
@@ -440,6 +445,23 @@ def user_data(size: str, config, root: Path, per_class: int, shrink: bool):
 
 
 # ----------------------------------------------------------------------------------------------- one variant
+@contextlib.contextmanager
+def inductor_settings(settings: dict | None):
+    """Inductor's config patched with ``settings`` for one variant; dynamo's caches are cleared before and
+    after, so that neither this variant nor the next reuses a graph compiled under other settings."""
+    if not settings:
+        yield
+        return
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(settings):
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
 def train_ours(model, v, examples, collator, mb, ga, out_dir: str, callbacks, waits):
     """``helpers.training.train`` on the variant's ``RunConfig``: the shipped path, callbacks for the timer.
     ``train()`` picks the micro-batch (``helpers.training.planned_batch``) for ``mb x ga`` samples a step."""
@@ -622,7 +644,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
     device = "cpu" if cpu else "cuda"
     result = {"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"], "loss": v["loss"],
               "dropout": v["dropout"], "liger": bool(v.get("liger")), "stream": v.get("stream", "synthetic"),
-              "workers": v.get("workers", 0), "compile": bool(v.get("compile"))}
+              "workers": v.get("workers", 0), "compile": bool(v.get("compile")), "inductor": v.get("inductor")}
     restore = None
     key = model_key(size, v)
     if kept and kept.get("key") != key or not v.get("reuse"):
@@ -668,8 +690,9 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
             else:
                 profiler = step_profiler(v["profile_step"], out_dir / f"profile_{size}_{v['name']}.txt") if (
                     v.get("profile_step") and not cpu and args.profile) else None
-                trained, config = train_ours(model, v, examples, collator, mb, ga, run_dir,
-                                             [timer] + ([profiler] if profiler else []), waits)
+                with inductor_settings(v.get("inductor")):
+                    trained, config = train_ours(model, v, examples, collator, mb, ga, run_dir,
+                                                 [timer] + ([profiler] if profiler else []), waits)
                 if profiler is not None:
                     result["profile"] = profiler.summary
                 from helpers.training import dataloader_worker_count
