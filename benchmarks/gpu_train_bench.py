@@ -122,8 +122,10 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q-planned", "nf4", (16,), ga=1, steps=6),
             ours("ours-q-liger-helper", "nf4", (16,), ga=1, steps=6, liger=True),
             ours("ours-q-compile", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5),
-            # what would lift the compiled step's CPU-bound forward: CUDA graphs (what torch.compile's
-            # mode="reduce-overhead" turns on) and inductor's C++ wrapper, set around train() (see inductor_settings)
+            # what might lift the compiled step's CPU-bound forward: CUDA graphs (what torch.compile's
+            # mode="reduce-overhead" turns on) and inductor's C++ wrapper, set around train() (inductor_settings).
+            # Run G (README): CUDA graphs failed in the first step (a LoRA output overwritten by a later replay);
+            # the C++ wrapper trained no faster and compiled twice as long.
             ours("ours-q-compile-cudagraphs", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
                  inductor={"triton.cudagraphs": True}),
             dict(ref, steps=3),  # two timed steps (each 16 micro-batches of 1)
