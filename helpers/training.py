@@ -237,9 +237,9 @@ def dataloader_worker_count(config) -> int:
     ``config.dataloader_workers`` when set; otherwise, on a GPU, up to ``AUTO_DATALOADER_WORKERS``, leaving two
     CPUs per training process on the host, and on a CPU 0 (training already uses every core there). With 0 the
     collator runs in the training process between steps, and the GPU waits for it: on an H200 (16 cores),
-    E4B bf16 LoRA (compiled, micro-batch 32) trained JPEG files at 24.9 samples/s with 0 workers (0.44 s a step
-    waiting for data) and at 36.5 with 4 (0.005 s), against 35.5 on ready tensors (benchmarks/README.md, "The
-    user's path")."""
+    E4B bf16 LoRA (compiled, micro-batch 32) trained JPEG files at 24.0 samples/s with 0 workers (0.52 s a step
+    waiting for data) and at 39.6 with 4 (0.006 s), against 37.9 on ready tensors (whole steps; benchmarks/README.md,
+    runs G-H)."""
     if config.dataloader_workers is not None:
         return config.dataloader_workers
     if not torch.cuda.is_available():
