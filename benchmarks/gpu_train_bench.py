@@ -122,14 +122,7 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q-planned", "nf4", (16,), ga=1, steps=6),
             ours("ours-q-liger-helper", "nf4", (16,), ga=1, steps=6, liger=True),
             ours("ours-q-compile", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5),
-            # what might lift the compiled step's CPU-bound forward: CUDA graphs (what torch.compile's
-            # mode="reduce-overhead" turns on) and inductor's C++ wrapper, set around train() (inductor_settings).
-            # Run G (README): CUDA graphs failed in the first step (a LoRA output overwritten by a later replay);
-            # the C++ wrapper trained no faster and compiled twice as long.
-            ours("ours-q-compile-cudagraphs", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
-                 inductor={"triton.cudagraphs": True}),
             dict(ref, steps=3),  # two timed steps (each 16 micro-batches of 1)
-            ours("ours-q-compile-cppwrap", "nf4", (16,), ga=1, steps=7, compile=True, inductor={"cpp_wrapper": True}),
             ours("ours-q-compile-liger", "nf4", (16,), ga=1, steps=7, compile=True, liger=True),
             ours("ours-q-mb1-r64", "nf4", (1,), ga=16, ckpt=1, steps=1),
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
@@ -143,6 +136,13 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-qv-mb1-r16-adam8", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=16, optim="adamw_bnb_8bit"),
             ours("ours-qv-mb1-r64-adam8", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=64, optim="adamw_bnb_8bit"),
             ours("ours-q-mb1-r16-2", "nf4", (1,), ga=4, ckpt=1, steps=2, r=16),
+            # what might lift the compiled step's CPU-bound forward: CUDA graphs (what torch.compile's
+            # mode="reduce-overhead" turns on) and inductor's C++ wrapper, set around train() (inductor_settings).
+            # Last: in run G (README) CUDA graphs failed in the first step (a LoRA output overwritten by a later
+            # replay), and the C++ wrapper trained no faster and compiled twice as long.
+            ours("ours-q-compile-cudagraphs", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
+                 inductor={"triton.cudagraphs": True}),
+            ours("ours-q-compile-cppwrap", "nf4", (16,), ga=1, steps=7, compile=True, inductor={"cpp_wrapper": True}),
         ]
     elif size == "12B":  # no Liger variant: its Gemma 4 patches target models/gemma4, not gemma4_unified
         out += [
