@@ -2,6 +2,7 @@
 
 Taught in notebook 03. Everything that renders a prompt goes through ``chat_format``: the collator (training
 and evaluation batches), constrained scoring, free generation and its parsing, and the multi-GPU launcher.
+This file imports nothing else of this package: with ``helpers/collator.py`` it can be copied into a project.
 
 Gemma 4 ships two chat-template families (Google's prompt-formatting page; the released templates):
 - **large** (12B, 26B-A4B, 31B): with thinking off (the default) the generation prompt ends
@@ -15,11 +16,7 @@ the generation prompt: **prompt + answer + ``<turn|>`` + what the template write
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-
-from helpers.run_folder import PROMPT_FILE
 
 # The real Gemma 4 special-token strings (tokenizer_config.json of the published checkpoints):
 # attribute name on the tokenizer -> token string.
@@ -53,7 +50,7 @@ LARGE, E_SERIES = "large", "e-series"
 FAMILIES = (LARGE, E_SERIES)
 EMPTY_THOUGHT = "<|channel>thought\n<channel|>"  # the large family's generation prompt, thinking off
 _PROBE_QUESTION, _PROBE_ANSWER = "?", "probe"
-# Written beside the adapter: the prompt it was trained with, read back by evaluation (and later serving).
+# What a prompt is made of, by RunConfig's names: saved beside an adapter, read back by evaluation and serving.
 PROMPT_FIELDS = ("question", "system_prompt", "enable_thinking")  # RunConfig's names
 
 
@@ -155,32 +152,6 @@ def chat_format(processor, question: str = QUESTION, system_prompt: str | None =
         raise ChatFormatError(f"the chat template does not render a model turn as the generation prompt + answer + "
                               f"{eot}:\n  rendered: {history!r}\n  expected: {expected!r}...")
     return ChatFormat(family, prompt, eot + history[len(expected):], question, system_prompt, enable_thinking)
-
-
-def prompt_settings(config) -> dict:
-    """A RunConfig's prompt fields, as ``VisionChatCollator``, ``predict`` and ``chat_format`` take them."""
-    return {name: getattr(config, name) for name in PROMPT_FIELDS}
-
-
-def save_prompt(folder: str | Path, settings: dict) -> Path:
-    path = Path(folder) / PROMPT_FILE
-    path.write_text(json.dumps({name: settings[name] for name in PROMPT_FIELDS}, indent=1) + "\n")
-    return path
-
-
-def load_prompt(folder: str | Path) -> dict | None:
-    """The prompt saved beside an adapter, or None for an adapter saved without one."""
-    path = Path(folder) / PROMPT_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def prompt_for_adapter(folder: str | Path, config) -> tuple[dict, list[str]]:
-    """The prompt to evaluate an adapter with: the one it was trained with when saved, else ``config``'s;
-    and the fields where ``config`` asked for something else (evaluation uses the trained prompt)."""
-    saved, asked = load_prompt(folder), prompt_settings(config)
-    if saved is None:
-        return asked, []
-    return saved, [name for name in PROMPT_FIELDS if saved.get(name) != asked[name]]
 
 
 def answer_from_generation(text: str, tokenizer) -> str:

@@ -1,5 +1,7 @@
 """The masking collator: train only on the answer, found by a backward search. Taught in notebook 03.
 
+This file and ``helpers/chat.py`` import nothing else of this package: copy the two into your own project.
+
 Gemma 4 turns each image into a variable number N of soft tokens (it depends on the image's size and on
 the budget, ``max_soft_tokens`` ∈ 70..1120), so the prompt's length cannot be computed from the text. The
 collator lets the processor expand the images first, then searches ``input_ids`` backward for the last
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from helpers.chat import QUESTION, ChatFormat, chat_format, special_token
-from helpers.losses import IGNORE_INDEX
-from helpers.validation import MAX_SIDE, BadExampleError, to_rgb_image
+# Relative, so that this file and chat.py work in whatever package you copy them into.
+from .chat import QUESTION, ChatFormat, chat_format, special_token
 
+IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
 # What Gemma4ForConditionalGeneration.forward takes from the processor's output; the rest
 # (e.g. num_soft_tokens_per_image) would be an unexpected keyword argument.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids")
@@ -158,6 +160,17 @@ def naive_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
     return torch.where(keep, input_ids, IGNORE_INDEX)
 
 
+def answer_logit_positions(labels: torch.Tensor) -> torch.Tensor:
+    """True at each position whose *next* token is labelled: where the logits of the answer are computed.
+
+    Passed to the model as ``logits_to_keep`` (a boolean ``[batch, length]`` mask), transformers computes
+    ``lm_head`` on those positions only, flattened in row-major order, instead of on every position with
+    Gemma 4's 262,144-entry vocabulary (``helpers.training.answer_only_loss`` reads them back)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
 # What each position of a batch is, for notebook 03's picture: padding, prompt, image, trained.
 TOKEN_ROLES = ("padding", "prompt", "image", "trained")
 
@@ -216,16 +229,19 @@ class VisionChatCollator:
 
     ``mode="train"``: the full conversation with ``labels`` on the answer and ``<turn|>`` only.
     ``mode="eval"``: the prompt ending with the generation prompt, identical to the training prefix.
+    ``logits_to_keep`` (train mode): the batch also carries ``answer_logit_positions(labels)`` under that name,
+    so the model computes logits where the answer is only (``helpers.training.answer_only_loss`` needs it;
+    transformers' own loss needs it off). Images are PIL images; other modes than RGB are converted.
     """
 
     def __init__(self, processor, class_names, question: str = QUESTION, system_prompt: str | None = None,
                  enable_thinking: bool = False, max_length: int | None = None, mode: str = "train",
-                 padding_side: str | None = None):
+                 padding_side: str | None = None, logits_to_keep: bool = False):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.class_names = list(class_names)
-        self.max_length, self.mode = max_length, mode
+        self.max_length, self.mode, self.logits_to_keep = max_length, mode, logits_to_keep
         self.padding_side = padding_side or self.tokenizer.padding_side
         # The question, system turn and thinking setting are fixed, so the prompt is rendered once, not per step.
         self.chat = chat_format(processor, question, system_prompt, enable_thinking)
@@ -269,8 +285,7 @@ class VisionChatCollator:
         if not examples:
             raise CollatorError("cannot collate an empty list of examples")
         texts, answers = self.texts(examples)
-        # One list per sample: each conversation has exactly one image. Some data sets carry
-        # greyscale, RGBA, CMYK or 16-bit images; the image processor expects 8-bit RGB.
+        # One list per sample: each conversation has exactly one image, in the 8-bit RGB the processor expects.
         names = [(ex["row"], answer) if "row" in ex else answer for ex, answer in zip(examples, answers)]
         images = [[_rgb(example.get("image"), i, name)] for i, (example, name) in enumerate(zip(examples, names))]
         # The template already writes <bos>; a tokenizer that also adds one would double it.
@@ -279,7 +294,10 @@ class VisionChatCollator:
         batch = {key: encoded[key] for key in MODEL_INPUT_KEYS if key in encoded}
         if self.mode == "train":
             batch["labels"] = mask_prompt_tokens(batch["input_ids"], batch["attention_mask"], self.markers, names)
-        return self._fit_max_length(batch, names)
+        batch = self._fit_max_length(batch, names)
+        if self.mode == "train" and self.logits_to_keep:
+            batch["logits_to_keep"] = answer_logit_positions(batch["labels"])
+        return batch
 
     def _fit_max_length(self, batch: dict, names: list) -> dict:
         """Truncate to ``max_length``; an error when that would cut the prompt (eval) or the answer (train)."""
@@ -301,11 +319,10 @@ def _labelled(example: dict) -> bool:
 
 
 def _rgb(image, index: int = 0, name: str | None = None):
-    """8-bit RGB via ``helpers.validation.to_rgb_image`` (loaders already did this; direct callers may not)."""
-    if isinstance(image, Image.Image) and image.mode == "RGB" and max(image.size) <= MAX_SIDE:
-        return image
-    label = f"sample {index}" + (f" ({_describe(name)})" if name is not None else "")
-    try:
-        return to_rgb_image(image, label)
-    except BadExampleError as err:
-        raise CollatorError(str(err)) from None
+    """The image in 8-bit RGB. The loaders (``helpers.data``) hand over checked RGB images already; a caller of
+    its own may pass another PIL mode, which is converted. Anything that is not a PIL image is refused."""
+    if not isinstance(image, Image.Image):
+        label = f"sample {index}" + (f" ({_describe(name)})" if name is not None else "")
+        raise CollatorError(f"{label}: the image is a {type(image).__name__}, not a PIL image: open and check it "
+                            "first (helpers.validation.to_rgb_image does, for every source helpers.data reads)")
+    return image if image.mode == "RGB" else image.convert("RGB")

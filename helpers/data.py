@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from helpers.validation import validate_examples
 
@@ -84,8 +86,6 @@ def digit_image(pixels: np.ndarray, size: int = DIGIT_IMAGE_SIZE) -> Image.Image
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
     idx = np.arange(len(labels))
     train_idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
     return np.sort(train_idx), np.sort(test_idx)
@@ -97,19 +97,6 @@ def _take(indices: np.ndarray, size: int | None, seed: int) -> np.ndarray:
         return indices
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(indices, size=size, replace=False))
-
-
-ONE_PIXEL_SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
-
-
-def shift_digit(pixels: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """The 8×8 digit moved by (dy, dx) pixels, blank where it moved away from (no wrap-around)."""
-    grid = pixels.reshape(8, 8)
-    out = np.zeros_like(grid)
-    ys, yd = (slice(0, 8 - dy), slice(dy, 8)) if dy >= 0 else (slice(-dy, 8), slice(0, 8 + dy))
-    xs, xd = (slice(0, 8 - dx), slice(dx, 8)) if dx >= 0 else (slice(-dx, 8), slice(0, 8 + dx))
-    out[yd, xd] = grid[ys, xs]
-    return out.reshape(-1)
 
 
 class DataError(ValueError):
@@ -193,8 +180,6 @@ def stratified_held_out(labels: list, test_fraction: float, seed: int = SPLIT_SE
 
 
 def _digits_source(test_fraction: float = 0.25) -> DataSource:
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     train_idx, test_idx = _stratified_split(digits.target, test_fraction, seed=0)
     every = SplitRows("all", [int(t) for t in digits.target], lambda i: digit_image(digits.data[i]), str)
@@ -203,21 +188,12 @@ def _digits_source(test_fraction: float = 0.25) -> DataSource:
 
 
 def load_digits_examples(split: str = "train", size: int | None = None, seed: int = 0,
-                         test_fraction: float = 0.25, augment: bool = False) -> ExampleSet:
-    """The offline data set: scikit-learn's digits as RGB images, a stratified seeded split.
-
-    ``augment`` (training split only) adds four copies of each digit moved by one pixel; the held-out
-    split is never augmented.
-    """
-    from sklearn.datasets import load_digits
-
+                         test_fraction: float = 0.25) -> ExampleSet:
+    """The offline data set: scikit-learn's digits as RGB images, a stratified seeded split."""
     digits = load_digits()
     train_idx, test_idx = _stratified_split(digits.target, test_fraction, seed=0)
     indices = _take(train_idx if split == "train" else test_idx, size, seed)
     examples = [{"image": digit_image(digits.data[i]), "label": int(digits.target[i])} for i in indices]
-    if augment and split == "train":
-        examples += [{"image": digit_image(shift_digit(digits.data[i], dy, dx)), "label": int(digits.target[i])}
-                     for dy, dx in ONE_PIXEL_SHIFTS for i in indices]
     examples, skipped = validate_examples(examples, DIGIT_NAMES, DIGITS, split)
     return ExampleSet(DIGITS, split, examples, list(DIGIT_NAMES), skipped)
 
@@ -334,7 +310,7 @@ def _require_split(available, train_split: str, where: str) -> None:
 
 # --------------------------------------------------------------------------- image folders
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (any depth), hidden files and folders left out, in a stable order."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -353,7 +329,7 @@ def _class_folder_rows(folder: Path, root: Path, name: str) -> tuple[SplitRows, 
                         f"named after the class ({folder}/<class>/{loose[0]})")
     paths, labels = [], []
     for class_name, class_dir in classes.items():
-        files = _image_files(class_dir)
+        files = image_files(class_dir)
         paths += files
         labels += [class_name] * len(files)
     rows = SplitRows(name, labels, lambda i: str(paths[i]), lambda i: paths[i].relative_to(root).as_posix())
@@ -574,23 +550,3 @@ def _sample_order(n: int, size: int | None, seed: int) -> np.ndarray:
     chosen = _take(np.arange(n), size, seed)
     rest = np.setdiff1d(np.arange(n), chosen)
     return np.concatenate([chosen, np.random.default_rng(seed + 1).permutation(rest)]).astype(int)
-
-
-def hf_examples(dataset, name: str, split: str, class_names=None, image_column: str = "image",
-                label_column: str = "label") -> ExampleSet:
-    """Convert one ``datasets.Dataset`` split into the shared schema, every row validated.
-
-    Images are read undecoded and made RGB by ``helpers.validation.to_rgb_image`` (huge ones shrunk while
-    decoding); rows with a corrupt image or a label outside the class list are skipped and counted in
-    ``ExampleSet.skipped``; a split with no usable row is an ``EmptySplitError``.
-    """
-    try:
-        rows, declared = dataset_rows(dataset, split, image_column, label_column)
-    except DataError as err:
-        raise DataError(f"data set {name!r} {err}") from None
-    if class_names is None:
-        class_names = [readable_class_name(n) for n in declared] if declared else \
-            [str(i) for i in range(max((v for v in rows.labels if isinstance(v, int)), default=-1) + 1)]
-    candidates = ({"image": rows.read(i), "label": rows.labels[i]} for i in range(len(rows)))
-    examples, skipped = validate_examples(candidates, class_names, name, split)
-    return ExampleSet(name, split, examples, list(class_names), skipped)

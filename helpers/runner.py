@@ -3,13 +3,15 @@
     python -m helpers.runner                                   # the offline default (tiny Gemma 4 + digits)
     python -m helpers.runner --model-id /mnt/gcs/gemma-4-31b-it/ --train-size 4000 -p quantization 4bit
 
-Everything lands in one run folder (``--output-dir``): the executed notebooks, ``metrics.json``, the
-adapter, checkpoints and plots. Rerunning the same command resumes from the last checkpoint there; a
-rerun with other training settings or data is refused (``helpers.run_folder``: the manifest), unless
-``--fresh``; a second runner on a folder in use stops at once (the lock). Parameters, the output folder
-and the data are checked before any notebook starts (unknown names, bad values, a missing data path...
-are errors); secrets such as ``HF_TOKEN`` are never parameters: papermill writes parameters into the
-executed notebook.
+Everything lands in one run folder (``--output-dir``): the executed notebooks, ``metrics.json``, the adapter,
+checkpoints and plots. Rerunning the same command resumes from the last complete checkpoint there, and a run
+that finished training is not trained again (``--fresh`` starts over); a rerun with other training settings or
+data is refused (``helpers.run.folder``: the manifest), and a second runner on a folder in use stops at once
+(the lock). Parameters, the output folder and the data are checked before any notebook starts. Secrets such as
+``HF_TOKEN`` are never parameters: papermill writes parameters into the executed notebook.
+
+``-p NAME VALUE`` sets any ``RunConfig`` field: the ones a notebook's ``parameters`` cell names are passed as
+themselves, the others in its ``settings`` dict, so a notebook shows the knobs a learner turns and runs with all.
 """
 
 from __future__ import annotations
@@ -21,35 +23,39 @@ import sys
 import time
 from pathlib import Path
 
-from helpers.config import OFFLINE_MODELS, ConfigError, RunConfig
-from helpers.data import DIGITS
-from helpers.run_folder import (
-    METRICS,
-    SKIPPED,
+import papermill
+from jupyter_client.manager import AsyncKernelManager
+from papermill.exceptions import PapermillExecutionError
+
+from helpers.data import DataError, describe_source
+from helpers.run.config import ConfigError, RunConfig, parameters_from_command_line
+from helpers.run.folder import (
     RunFolderError,
     build_manifest,
-    check_output_dir,
     holding_lock,
+    is_trained,
+    metrics_file,
+    read_json,
+    read_skipped,
     start_run,
 )
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 TRAINING_NOTEBOOK = "04_training"
 DEFAULT_NOTEBOOKS = (TRAINING_NOTEBOOK, "05_evaluation")
-SECRET_WORDS = ("token", "secret", "password", "api_key")
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+SETTINGS = "settings"  # the parameters cell's dict of every other RunConfig field
 
 
 class RunnerError(RuntimeError):
     """A notebook failed or the run was mis-specified; the message says which and why."""
 
 
-def parse_value(text: str):
-    """``-p`` values as papermill's CLI reads them: JSON where it parses (3, 0.5, true, null), else text."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+class LocalKernelManager(AsyncKernelManager):
+    """A kernel that talks to the runner over local IPC sockets, not unencrypted TCP (which ipykernel warns about
+    into every executed notebook's output)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(transport="ipc", **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,55 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--notebook", nargs="+", default=list(DEFAULT_NOTEBOOKS),
                         help="notebooks to run, in order (names under notebooks/, without .ipynb)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a notebook parameter (a RunConfig field), e.g. -p max_steps 20")
+                        help="a run parameter (a RunConfig field), e.g. -p max_steps 20")
     parser.add_argument("--fresh", action="store_true",
                         help="start the run folder over: delete its checkpoints, adapter and results first")
     return parser
 
 
-def collect_parameters(args) -> dict:
-    """The parameters for every notebook, validated once through ``RunConfig``."""
-    params = {name: parse_value(value) for name, value in args.parameter}
-    secret = [n for n in params if any(word in n.lower() for word in SECRET_WORDS)]
-    if secret:
-        raise ConfigError(f"parameter(s) {secret} look like secrets: pass tokens through the environment "
-                          "(HF_TOKEN), never as parameters (papermill writes parameters into the notebook)")
-    for flag, name in (("model_id", "model_id"), ("train_size", "train_size"), ("output_dir", "output_dir")):
-        value = getattr(args, flag)
-        if value is not None:
-            params[name] = value
-    # A token's value in any parameter is refused here, before RunConfig, whose errors quote bad values.
-    tokens = [os.environ.get(name, "") for name in TOKEN_VARIABLES]
-    carrying = [n for n, v in params.items() if any(len(t) >= 8 and t in str(v) for t in tokens)]
-    if carrying:  # the parameter is named, the value never echoed
-        raise ConfigError(f"parameter(s) {carrying} carry the value of {'/'.join(TOKEN_VARIABLES)}: tokens stay in "
-                          "the environment, never in parameters (papermill writes parameters into the notebook)")
-    config = RunConfig.from_params(params)
-    for name in ("dataset", "class_map_file", "model_id"):  # the notebooks run in notebooks/: paths made absolute
-        value = getattr(config, name)
-        if value not in (None, DIGITS, *OFFLINE_MODELS) and Path(value).expanduser().exists():
-            params[name] = str(Path(value).expanduser().resolve())
-    config = RunConfig.from_params(params)
-    try:
-        check_output_dir(config.output_dir)
-    except RunFolderError as err:
-        raise ConfigError(str(err)) from None
-    if config.model_id not in OFFLINE_MODELS:  # a missing or non-Gemma 4 folder fails here, before any notebook
-        from helpers.modeling import ModelLoadError, check_model_source
-
-        try:
-            check_model_source(config.model_id)
-        except ModelLoadError as err:
-            raise ConfigError(f"model_id: {err}") from None
-    params["output_dir"] = str(Path(config.output_dir).resolve())
-    return params
-
-
 def check_data(config: RunConfig):
     """The data, read without decoding images and checked (``helpers.data.describe_source``), before any
     model loads; a ``DataError`` becomes a ``ConfigError`` naming the file, split, column or class."""
-    from helpers.data import DataError, describe_source
-
     try:
         return describe_source(config.dataset, **config.data_options())
     except DataError as err:
@@ -126,11 +92,10 @@ def planned_rows(source, config: RunConfig) -> str:
 
 
 def used_rows(output_dir: Path) -> str | None:
-    """What notebook 04 kept and skipped (its ``skipped.json``), in one line."""
-    path = output_dir / SKIPPED
-    if not path.exists():
+    """What notebook 04 kept and skipped, in one line."""
+    counts = read_skipped(output_dir)
+    if not counts:
         return None
-    counts = json.loads(path.read_text())
     return "used: " + "; ".join(f"{split} {c['kept']} rows" + (f" ({c['n_skipped']} bad rows skipped: {c['skipped']})"
                                                               if c["n_skipped"] else "") for split, c in counts.items())
 
@@ -143,49 +108,64 @@ def notebook_path(name: str) -> Path:
     return path
 
 
-def execute(name: str, params: dict, output_dir: Path) -> Path:
-    """Run one notebook with papermill into ``output_dir``; a failure names the notebook and error."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+def notebook_parameters(source: Path, params: dict) -> dict:
+    """``params`` as ``source``'s parameters cell takes them: the names it has, and every other one in its
+    ``settings`` dict (when it has one; a notebook without it takes only its own names)."""
+    names = set(papermill.inspect_notebook(str(source)))
+    passed = {name: value for name, value in params.items() if name in names}
+    others = {name: value for name, value in params.items() if name not in names}
+    if SETTINGS in names:
+        passed[SETTINGS] = others
+    return passed
 
+
+def execute_notebook(source: Path, executed: Path, parameters: dict, cwd: Path = NOTEBOOK_DIR):
+    """Run ``source`` with papermill into ``executed``: text progress only (transformers' loading bar would be
+    saved as a widget at 0%), over local sockets. The runner and the tests execute every notebook through it."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by the kernel, which inherits it
+    return papermill.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name="python3",
+                                      cwd=str(cwd), progress_bar=False, log_output=False,
+                                      kernel_manager_class=LocalKernelManager)
+
+
+def execute(name: str, params: dict, output_dir: Path) -> Path:
+    """Run one notebook into ``output_dir``; a failure names the notebook, the cell and the error."""
     source = notebook_path(name)
     executed = output_dir / source.name
     try:
-        papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name="python3",
-                                   cwd=str(NOTEBOOK_DIR), progress_bar=False, log_output=False)
+        execute_notebook(source, executed, notebook_parameters(source, params))
     except PapermillExecutionError as err:
         raise RunnerError(f"notebook {source.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                           f"the executed notebook, up to the failure, is {executed}") from None
     return executed
 
 
-def run_manifest(config: RunConfig, source) -> dict:
-    model = {"model_id": config.model_id}
-    return build_manifest(config.to_dict(), source.fingerprint(), model)
-
-
 def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
-    params = collect_parameters(args)
+    params = parameters_from_command_line(args.parameter, args.output_dir, args.model_id, args.train_size)
     config = RunConfig.from_params(params)
     output_dir = Path(params["output_dir"])
     names = [notebook_path(n).stem for n in args.notebook]  # fail early on a mistyped name
     source = check_data(config)
     print(planned_rows(source, config), flush=True)
     with holding_lock(output_dir):
-        print(f"run folder: {start_run(output_dir, run_manifest(config, source), TRAINING_NOTEBOOK in names, args.fresh)}",
-              flush=True)
+        trains = TRAINING_NOTEBOOK in names
+        manifest = build_manifest(config.to_dict(), source.fingerprint(), {"model_id": config.model_id})
+        print(f"run folder: {start_run(output_dir, manifest, trains, args.fresh)}", flush=True)
         for i, name in enumerate(names, 1):
+            if name == TRAINING_NOTEBOOK and is_trained(output_dir):
+                print(f"[{i}/{len(names)}] {name}: already trained in this folder (its adapter and training record "
+                      "are there); not trained again (--fresh starts over)", flush=True)
+                continue
             print(f"[{i}/{len(names)}] {name} ...", flush=True)
             start = time.perf_counter()
             executed = execute(name, params, output_dir)
             print(f"[{i}/{len(names)}] {name} done in {time.perf_counter() - start:.0f} s -> {executed}", flush=True)
             if name == TRAINING_NOTEBOOK and used_rows(output_dir):
                 print(used_rows(output_dir), flush=True)
-    metrics = output_dir / METRICS
-    if metrics.exists():
-        summary = json.loads(metrics.read_text()).get("summary", {})
-        print("metrics:", json.dumps(summary), flush=True)
+    metrics = read_json(metrics_file(output_dir))
+    if metrics is not None:
+        print("metrics:", json.dumps(metrics.get("summary", {})), flush=True)
     print(f"run folder: {output_dir}", flush=True)
     return output_dir
 

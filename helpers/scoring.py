@@ -27,9 +27,23 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from helpers.losses import IGNORE_INDEX, MODEL_INPUTS, softcapped_logits, unwrap_gemma4
+from helpers.collator import IGNORE_INDEX
+from helpers.modeling import unwrap_gemma4
 
 END_OF_TURN = "<turn|>"
+# What the model's forward takes from a prompt batch (the processor's keys, and the positions scoring sets).
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids",
+                "position_ids")
+
+
+def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_head`` then Gemma 4's final logit softcap (cap · tanh(logits / cap)), as the model's forward applies them."""
+    gemma = unwrap_gemma4(model)
+    logits = gemma.lm_head(hidden)
+    cap = gemma.config.get_text_config().final_logit_softcapping
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def class_token_ids(tokenizer, class_names, end_token: str = END_OF_TURN) -> list[list[int]]:
@@ -228,26 +242,3 @@ def _tree_scores(model, inputs: dict, candidates, max_logit_bytes: int) -> torch
         del logp
     scores = torch.zeros((batch, len(candidates)), dtype=torch.float32, device=device)
     return scores.index_add_(1, answer_of, picked)
-
-
-def predict(scores: torch.Tensor) -> torch.Tensor:
-    """The class index with the highest log-likelihood, per prompt."""
-    return scores.argmax(dim=-1)
-
-
-@torch.no_grad()
-def naive_class_scores(model, tokenizer, prompt_ids: torch.Tensor, extra_inputs: dict, class_names,
-                       end_token: str = END_OF_TURN) -> torch.Tensor:
-    """The slow reference for one unpadded prompt: a full forward of ``prompt + class`` per class."""
-    candidates = class_token_ids(tokenizer, class_names, end_token)
-    device = next(p.device for p in model.parameters())
-    out = []
-    for cand in candidates:
-        ids = torch.cat([prompt_ids.to(device), torch.tensor(cand, device=device)])[None]
-        extra = {k: v.to(device) for k, v in extra_inputs.items()}
-        if "mm_token_type_ids" in extra:
-            extra["mm_token_type_ids"] = F.pad(extra["mm_token_type_ids"], (0, len(cand)))
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra, use_cache=False).logits
-        logp = F.log_softmax(logits[0, -len(cand) - 1:-1].float(), dim=-1)
-        out.append(logp.gather(-1, torch.tensor(cand, device=device)[:, None]).sum())
-    return torch.stack(out)

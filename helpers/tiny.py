@@ -83,19 +83,15 @@ TINY_PATCH_SIZE = 8
 TINY_POOLING = 3
 TINY_TEXT_HIDDEN = 64
 # The one shape that is not Gemma 4 in kind: released towers have heads x head size = width (768 = 12 x 64,
-# 1152 = 16 x 72); the miniature has 1 head of 32 in a width of 64. Measured (benchmarks/README.md, "Tiny init
-# 4"): 2 heads of 32 cost 18% more a forward + backward, 1 head of 64 10% more and reached 0.944 (seed 0); a
-# width of 32 (1 head of 32) was 26% faster but reached 0.900-0.953. llama.cpp needs the head
-# size written into the projector for it (helpers.llama_cpp.vision_head_dim_to_write).
+# 1152 = 16 x 72); the miniature has 1 head of 32 in a width of 64: 2 heads of 32 cost 18% more a forward +
+# backward on the CPU, 1 head of 64 10% more for a lower accuracy (docs/tiny-model.md). llama.cpp needs the
+# head size written into the projector for it (helpers.exports.llama_cpp.vision_head_dim_to_write).
 TINY_VISION_HIDDEN = 64
 TINY_VISION_HEADS = 1
 TINY_VISION_HEAD_DIM = 32
 TINY_HEAD_DIM, TINY_GLOBAL_HEAD_DIM = 32, 64  # sliding vs full attention, distinct as in every released size
 # Bumped whenever build_tiny_model draws different weights or the folder's format changes, so
-# ensure_tiny_gemma4 rebuilds an older folder. 2: q/k norm scales at head_dim**-0.25 and vision positions at
-# std 0.1 (benchmarks/tiny_init_sweep.py round 11). 3: Gemma 4 in miniature (released chat templates per
-# family, a Gemma-style tokenizer, patch 16 / pooling 3, distinct full-attention head size). 4: no vocabulary
-# piece joins a newline to other text (as in the released vocabulary), default_output_length in the vision config.
+# ensure_tiny_gemma4 rebuilds an older folder.
 TINY_INIT_VERSION = 4
 
 
@@ -341,10 +337,6 @@ def ensure_tiny_gemma4(path: str | Path | None = None, family: str = LARGE) -> P
     return path
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ------------------------------------------------------------------------------------------------------
 # The 12B in miniature: Gemma4UnifiedForConditionalGeneration (encoder-free), offline id "tiny-12b".
 #
@@ -355,7 +347,7 @@ def count_parameters(model) -> int:
 # TINY_PATCH_SIZE pixels (24 pixels; the released model's are 48).
 TINY_12B_PATH = DEFAULT_TINY_PATH.with_name(f"{DEFAULT_TINY_PATH.name}-12b")
 # Bumped whenever build_tiny_gemma4_12b draws different weights (ensure_tiny_gemma4_12b then rebuilds).
-TINY_12B_INIT_VERSION = 2  # 2: the tokenizer of init 4 (no newline merges)
+TINY_12B_INIT_VERSION = 2
 TINY_12B_POSITION_STD = 0.5  # the x and y position rows, against the unit-variance patch after LayerNorm 2
 _UNIFIED_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",

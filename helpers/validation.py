@@ -8,8 +8,8 @@ converted to 8-bit RGB and, when huge, shrunk while it is decoded (a JPEG is dec
 counted under a reason, and the first of each reason is logged with the row named. Nothing bad is
 trained on silently, and a split with nothing left is an error naming the data set and split.
 
-This module imports only Pillow and NumPy, so the loaders stay light. Notebook 04 writes the counts to the run
-folder's ``helpers.run_folder.SKIPPED`` file, for notebook 05's metrics.json.
+This module imports only Pillow and NumPy, so the loaders stay light. Notebook 04 writes the counts into the run
+folder (``helpers.run.folder.write_skipped``), for notebook 05's metrics.json.
 """
 
 from __future__ import annotations

@@ -38,13 +38,12 @@ from collections import OrderedDict
 
 import torch
 
-from helpers.config import SOFT_TOKEN_BUDGETS  # noqa: F401  (the budgets, defined once in helpers.config)
+from helpers.modeling import MODEL_CLASSES
+from helpers.run.config import SOFT_TOKEN_BUDGETS  # noqa: F401  (the budgets, defined once in helpers.run.config)
 
 PRESET_NAMES = ("E2B", "E4B", "12B", "26B-A4B", "31B")
 ENCODER_FREE = ("12B",)  # Gemma4UnifiedConfig: no vision or audio tower, no Gemma4ClippableLinear
 # model_type -> the class that from_pretrained / AutoModelForMultimodalLM picks for it
-MODEL_CLASSES = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_unified": "Gemma4UnifiedForConditionalGeneration"}
-GEMMA4_MODEL_TYPES = tuple(MODEL_CLASSES)
 
 
 # Sliding layers then one full-attention layer, repeated: 4:1 for E2B, 5:1 for the others.

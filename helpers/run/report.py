@@ -1,7 +1,7 @@
 """``metrics.json``: one writer and one schema for every entry point.
 
 Notebook 05 (one process, or one shard of a Cloud Run evaluation), the multi-GPU launcher
-(``helpers.launch``) and the shard merge (``python -m helpers.shards merge``) all call ``write_metrics``,
+(``helpers.launch``) and the shard merge (``python -m helpers.run.shards merge``) all call ``write_metrics``,
 so a dashboard reads the same keys whichever wrote the file::
 
     {"summary": {"baseline_accuracy", "baseline_macro_f1", "baseline_generation_accuracy",
@@ -14,14 +14,14 @@ so a dashboard reads the same keys whichever wrote the file::
 
 Accuracies and macro-F1 in the summary are constrained scoring's; the generation fields are ``None`` where
 free generation was not run (the launcher and the merge score constrained only). ``shard.index`` is
-``None`` for a merged file (every shard). Free of torch and numpy, like ``helpers.shards``.
+``None`` for a merged file (every shard).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from helpers.io import atomic_write_json
+from helpers.run.folder import atomic_write_json
 
 SYSTEMS = ("baseline", "finetuned")  # the adapter off, then on
 
@@ -48,7 +48,7 @@ def write_metrics(path, metrics: dict, *, config: dict | None = None, model_path
                   predictions: list | None = None) -> dict:
     """Write ``metrics.json`` at ``path`` atomically and return what was written (schema above).
 
-    ``metrics``: ``{system: {"constrained": helpers.shards.compute_metrics(...), "generation": ...,
+    ``metrics``: ``{system: {"constrained": helpers.evaluation.compute_metrics(...), "generation": ...,
     "seconds": {method: s}}}``; ``config``: ``RunConfig.to_dict()``; ``train``: ``TrainResult.to_dict()``
     (absent when only evaluating); ``skipped``: ``helpers.validation.skipped_summary``; ``prompt``: the
     question, system prompt and thinking setting used (``helpers.chat``); ``eval_seconds``: extra timings.

@@ -1,6 +1,7 @@
 """llama.cpp for Gemma 4: its own converter (HF folder -> GGUF), its server, and the flags it needs.
 
-Taught in notebook 06; used by ``helpers.export --gguf`` and ``benchmarks/export_parity.py``.
+Taught in notebook 06; used by ``python -m helpers.export --gguf`` and ``benchmarks/export_parity.py``.
+``export_gguf`` converts a merged folder (``helpers.exports.merge``) into a GGUF folder.
 
 The source is the llama.cpp that the ``llama-cpp-python`` sdist on PyPI vendors (it has Gemma 4
 conversion, ``vendor/llama.cpp/convert_hf_to_gguf.py`` with ``gguf-py``, and the Gemma 4 vision code in
@@ -41,6 +42,8 @@ import urllib.request
 from pathlib import Path
 
 from helpers.chat import to_messages
+from helpers.exports.merge import check_target
+from helpers.run.folder import EXPORT_RECORD, GGUF_PROJECTOR, GGUF_TEXT, atomic_write_json, save_prompt, write_class_names
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE_DIR = Path(__file__).resolve().parent.parent / "artifacts" / "llama-cpp"
@@ -288,3 +291,35 @@ class Server:
 
     def tokenize(self, text: str) -> list[int]:
         return self.post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
+
+
+def gguf_outtype(merged: Path) -> str:
+    """The converter's output type: the merged weights' own (f32 for the tiny model, bf16 from a GPU)."""
+    dtype = json.loads((merged / EXPORT_RECORD).read_text())["dtype"]
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
+
+
+def export_gguf(merged, folder, llama_cpp=None) -> Path:
+    """Convert a merged folder with llama.cpp's own converter: the text model and the vision projector,
+    plus the run's prompt, class names and the llama.cpp flags (image-token limits = training budget)."""
+    merged, folder = Path(merged), check_target(folder)
+    source = find_llama_cpp(llama_cpp)
+    record = json.loads((merged / EXPORT_RECORD).read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    outtype = gguf_outtype(merged)
+    convert(merged, folder / GGUF_TEXT, source, outtype)
+    convert(merged, folder / GGUF_PROJECTOR, source, outtype, projector=True)
+    written = {}
+    head_dim = vision_head_dim_to_write(json.loads((merged / "config.json").read_text()).get("vision_config", {}))
+    if head_dim is not None:  # not for released towers: see vision_head_dim_to_write
+        write_vision_head_dim(folder / GGUF_PROJECTOR, head_dim, source)
+        written[VISION_HEAD_DIM_KEY] = head_dim
+    save_prompt(folder, record["prompt"])
+    write_class_names(folder, record["class_names"])
+    atomic_write_json(folder / EXPORT_RECORD, {
+        **record, "kind": "gguf", "merged": str(merged.resolve()), "outtype": outtype,
+        "files": {"text": GGUF_TEXT, "projector": GGUF_PROJECTOR},
+        "llama_cpp": {"source": f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist (vendor/llama.cpp)",
+                      "args": image_token_args(record["image_soft_tokens"]),
+                      "written_after_conversion": written}})
+    return folder

@@ -1,7 +1,7 @@
 """How many bytes the weights take, in bf16 and in 4-bit NF4, and how many parameters LoRA adds.
 
 Taught in notebook 01. Everything is counted on a ``meta``-device model built from a preset
-(``helpers.presets``), module by module, so the numbers follow the real module tree.
+(``helpers.teaching.presets``), module by module, so the numbers follow the real module tree.
 
 What bitsandbytes quantizes (modelled on transformers 5.23's ``replace_with_bnb_linear``): every module
 whose type is exactly ``nn.Linear`` and whose name is not matched by the skip list, matched with
@@ -30,7 +30,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from helpers.presets import (
+from helpers.modeling import NF4_SKIP_MODULES, nf4_skip_modules
+from helpers.teaching.presets import (
     PRESET_NAMES,
     TOWERS,
     build_meta_model,
@@ -60,7 +61,6 @@ def nf4_weight_bytes(numel: int, double_quant: bool = True, blocksize: int = NF4
 
 
 def default_skip_modules() -> list[str]:
-    from helpers.modeling import NF4_SKIP_MODULES
 
     return list(NF4_SKIP_MODULES)
 
@@ -168,12 +168,12 @@ def _preset_lora_parameters_per_rank(size: str) -> int:
 # 6,912 values wide projected to 3,840 (``vision_widths``).
 ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in benchmarks/README.md
     "E2B": 19.0,  # not measured: E4B's value (same clipped vision tower family)
-    "E4B": 19.0,  # with helpers.clippable's fast clamps (the default); transformers' own clamps: 20.5
+    "E4B": 19.0,  # with the fast clamps (helpers.speed, the default); transformers' own clamps: 20.5
     "12B": 14.8,  # H200, 2026-12-01: 14.0 (NF4, mb 32) and 15.6 (bf16, mb 16) fitted; between, all within 6%
     "26B-A4B": 18.2,
     "31B": 16.0,
 }
-# Liger's RMSNorm + GeGLU keep bf16, not float32, copies: 0.85 with helpers.modeling.use_liger_kernels (text decoder
+# Liger's RMSNorm + GeGLU keep bf16, not float32, copies: 0.85 with liger-kernel's forwards (benchmarks/liger.py; text decoder
 # only; 31B QLoRA mb 8, H200, 2026-12-02); the class-level patch of issue 7 (which also reached other norms) kept 0.78
 LIGER_ACTIVATION_FACTOR = 0.85
 FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own loss (bf16 logits, fp32
@@ -230,7 +230,7 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     """Predicted peak training memory (bytes) and its terms, for one GPU. Taught in notebook 01.
 
     ``soft_tokens`` is the image budget (70 ... 1120): the vision tower sees ``9 x soft_tokens`` patches
-    (padding included; the 12B's patch embedder ``soft_tokens`` merged patches, ``helpers.presets.image_patches``) and the decoder up to ``soft_tokens`` image tokens (``image_tokens``: fewer for
+    (padding included; the 12B's patch embedder ``soft_tokens`` merged patches, ``helpers.teaching.presets.image_patches``) and the decoder up to ``soft_tokens`` image tokens (``image_tokens``: fewer for
     non-square images, e.g. 256 for 224 x 224 at 280). ``loss``: ``"labelled"`` (ours) or ``"full"`` (the
     model's own loss over the full vocabulary at every position, as the seed). ``lora_dtype``: the
     adapters' dtype (``"bf16"`` as TRL casts them for QLoRA; PEFT's default is ``"fp32"``).
@@ -241,8 +241,6 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     image_tokens = soft_tokens if image_tokens is None else image_tokens
     patches = image_patches(config, soft_tokens)
     if quantize_towers and skip_modules is None:
-        from helpers.modeling import nf4_skip_modules
-
         skip_modules = nf4_skip_modules(quantize_towers=True)
     weights = _preset_weight_bytes(size, quantization, None if skip_modules is None else tuple(skip_modules))
     state_bytes = LORA_STATE_BYTES[lora_dtype] - (EIGHT_BIT_STATE_SAVING[lora_dtype] if optimizer == "adamw_8bit" else 0)
@@ -277,7 +275,7 @@ def largest_micro_batch(size: str, gpu_gb: float, candidates=(64, 32, 16, 8, 4, 
     Use it for ``batch_size`` instead of the seed's 1 x 16: with the same global batch (raise
     ``gradient_accumulation`` to match), fewer, larger steps keep the GPU busy (31B NF4 on an H200:
     micro-batch 8 trained 11x faster than 1 x 16 with checkpointing; benchmarks/README.md).
-    ``helpers.training.train`` asks it on a GPU (``micro_batch_for``).
+    ``helpers.speed.planned_batch`` asks it on a GPU (``micro_batch_for``).
     """
     return next((mb for mb in sorted(candidates, reverse=True)
                  if fits(size, gpu_gb, margin=margin, micro_batch=mb, **kwargs)), None)
@@ -303,7 +301,7 @@ def _preset_shapes() -> dict:
 
 
 def preset_of(config) -> str | None:
-    """Which of the published sizes (``helpers.presets``) a model's config is, by its text model's shape;
+    """Which of the published sizes (``helpers.teaching.presets``) a model's config is, by its text model's shape;
     ``None`` for anything else (the tiny offline models, other architectures): the planner has no numbers then."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     shape = (getattr(config, "model_type", None), tuple(getattr(text, k, None) for k in _SHAPE_KEYS))
@@ -311,7 +309,7 @@ def preset_of(config) -> str | None:
 
 
 def micro_batch_for(size: str, gpu_bytes: int, batch: int, margin: float = PLANNER_MARGIN, **kwargs) -> int | None:
-    """The micro-batch ``helpers.training.train`` uses on a GPU of ``gpu_bytes``: the largest divisor of ``batch``
+    """The micro-batch ``helpers.speed`` plans on a GPU of ``gpu_bytes``: the largest divisor of ``batch``
     (the samples of one optimizer step on one device, ``batch_size x gradient_accumulation``) whose ``plan``,
     ``margin`` added, fits; the accumulation is then ``batch // micro-batch``, so the step's batch is unchanged.
     ``None``: not even 1 is predicted to fit. ``kwargs``: ``plan``'s (quantization, lora_r, soft_tokens, ...)."""
@@ -322,13 +320,13 @@ def micro_batch_for(size: str, gpu_bytes: int, batch: int, margin: float = PLANN
 def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", compiled: bool = False,
               liger: bool = False) -> tuple[int, int, str]:
     """(micro-batch, gradient accumulation, how chosen) for a ``RunConfig`` on one GPU of ``gpu_bytes``, as
-    ``helpers.training.train`` uses them there.
+    ``helpers.speed.switch_on`` sets them there.
 
     For a published size (``preset_of(model_config)``): ``micro_batch_for`` over the step's batch
     ``config.batch_size x config.gradient_accumulation``, which stays as configured (on an H200: 31B QLoRA r64,
     8 x 4 for 32 x 1, 8 x 2 for the default 16 x 1; E4B bf16 compiled, 32 x 1 for 32 x 1). For other models (the tiny ones), the config's own
     values. ``lora_dtype``, ``compiled`` (``compile_layers`` on) and ``liger``
-    (``helpers.modeling.use_liger_kernels``) are what ``train()`` found."""
+    (liger-kernel's forwards, ``benchmarks/liger.py``) are what ``switch_on`` found."""
     configured = (config.batch_size, config.gradient_accumulation)
     size = preset_of(model_config)
     if size is None:
@@ -339,7 +337,7 @@ def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", co
                             gradient_checkpointing=config.gradient_checkpointing,
                             quantize_towers=config.quantization == "4bit" and config.quantize_towers,
                             optimizer=config.optimizer, compiled=compiled, liger=liger)
-    how = (f"helpers.memory.plan for {size}, quantization {config.quantization}, LoRA r{config.lora_r} {lora_dtype}"
+    how = (f"helpers.teaching.memory.plan for {size}, quantization {config.quantization}, LoRA r{config.lora_r} {lora_dtype}"
            f"{', compiled' if compiled else ''}{', Liger' if liger else ''}"
            f"{', checkpointing' if config.gradient_checkpointing else ''}: the "
            f"largest that fits {gpu_bytes / GB:.0f} GB with a {PLANNER_MARGIN:.0%} margin; {batch} samples a step "

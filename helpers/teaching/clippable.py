@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 
-from helpers.fast_clamps import CLIP_BUFFERS, is_clippable_linear, use_fast_clamps, use_stock_clamps
-from helpers.presets import TOWERS, tower_of
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
 
-__all__ = ["use_fast_clamps", "use_stock_clamps"]  # the fast clamp kernel lives in helpers.fast_clamps
+from helpers.modeling import CLIP_BUFFERS, apply_lora, trainable_parameters
+from helpers.teaching.presets import TOWERS, tower_of
+
 PEFT_PREFIX = "base_model.model."
 
 # The target list many LoRA recipes use: it names the ClippableLinear wrappers, which PEFT rejects.
@@ -36,7 +39,7 @@ TARGET_ALTERNATIVES = {
 def find_clippable_linears(model) -> dict:
     """``{module name: Gemma4ClippableLinear}`` for every clippable linear (PEFT-wrapped or not)."""
     return {strip_peft_prefix(name): module for name, module in model.named_modules()
-            if is_clippable_linear(module)}
+            if isinstance(module, Gemma4ClippableLinear)}
 
 
 def strip_peft_prefix(name: str) -> str:
@@ -44,7 +47,7 @@ def strip_peft_prefix(name: str) -> str:
 
 
 def tower_of_module(module_name: str) -> str:
-    """The tower (see ``helpers.presets.TOWERS``) of a module name, with or without PEFT's prefix."""
+    """The tower (see ``helpers.teaching.presets.TOWERS``) of a module name, with or without PEFT's prefix."""
     return tower_of(f"{strip_peft_prefix(module_name)}.weight")
 
 
@@ -87,8 +90,6 @@ def naive_lora_error(model, target_modules=None) -> str | None:
 
     Tried on a deep copy: a failed ``get_peft_model`` may leave the model half wrapped.
     """
-    from helpers.modeling import apply_lora
-
     try:
         apply_lora(copy.deepcopy(model), target_modules=target_modules or NAIVE_TARGETS)
     except ValueError as error:
@@ -98,8 +99,6 @@ def naive_lora_error(model, target_modules=None) -> str | None:
 
 def lora_wrapped_modules(peft_model) -> dict[str, list[str]]:
     """``{tower: [module names]}`` of the modules that received a LoRA adapter (PEFT prefix stripped)."""
-    from peft.tuners.lora import LoraLayer
-
     wrapped: dict[str, list[str]] = OrderedDict((tower, []) for tower in TOWERS)
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer):
@@ -109,8 +108,6 @@ def lora_wrapped_modules(peft_model) -> dict[str, list[str]]:
 
 def trainable_by_target(model, alternatives: dict | None = None, r: int = 16) -> dict[str, dict]:
     """For each target choice: wrapped modules per tower and trainable parameters (or the error it raises)."""
-    from helpers.modeling import apply_lora, trainable_parameters
-
     results = {}
     for label, targets in (alternatives or TARGET_ALTERNATIVES).items():
         try:
@@ -156,8 +153,6 @@ def clamp_check(clippable, inputs: torch.Tensor) -> dict[str, float]:
 
 def saved_adapter_keys(peft_model, directory: str | Path | None = None) -> list[str]:
     """The tensor names in ``adapter_model.safetensors`` after ``save_pretrained``."""
-    from safetensors import safe_open
-
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(directory or scratch)
         peft_model.save_pretrained(folder)

@@ -5,7 +5,7 @@ Each engine predicts the run's held-out rows; ``parity_table`` compares them met
 Constrained scoring needs the model's log-likelihoods, so only the transformers engines have it; every
 engine has free generation (greedy, matched to a class name). ``benchmarks/export_parity.py`` is the CLI.
 
-llama.cpp is asked through ``llama-server`` two ways (``helpers.llama_cpp.Server``): its chat endpoint, as
+llama.cpp is asked through ``llama-server`` two ways (``helpers.exports.llama_cpp.Server``): its chat endpoint, as
 a client would, and its raw completion endpoint with the prompt transformers renders (the training prompt).
 """
 
@@ -16,10 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import llama_cpp
-from helpers.evaluation import match_class_name, predict
-from helpers.predict import load_predictor
-from helpers.run_folder import EXPORT_RECORD
+from transformers import AutoProcessor
+
+from helpers.chat import render_generation_prompt, special_token, to_messages
+from helpers.evaluation import evaluate, match_class_name
+from helpers.exports import llama_cpp
+from helpers.exports.merge import share_equal
+from helpers.exports.predictor import load_predictor
+from helpers.run.folder import EXPORT_RECORD
 
 ADAPTER_ENGINE, MERGED_ENGINE = "transformers + adapter", "transformers + merged"
 LLAMA_CPP_ENGINE = "llama.cpp, training prompt"  # llama-server /completion with transformers' rendered prompt
@@ -28,9 +32,9 @@ METHODS = ("constrained", "generation")
 
 
 def transformers_engine(saved, examples) -> dict:
-    """Both methods through ``helpers.evaluation.predict`` (the path notebook 05 evaluates with)."""
+    """Both methods through ``helpers.evaluation.evaluate`` (the path notebook 05 evaluates with)."""
     predictor = load_predictor(saved)
-    result = predict(predictor.model, predictor.processor, examples, saved.class_names, batch_size=16,
+    result = evaluate(predictor.model, predictor.processor, examples, saved.class_names, batch_size=16,
                      progress=False, **saved.prompt)
     return {"constrained": result.constrained, "generation": result.generated, "seconds": result.seconds}
 
@@ -39,10 +43,6 @@ def training_prompt_text(merged_dir, prompt: dict) -> str:
     """The generation prompt transformers renders for the run (its chat template, system turn and thinking
     setting), with llama.cpp's image marker where the processor would expand ``<|image|>``, and without the
     leading BOS (llama.cpp adds the model's own)."""
-    from transformers import AutoProcessor
-
-    from helpers.chat import render_generation_prompt, special_token, to_messages
-
     processor = AutoProcessor.from_pretrained(merged_dir)
     text = render_generation_prompt(processor, to_messages(prompt["question"], system=prompt.get("system_prompt")),
                                     enable_thinking=bool(prompt.get("enable_thinking")))
@@ -77,10 +77,6 @@ def llama_cpp_engines(gguf_dir, server_binary, examples, max_tokens: int = 16) -
     for result in results.values():
         result["generation"] = [match_class_name(t, classes) for t in result["text"]]
     return results
-
-
-def share_equal(first, second) -> float:
-    return sum(a == b for a, b in zip(first, second)) / len(first) if first else float("nan")
 
 
 def parity_table(engines: dict, labels: list[str]) -> list[dict]:

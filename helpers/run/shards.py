@@ -1,12 +1,11 @@
 """Sharded evaluation: split the test set across tasks, then merge their predictions into one metrics.json.
 
 Used by the Cloud Run evaluation job (``cloudrun/entrypoint.sh``, ``JOB_MODE=eval-shard``), where each of
-``--tasks N`` tasks reads ``CLOUD_RUN_TASK_INDEX`` / ``CLOUD_RUN_TASK_COUNT``, evaluates its shard of the
-test split and writes a shard file (``helpers.run_folder.SHARD_METRICS``); the merge recombines the *per-example predictions* and computes every
+``--tasks N`` tasks evaluates its shard of the test split (notebook 05 with ``shard_index`` / ``shard_count``)
+and writes a shard file into its run folder; the merge (``python -m helpers.run.shards merge``) recombines
+the *per-example predictions* and computes every
 metric once, from all of them, so N shards merged give exactly what one unsharded evaluation gives
 (averaging per-shard accuracies or F1 scores would not: shards differ in size and class mix).
-
-Deliberately free of torch and numpy, so that it is quick to import and to test.
 
 Shard file (JSON), one per task::
 
@@ -24,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from helpers.io import atomic_write_json
-from helpers.run_folder import SHARD_METRICS as SHARD_METRICS_FILE  # each evaluation task's file
+from helpers.evaluation import compute_metrics, metrics_by_system
+from helpers.run.folder import SHARD_METRICS as SHARD_METRICS_FILE  # each evaluation task's file
+from helpers.run.folder import atomic_write_json
+from helpers.run.report import summarize, write_metrics
 
 FORMAT = "gemma4-finetune/shard-metrics/v1"
 DEFAULT_SYSTEM = "model"  # the system name used when predictions are given as a plain list
@@ -67,19 +67,6 @@ def shard_indices(n: int, index: int, count: int, strategy: str = "contiguous") 
     return list(range(start, stop))
 
 
-def task_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``(CLOUD_RUN_TASK_INDEX, CLOUD_RUN_TASK_COUNT)``; ``(0, 1)`` outside Cloud Run."""
-    env = os.environ if env is None else env
-    try:
-        index = int(env.get("CLOUD_RUN_TASK_INDEX", "0"))
-        count = int(env.get("CLOUD_RUN_TASK_COUNT", "1"))
-    except ValueError as err:
-        raise ValueError(f"CLOUD_RUN_TASK_INDEX / CLOUD_RUN_TASK_COUNT must be integers: {err}") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"bad task: CLOUD_RUN_TASK_INDEX={index}, CLOUD_RUN_TASK_COUNT={count}")
-    return index, count
-
-
 def _as_systems(predictions, n: int) -> dict[str, list]:
     if isinstance(predictions, Mapping):
         systems = {str(k): list(v) for k, v in predictions.items()}
@@ -91,62 +78,6 @@ def _as_systems(predictions, n: int) -> dict[str, list]:
         if len(preds) != n:
             raise ValueError(f"predictions[{name!r}] has {len(preds)} entries for {n} examples")
     return systems
-
-
-def compute_metrics(labels: Sequence[str], predictions: Sequence[str | None],
-                    class_names: Sequence[str]) -> dict:
-    """Accuracy, per-class accuracy (= recall), precision, F1, macro-F1 and counts.
-
-    Macro-F1 averages F1 over the classes that occur in ``labels`` (a class that is never the answer has
-    no defined recall); this equals ``sklearn.metrics.f1_score(labels, predictions, average="macro",
-    labels=<classes present in labels>, zero_division=0)``. A ``None`` or unknown prediction is wrong.
-    """
-    if len(labels) != len(predictions):
-        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
-    known = set(class_names)
-    unknown_labels = sorted({lab for lab in labels if lab not in known})
-    if unknown_labels:
-        raise ValueError(f"labels not in class_names: {unknown_labels[:5]}")
-    support = {c: 0 for c in class_names}
-    predicted = {c: 0 for c in class_names}
-    true_pos = {c: 0 for c in class_names}
-    unparsed = 0
-    for lab, pred in zip(labels, predictions):
-        support[lab] += 1
-        if pred in known:
-            predicted[pred] += 1
-            if pred == lab:
-                true_pos[lab] += 1
-        else:
-            unparsed += 1
-    per_class = {}
-    f1s = []
-    for c in class_names:
-        recall = true_pos[c] / support[c] if support[c] else None
-        precision = true_pos[c] / predicted[c] if predicted[c] else 0.0
-        if recall is None:
-            f1 = None
-        else:
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-            f1s.append(f1)
-        per_class[c] = {"support": support[c], "correct": true_pos[c], "predicted": predicted[c],
-                        "accuracy": recall, "precision": precision, "f1": f1}
-    n = len(labels)
-    correct = sum(true_pos.values())
-    return {
-        "n": n,
-        "correct": correct,
-        "accuracy": correct / n if n else None,
-        "macro_f1": sum(f1s) / len(f1s) if f1s else None,
-        "unparsed": unparsed,
-        "per_class": per_class,
-    }
-
-
-def metrics_by_system(labels: Sequence[str], predictions: Mapping[str, Sequence], class_names: Sequence[str]) -> dict:
-    """``{system: {"constrained": compute_metrics(...)}}``: constrained-scoring predictions per system, in
-    the shape ``helpers.report.write_metrics`` takes."""
-    return {name: {"constrained": compute_metrics(labels, preds, class_names)} for name, preds in predictions.items()}
 
 
 def write_shard_metrics(path, indices: Sequence[int], labels: Sequence[str], predictions,
@@ -250,8 +181,6 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
     class_names = first["class_names"]
     metrics = metrics_by_system(labels, {name: [ex["predictions"][name] for ex in ordered] for name in first["systems"]},
                                 class_names)
-    from helpers.report import summarize
-
     return {
         "summary": summarize(metrics, skipped),
         "n_examples": len(ordered),
@@ -266,10 +195,8 @@ def merge_shard_metrics(paths: Sequence, expected_count: int | None = None) -> d
 
 
 def write_merged(path, merged: dict) -> dict:
-    """The merged shards as ``metrics.json`` (``helpers.report.write_metrics``: the one schema), with the run's
+    """The merged shards as ``metrics.json`` (``helpers.run.report.write_metrics``: the one schema), with the run's
     facts from the shards' ``meta`` (notebook 05 puts the config, model path, prompt and training summary there)."""
-    from helpers.report import write_metrics
-
     meta = merged["meta"]
     return write_metrics(path, merged["metrics"], config=meta.get("config"), model_path=meta.get("model_path"),
                          train=meta.get("train"), skipped=merged["skipped"], prompt=meta.get("prompt"),
@@ -282,7 +209,7 @@ def find_shard_files(root) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.shards",
+    parser = argparse.ArgumentParser(prog="python -m helpers.run.shards",
                                      description="Merge sharded evaluation results into one metrics.json.")
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="merge shard files (or every shard file below folders)")

@@ -1,0 +1,165 @@
+"""The adapter merged into its base: a folder that plain transformers loads, no PEFT. Taught in notebook 06.
+
+The merged folder holds the model (bf16 when merged on a GPU, the base checkpoint's dtype on a CPU), the
+processor with its chat template and the run's image budget, the run's prompt and class names, a model card,
+and ``export.json``: what made it, and how often it agrees with the adapter on held-out rows. A QLoRA adapter
+was trained on a 4-bit base and is merged into the bf16 base: the agreement says what that changed.
+``python -m helpers.export --run RUN_DIR --merged DIR`` is the command.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoConfig
+
+from helpers.data import load_examples
+from helpers.evaluation import constrained_scores
+from helpers.modeling import load_model, load_processor, nf4_config
+from helpers.run.folder import (
+    CLASS_NAMES,
+    EXPORT_RECORD,
+    METRICS,
+    MODEL_CARD,
+    SavedRun,
+    atomic_write_json,
+    package_versions,
+    save_prompt,
+    write_class_names,
+)
+
+
+def share_equal(first, second) -> float:
+    """The share of positions where two lists of predictions agree."""
+    return sum(a == b for a, b in zip(first, second)) / len(first) if first else float("nan")
+
+
+DEFAULT_CHECK_SIZE = 100  # held-out rows on which the merged model is compared with the adapter
+
+
+class ExportError(ValueError):
+    """The export cannot be made as asked; the message names the folder or option."""
+
+
+def check_target(folder) -> Path:
+    """An export folder that may be (re)written: new, empty, or a previous export of the same kind."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} is a file: give a folder to export into")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_RECORD).exists():
+        raise ExportError(f"{folder} is not empty and holds no {EXPORT_RECORD}: refusing to write into it; "
+                          "give a new folder")
+    return folder
+
+
+def merge_dtype(model_path: str) -> torch.dtype:
+    """bf16 on a GPU; on a CPU the base checkpoint's own dtype (the tiny checkpoint is float32)."""
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    dtype = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def held_out_examples(saved: SavedRun, size: int) -> list[dict]:
+    """The run's own held-out rows (the first ``size`` of what evaluation used)."""
+    config = saved.config
+    return load_examples(config.dataset, "test", size, config.seed, **config.data_options()).examples
+
+
+def constrained_predictions(model, processor, saved: SavedRun, examples: list[dict]) -> list[str]:
+    """The class constrained scoring picks for each example (the scoring path evaluation and predict use)."""
+    scores = constrained_scores(model, processor, examples, saved.class_names, 16, False, **saved.prompt)
+    return [saved.class_names[i] for i in scores.argmax(dim=-1).tolist()]
+
+
+def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
+    """(merged model, processor, check): the adapter merged into its base in ``merge_dtype``; ``check``
+    compares the merged model with the adapter as trained (a QLoRA adapter on its 4-bit base) on
+    ``check_size`` held-out rows, or says why it was not measured."""
+    processor = load_processor(saved.model_path, saved.image_soft_tokens)
+    dtype = merge_dtype(saved.model_path)
+    qlora = saved.config.quantization == "4bit"
+    examples = held_out_examples(saved, check_size) if check_size else []
+    check = {"rows": len(examples), "adapter_base": "4-bit NF4" if qlora else str(dtype).removeprefix("torch.")}
+    adapter_says = None
+    if examples and qlora and not torch.cuda.is_available():
+        check["not_measured"] = "the adapter's 4-bit base needs a CUDA GPU (bitsandbytes); this export ran on a CPU"
+    elif examples and qlora:  # the adapter as trained: on the 4-bit base, loaded separately and freed
+        base = load_model(saved.model_path, nf4_config(quantize_towers=saved.config.quantize_towers))
+        trained = PeftModel.from_pretrained(base, saved.adapter)
+        adapter_says = constrained_predictions(trained.eval(), processor, saved, examples)
+        del trained
+        torch.cuda.empty_cache()
+    model = PeftModel.from_pretrained(load_model(saved.model_path, dtype=dtype), saved.adapter)
+    model.eval()
+    if examples and not qlora:
+        adapter_says = constrained_predictions(model, processor, saved, examples)
+    model = model.merge_and_unload()
+    if adapter_says is not None:
+        merged_says = constrained_predictions(model, processor, saved, examples)
+        check["agreement"] = share_equal(adapter_says, merged_says)
+    return model, processor, check
+
+
+def run_metrics(saved: SavedRun) -> dict:
+    path = saved.folder / METRICS
+    return json.loads(path.read_text()).get("summary", {}) if path.exists() else {}
+
+
+def model_card(record: dict) -> str:
+    """A short README for the merged folder: base, data, prompt, classes, metrics, the merge check."""
+    config, check = record["config"], record["check"]
+    classes = record["class_names"]
+    shown = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
+    metrics = "\n".join(f"- {k}: {v}" for k, v in record["metrics"].items()) or "- (no metrics.json in the run)"
+    if "agreement" in check:
+        merged = (f"On {check['rows']} held-out rows the merged model picks the same class as the adapter on its "
+                  f"{check['adapter_base']} base for {check['agreement']:.1%} of them (constrained scoring).")
+    else:
+        merged = f"Agreement with the adapter not measured: {check.get('not_measured', 'no held-out rows checked')}."
+    qlora = ("\nThe adapter was trained on a **4-bit (NF4) base** (QLoRA) and merged into the bf16 base, which is "
+             "not the base it was trained on.\n" if config["quantization"] == "4bit" else "")
+    return f"""# {config['model_id']} fine-tuned on {config['dataset']} (LoRA merged)
+
+Written by `python -m helpers.export` on {record['created']} from the run folder `{record['run']}`.
+Loads with `AutoModelForMultimodalLM.from_pretrained` and `AutoProcessor.from_pretrained` alone (no PEFT).
+
+- base: `{config['model_id']}`; merged in {record['dtype']}
+- data: `{config['dataset']}`, {config['train_size']} training rows; LoRA r={config['lora_r']}, alpha={config['lora_alpha']}, targets {config['lora_targets']}
+- prompt: the image, then {record['prompt']['question']!r}; system prompt {record['prompt']['system_prompt']!r}; thinking {'on' if record['prompt']['enable_thinking'] else 'off'} (`chat_prompt.json`)
+- image budget: {record['image_soft_tokens']} soft tokens per image (saved in the processor's config)
+- classes ({len(classes)}, `{CLASS_NAMES}`; the answer is the class name): {shown}
+{qlora}
+## Metrics of the run (held out, the adapter)
+{metrics}
+
+## The merge
+{merged}
+"""
+
+
+def export_merged(saved: SavedRun, folder, check_size: int = DEFAULT_CHECK_SIZE) -> Path:
+    """Merge the run's adapter and save a folder that plain transformers loads; returns the folder."""
+    folder = check_target(folder)
+    model, processor, check = merge_run(saved, check_size)
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    save_prompt(folder, saved.prompt)
+    write_class_names(folder, saved.class_names)
+    record = {"kind": "merged", "run": str(saved.folder.resolve()), "created": time.strftime("%Y-%m-%d"),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "image_soft_tokens": processor.image_processor.max_soft_tokens, "prompt": saved.prompt,
+              "class_names": saved.class_names, "check": check, "metrics": run_metrics(saved),
+              "config": saved.config.to_dict(), "versions": package_versions()}
+    atomic_write_json(folder / EXPORT_RECORD, record)
+    (folder / MODEL_CARD).write_text(model_card(record))
+    return folder
