@@ -37,7 +37,7 @@
 #   MODEL_GIB [58] (31B bf16 weights)  HOST_GIB [40]   MODEL_SRC (copy-model)
 #   HF_SECRET [hf-token]  (Secret Manager secret exposed as HF_TOKEN; empty: no secret)
 #   SERVICE_ACCOUNT [gemma4-finetune-job@$PROJECT_ID.iam.gserviceaccount.com]  (empty: the default one)
-#   TRAIN_ARGS [the seed's job: 31B, Oxford-IIIT Pet, 4-bit, the settings helpers.memory fits in 96 GB]
+#   TRAIN_ARGS [the seed's job: 31B, Oxford-IIIT Pet, 4-bit, the settings helpers.teaching.memory fits in 96 GB]
 #   EVAL_ARGS [the same model and data]   ADAPTER_RUN (eval: the training execution's id)   EXECUTION
 #   ALERT_CHANNEL (alert: a notification channel's resource name)
 #   MERGED_DIR (serve: the merged model's folder in the output bucket)  VLLM_IMAGE [vllm/vllm-openai:latest]
@@ -110,7 +110,7 @@ HF_SECRET="${HF_SECRET-hf-token}"
 SERVICE_ACCOUNT_NAME="${SERVICE_ACCOUNT_NAME:-gemma4-finetune-job}"
 SERVICE_ACCOUNT="${SERVICE_ACCOUNT-${SERVICE_ACCOUNT_NAME}@${PROJECT_ID}.iam.gserviceaccount.com}"
 # The seed's job (GoogleCloudPlatform/devrel-demos ai-ml/finetune_gemma: the 31B, Oxford-IIIT Pet, NF4, LoRA
-# r=64, 3 epochs at 5e-5, a global batch of 16) with the micro-batch helpers.memory.plan fits in 96 GB:
+# r=64, 3 epochs at 5e-5, a global batch of 16) with the micro-batch helpers.teaching.memory.plan fits in 96 GB:
 # 4 x 4 without activation checkpointing (79 GB predicted; tests/test_cloudrun.py asks the planner).
 DATA_ARGS="-p dataset timm/oxford-iiit-pet -p quantization 4bit -p eval_size 200"
 TRAIN_ARGS="${TRAIN_ARGS:---model-id ${GCS_MOUNT}/${MODEL_DIR}/ --train-size 4000 ${DATA_ARGS} -p lora_r 64 -p lora_alpha 64 -p batch_size 4 -p gradient_accumulation 4 -p learning_rate 5e-5 -p epochs 3 -p save_steps 50}"
@@ -201,7 +201,7 @@ train_args() {
 
 # The model bucket read-only at GCS_MOUNT; the output bucket read-write at RUNS_MOUNT, with gcsfuse's
 # rename-dir-limit so that directory renames work on a flat bucket too (the checkpoint writes do not depend
-# on it: helpers.training copies and marks where a rename is refused).
+# on it: helpers.run.folder copies and marks where a rename is refused).
 volume_flags() {
   printf '%s\n' \
     "--add-volume=name=models,type=cloud-storage,bucket=${MODEL_BUCKET},readonly=true" \
@@ -248,7 +248,7 @@ do_setup() {
     || run "${GCLOUD}" storage buckets create "gs://${MODEL_BUCKET}" --location="${REGION}" \
       --uniform-bucket-level-access --project="${PROJECT_ID}"
   # Hierarchical namespace: folder renames are atomic there (set at creation only; a flat bucket made
-  # earlier is kept, and rename-dir-limit plus helpers.training's copy-and-mark cover it).
+  # earlier is kept, and rename-dir-limit plus helpers.run.folder's copy-and-mark cover it).
   exists "${GCLOUD}" storage buckets describe "gs://${BUCKET}" --project="${PROJECT_ID}" \
     || run "${GCLOUD}" storage buckets create "gs://${BUCKET}" --location="${REGION}" \
       --uniform-bucket-level-access --enable-hierarchical-namespace --project="${PROJECT_ID}"

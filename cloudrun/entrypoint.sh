@@ -7,7 +7,7 @@
 #   JOB_MODE=eval-shard       --tasks N; task CLOUD_RUN_TASK_INDEX evaluates its shard of the test split
 #                             (runner -p shard_index/shard_count, notebook 05) into <eval dir>/task-NNNNN/,
 #                             and whichever task finds all N shard files present merges them into
-#                             <eval dir>/metrics.json (helpers.shards).
+#                             <eval dir>/metrics.json (helpers.run.shards).
 #   JOB_MODE=merge            merge the shard files under $EVAL_DIR again (e.g. after fixing one task).
 #
 # Arguments ("--args" of the job or of `jobs execute`) are passed through to the runner, e.g.
@@ -28,7 +28,7 @@
 #   EVAL_NOTEBOOK   eval-shard: the runner's --notebook value (default 05_evaluation)
 #   EVAL_DIR, EXPECT_SHARDS   merge mode: the eval folder and the number of shards
 #   RUNNER_CMD      the runner command (default "python -m helpers.runner"; tests point it at a stub)
-#   MERGE_CMD       the merge command (default "python -m helpers.shards")
+#   MERGE_CMD       the merge command (default "python -m helpers.run.shards")
 #   HF_TOKEN        read by huggingface_hub from the environment (Secret Manager); never printed and
 #                   never passed as an argument: this script refuses arguments that carry it.
 set -euo pipefail
@@ -40,11 +40,11 @@ GCS_MOUNT="${GCS_MOUNT:-/mnt/gcs}"
 RUNS_DIR="${RUNS_DIR:-${GCS_MOUNT}/runs}"
 JOB_MODE="${JOB_MODE:-train}"
 RUNNER_CMD="${RUNNER_CMD:-python -m helpers.runner}"
-MERGE_CMD="${MERGE_CMD:-python -m helpers.shards}"
+MERGE_CMD="${MERGE_CMD:-python -m helpers.run.shards}"
 GCLOUD_CMD="${GCLOUD_CMD:-gcloud}"
 MODEL_BUCKET="${MODEL_BUCKET:-}"
 MODEL_COPY_DIR="${MODEL_COPY_DIR:-}"
-COMPLETE_MARKER="COMPLETE"  # helpers.training.COMPLETE_MARKER: written last into a whole adapter folder
+COMPLETE_MARKER="COMPLETE"  # helpers.run.folder.COMPLETE_MARKER: written last into a whole adapter folder
 EVAL_NOTEBOOK="${EVAL_NOTEBOOK:-05_evaluation}"
 REQUIRE_MOUNT="${REQUIRE_MOUNT:-1}"
 attempt="${CLOUD_RUN_TASK_ATTEMPT:-0}"

@@ -8,12 +8,12 @@
 The parameters are notebook 04's (``RunConfig`` fields, ``-p NAME VALUE``, validated once), and training is built
 from the functions notebook 04 calls, in its order: ``load_model`` and ``apply_lora`` (the notebook's plain
 ``from_pretrained`` and ``get_peft_model``), ``VisionChatCollator``, ``training_arguments``, ``speed.switch_on``,
-``Trainer``, ``answer_only_loss`` and the two callbacks, ``trainer.train``. What is the launcher's own: one copy
+``build_trainer`` (the ``Trainer`` with ``answer_only_loss`` and the two callbacks), ``trainer.train``. What is the launcher's own: one copy
 of the model per process (``device_map={"": local_rank}`` for QLoRA; on the CPU for FSDP, which shards it), the
 audio adapters frozen (DDP then needs no search for unused parameters), and the adapter gathered and written once.
 Distribution is left to transformers' Trainer and accelerate. Evaluation is split across the processes
 (``helpers.run.shards.shard_indices``), the predictions gathered, and rank 0 writes ``metrics.json`` once.
-Rerunning the command resumes training; a finished run is evaluated, not trained again.
+Rerunning the command resumes training from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -29,18 +29,17 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from peft import PeftModel
-from transformers import Trainer
 
 from helpers import speed
 from helpers.collator import VisionChatCollator
 from helpers.data import load_examples
 from helpers.evaluation import adapter_disabled, constrained_scores, metrics_by_system
 from helpers.modeling import apply_lora, load_model, load_processor, lora_config, quantization_config
-from helpers.run.config import ConfigError, RunConfig, parameters_from_command_line, resolve_model_id
+from helpers.run.command_line import parameters_from_command_line
+from helpers.run.config import ConfigError, RunConfig, resolve_model_id
 from helpers.run.folder import (
     adapter_folder,
     adapter_staging,
-    is_trained,
     last_complete_checkpoint,
     metrics_file,
     prompt_for_adapter,
@@ -50,13 +49,7 @@ from helpers.run.folder import (
 )
 from helpers.run.report import SYSTEMS, write_metrics
 from helpers.run.shards import shard_indices
-from helpers.training import (
-    CompleteCheckpoints,
-    StopOnNonFiniteLoss,
-    TrainResult,
-    answer_only_loss,
-    training_arguments,
-)
+from helpers.training import TrainResult, build_trainer, training_arguments
 from helpers.validation import skipped_summary
 
 # Modules that "all-linear" LoRA wraps but image + text training never runs (E2B/E4B's audio tower and its
@@ -138,15 +131,13 @@ def train_on_this_rank(config: RunConfig, model, processor, state, model_path: s
     """Notebook 04's training, built from the same functions; rank 0 writes the adapter and the training record."""
     run_dir = Path(config.output_dir)
     train_set = load_examples(config.dataset, "train", config.train_size, config.seed, **config.data_options())
-    collator = VisionChatCollator(processor, train_set.class_names, max_length=config.max_length,
-                                  logits_to_keep=True, **config.prompt())
+    collator = VisionChatCollator(processor, train_set.class_names, max_length=config.max_length, **config.prompt())
     args, switched = speed.switch_on(model, training_arguments(config, run_dir), config)
     args.ddp_find_unused_parameters = False  # freeze_unused_adapters leaves no trainable weight without a gradient
     freeze_unused_adapters(model)
     if state.is_main_process:
         print(switched, flush=True)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set.examples, data_collator=collator,
-                      compute_loss_func=answer_only_loss, callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss()])
+    trainer = build_trainer(model, args, train_set.examples, collator)
     resume_from = last_complete_checkpoint(run_dir)
     trainer.train(resume_from_checkpoint=resume_from)
     speed.switch_off(model)
@@ -212,13 +203,10 @@ def run(argv=None) -> dict | None:
     state = PartialState(cpu=not torch.cuda.is_available())  # the Trainer reuses this process state
     with state.main_process_first():  # rank 0 builds the tiny checkpoint (or fills the hub cache) first
         model_path = resolve_model_id(config.model_id)
-    trained = args.eval_only or is_trained(config.output_dir)
-    adapter_dir = adapter_folder(config.output_dir) if trained else None
+    adapter_dir = adapter_folder(config.output_dir) if args.eval_only else None
     processor, model = load_lora_model(config, model_path, state.local_process_index, adapter_dir)
-    if trained:
+    if args.eval_only:
         train_summary = read_train_result(config.output_dir)
-        if state.is_main_process and not args.eval_only:
-            print(f"{config.output_dir}: already trained; evaluating its adapter", flush=True)
     else:
         train_summary = train_on_this_rank(config, model, processor, state, model_path)
     return finish(args, config, model_path, model, processor, state, train_summary)

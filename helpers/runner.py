@@ -28,7 +28,8 @@ from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
 from helpers.data import DataError, describe_source
-from helpers.run.config import ConfigError, RunConfig, parameters_from_command_line
+from helpers.run.command_line import parameters_from_command_line
+from helpers.run.config import ConfigError, RunConfig
 from helpers.run.folder import (
     RunFolderError,
     build_manifest,
@@ -50,12 +51,12 @@ class RunnerError(RuntimeError):
     """A notebook failed or the run was mis-specified; the message says which and why."""
 
 
-class LocalKernelManager(AsyncKernelManager):
-    """A kernel that talks to the runner over local IPC sockets, not unencrypted TCP (which ipykernel warns about
-    into every executed notebook's output)."""
+class EncryptedKernelManager(AsyncKernelManager):
+    """A kernel whose sockets are encrypted (CurveZMQ keys, as the python3 kernelspec offers): ipykernel warns
+    about an unencrypted kernel into the output of every notebook it runs."""
 
     def __init__(self, **kwargs):
-        super().__init__(transport="ipc", **kwargs)
+        super().__init__(transport_encryption="auto", **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,11 +122,11 @@ def notebook_parameters(source: Path, params: dict) -> dict:
 
 def execute_notebook(source: Path, executed: Path, parameters: dict, cwd: Path = NOTEBOOK_DIR):
     """Run ``source`` with papermill into ``executed``: text progress only (transformers' loading bar would be
-    saved as a widget at 0%), over local sockets. The runner and the tests execute every notebook through it."""
+    saved as a widget at 0%), an encrypted kernel. The runner and the tests execute every notebook through it."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by the kernel, which inherits it
     return papermill.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name="python3",
                                       cwd=str(cwd), progress_bar=False, log_output=False,
-                                      kernel_manager_class=LocalKernelManager)
+                                      kernel_manager_class=EncryptedKernelManager)
 
 
 def execute(name: str, params: dict, output_dir: Path) -> Path:
@@ -140,6 +141,11 @@ def execute(name: str, params: dict, output_dir: Path) -> Path:
     return executed
 
 
+def run_manifest(config: RunConfig, source) -> dict:
+    """What this run is made of (``helpers.run.folder.build_manifest``): its parameters, data and model."""
+    return build_manifest(config.to_dict(), source.fingerprint(), {"model_id": config.model_id})
+
+
 def run(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     params = parameters_from_command_line(args.parameter, args.output_dir, args.model_id, args.train_size)
@@ -150,8 +156,7 @@ def run(argv=None) -> Path:
     print(planned_rows(source, config), flush=True)
     with holding_lock(output_dir):
         trains = TRAINING_NOTEBOOK in names
-        manifest = build_manifest(config.to_dict(), source.fingerprint(), {"model_id": config.model_id})
-        print(f"run folder: {start_run(output_dir, manifest, trains, args.fresh)}", flush=True)
+        print(f"run folder: {start_run(output_dir, run_manifest(config, source), trains, args.fresh)}", flush=True)
         for i, name in enumerate(names, 1):
             if name == TRAINING_NOTEBOOK and is_trained(output_dir):
                 print(f"[{i}/{len(names)}] {name}: already trained in this folder (its adapter and training record "

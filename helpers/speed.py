@@ -6,8 +6,9 @@ printed when applied, and is undone here. Notebook 04 and the launcher call ``sw
   audio towers) with a backward of one multiply; the same values and gradients as transformers' forward.
 - **compiled layers** (``compile_layers``; ``None``: on for bf16 LoRA on one GPU): ``torch.compile`` per decoder
   and vision-encoder layer, during training only.
-- **the planned micro-batch** (on a GPU, for a published size): the largest micro-batch that
-  ``helpers.teaching.memory.plan`` fits, gradient accumulation raised to keep the step's batch.
+- **the planned micro-batch** (``plan_micro_batch``, on by default; it acts on a GPU, for a published size): the
+  largest micro-batch that ``helpers.teaching.memory.plan`` fits, gradient accumulation raised to keep the step's
+  batch.
 - **data-loader workers** (``dataloader_workers``; ``None``: up to 4 on a GPU, 0 on a CPU): the collator runs in
   worker processes, so batches are ready before each step.
 - **no NaN filter**: transformers' ``logging_nan_inf_filter`` reads every micro-batch's loss on the host (a device
@@ -204,7 +205,10 @@ def gpu_memory_bytes() -> int:
 
 def planned_batch(model, config, compiled: bool = False, liger: bool = False) -> tuple[int, int, str]:
     """(micro-batch, gradient accumulation, how chosen): on a GPU ``helpers.teaching.memory.run_batch`` (the
-    largest micro-batch the memory plan fits, the step's batch as configured); on a CPU the config's."""
+    largest micro-batch the memory plan fits, the step's batch as configured); on a CPU, or with
+    ``plan_micro_batch`` off, the config's."""
+    if not config.plan_micro_batch:
+        return config.batch_size, config.gradient_accumulation, "as configured (plan_micro_batch off)"
     if not torch.cuda.is_available():
         return config.batch_size, config.gradient_accumulation, "as configured (CPU)"
     trainable = next((p for p in model.parameters() if p.requires_grad), None)
@@ -228,7 +232,9 @@ def switch_on(model, args: TrainingArguments, config, liger: bool = False) -> tu
     args.dataloader_num_workers, args.dataloader_persistent_workers = workers, workers > 0
     args.logging_nan_inf_filter = False
     args.dataloader_pin_memory = torch.cuda.is_available()  # pinned host memory only helps a copy to a GPU
-    lines = [f"fast clamps: {'on' if fast else 'off'} ({fast} Gemma4ClippableLinear forwards patched)",
+    clamps = (f"off while compiled (the compiler fuses transformers' own clamps), {fast} back after training"
+              if fast and compiled else f"{'on' if fast else 'off'} ({fast} Gemma4ClippableLinear forwards patched)")
+    lines = [f"fast clamps: {clamps}",
              f"compiled layers: {f'on ({compiled} layers, during training)' if compiled else 'off'}",
              f"micro-batch: {micro} x gradient accumulation {accumulation} ({how})",
              f"data-loader workers: {workers}",

@@ -6,9 +6,10 @@ runner and the tests run with no GPU, no token and no network. Taught in noteboo
 runs) and used by every other notebook as the default ``model_id``.
 
 What is real and what is small:
-- real: the model classes (``Gemma4ForConditionalGeneration``), the vision tower with
-  ``Gemma4ClippableLinear`` (clipping on, as in E2B/E4B), the special-token strings, the chat format,
-  the image processor and its variable soft-token count;
+- real: the model classes (``Gemma4ForConditionalGeneration``, the 12B's ``Gemma4UnifiedForConditionalGeneration``),
+  the vision tower with ``Gemma4ClippableLinear`` (clipping on in ``tiny-e-series``, as in E2B/E4B; off in
+  ``tiny``, as in the large models), the special-token strings, each family's chat format, the image processor
+  and its variable soft-token count;
 - small: every width and depth, and the vocabulary, a SentencePiece-style BPE with byte fallback trained on
   this repository's own prompts and class names (so no text is ever an unknown token).
 """

@@ -13,8 +13,9 @@ each addition then comes in a cell of its own:
 - ``StopOnNonFiniteLoss``, a callback: a NaN or infinite loss stops training in the step that produced it,
   before the optimizer changes the weights, with the step named.
 
-``training_arguments`` builds the ``TrainingArguments`` notebook 04 writes, for the launcher (a test keeps the
-two equal); ``TrainResult`` is what a run did, for ``train_result.json`` and ``metrics.json``.
+``training_arguments`` builds the ``TrainingArguments`` notebook 04 writes and ``build_trainer`` the ``Trainer`` it
+ends with, for the launcher and the tests (``tests/test_recipe.py`` keeps them equal to the notebook's);
+``TrainResult`` is what a run did, for ``train_result.json`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def training_arguments(config, run_dir) -> TrainingArguments:
         activation_checkpointing=config.gradient_checkpointing,
         optim="adamw_bnb_8bit" if config.optimizer == "adamw_8bit" else "adamw_torch_fused",
         bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         logging_steps=0.02,
@@ -124,6 +126,14 @@ def training_arguments(config, run_dir) -> TrainingArguments:
         remove_unused_columns=False,
         report_to="none",
     )
+
+
+def build_trainer(model, args: TrainingArguments, train_examples, collator) -> Trainer:
+    """The ``Trainer`` notebook 04 ends with: the recipe's, with ``answer_only_loss`` (the collator marking the
+    answer's positions) and the two callbacks."""
+    collator.logits_to_keep = True
+    return Trainer(model=model, args=args, train_dataset=train_examples, data_collator=collator,
+                   compute_loss_func=answer_only_loss, callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss()])
 
 
 def peak_memory() -> tuple[int, str]:

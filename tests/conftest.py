@@ -52,17 +52,21 @@ def random_adapter_run(tmp_path_factory, tiny_path):
     import torch
     from transformers import AutoModelForMultimodalLM
 
-    from helpers.chat import prompt_settings, save_prompt
-    from helpers.config import RunConfig
     from helpers.data import DIGIT_NAMES
-    from helpers.io import atomic_write_json
     from helpers.modeling import apply_lora
-    from helpers.run_folder import ADAPTER, build_manifest, write_class_names
+    from helpers.run.config import RunConfig
+    from helpers.run.folder import (
+        adapter_staging,
+        build_manifest,
+        publish_adapter,
+        write_class_names,
+        write_manifest,
+    )
 
     run_dir = tmp_path_factory.mktemp("random-adapter-run")
     config = RunConfig(model_id=str(tiny_path), train_size=32, eval_size=16, lora_r=4, output_dir=str(run_dir))
-    atomic_write_json(run_dir / "manifest.json", build_manifest(config.to_dict(), {"class_names": list(DIGIT_NAMES)},
-                                                                {"model_id": str(tiny_path)}))
+    write_manifest(run_dir, build_manifest(config.to_dict(), {"class_names": list(DIGIT_NAMES)},
+                                           {"model_id": str(tiny_path)}))
     write_class_names(run_dir, list(DIGIT_NAMES))
     model = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path), r=4, alpha=4)
     generator = torch.Generator().manual_seed(0)
@@ -70,6 +74,7 @@ def random_adapter_run(tmp_path_factory, tiny_path):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_pretrained(run_dir / ADAPTER)
-    save_prompt(run_dir / ADAPTER, prompt_settings(config))
+    staging = adapter_staging(run_dir)
+    model.save_pretrained(staging)
+    publish_adapter(run_dir, staging, config.prompt())
     return run_dir

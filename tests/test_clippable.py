@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
-from helpers.clippable import (
+from helpers.modeling import apply_lora
+from helpers.speed import use_fast_clamps, use_stock_clamps
+from helpers.teaching.clippable import (
     TARGET_ALTERNATIVES,
     clamp_check,
     clip_bounds,
@@ -18,11 +20,8 @@ from helpers.clippable import (
     saved_adapter_keys,
     set_clip_bounds,
     trainable_by_target,
-    use_fast_clamps,
-    use_stock_clamps,
 )
-from helpers.modeling import apply_lora
-from helpers.presets import build_meta_model, preset_config
+from helpers.teaching.presets import build_meta_model, preset_config
 
 Q_PROJ = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
 
@@ -168,12 +167,11 @@ def test_fast_clamps_follow_new_bounds_and_undo(tiny_model):
     assert clippable(inputs).abs().max() <= 0.25
 
 
-def test_load_model_uses_fast_clamps(tiny_e_series_path, tiny_path):
+def test_loading_never_patches_and_only_clipping_modules_get_the_fast_forward(tiny_e_series_path, tiny_path):
     from helpers.modeling import load_model
 
-    model = load_model(tiny_e_series_path, dtype=torch.float32)
-    assert all("forward" in m.__dict__ for m in find_clippable_linears(model).values())
-    large = load_model(tiny_path, dtype=torch.float32)  # clipping off: nothing to speed up
-    assert find_clippable_linears(large) and not any("forward" in m.__dict__ for m in find_clippable_linears(large).values())
-    model = load_model(tiny_e_series_path, dtype=torch.float32, fast_clamps=False)
+    model = load_model(tiny_e_series_path, dtype=torch.float32)  # transformers' own forward, as released
     assert not any("forward" in m.__dict__ for m in find_clippable_linears(model).values())
+    assert use_fast_clamps(model) == vision_clippables(model)
+    large = load_model(tiny_path, dtype=torch.float32)  # clipping off: nothing to speed up
+    assert find_clippable_linears(large) and use_fast_clamps(large) == 0

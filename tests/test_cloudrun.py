@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import shards
+from helpers.run import shards
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDRUN = REPO / "cloudrun"
@@ -281,8 +281,8 @@ def runner_parameters(args_list):
 
 
 def test_default_job_is_the_seeds_pet_job_and_fits_the_gpu_by_the_planner():
-    from helpers.config import RunConfig
-    from helpers.memory import fits
+    from helpers.run.config import RunConfig
+    from helpers.teaching.memory import fits
 
     r = deploy("--dry-run", "deploy", PROJECT_ID="p")
     job = flags(find(commands(r.stdout), "gcloud", "run", "jobs", "deploy", "gemma4-finetuning-job"))
@@ -570,7 +570,7 @@ if os.environ.get("STUB_SLEEP"):
     open(os.environ["STUB_LOG"] + ".ready", "w").write("ready")
     time.sleep(float(os.environ["STUB_SLEEP"]))
 if os.environ.get("STUB_SHARD"):
-    from helpers import shards
+    from helpers.run import shards
     params = {argv[i + 1]: argv[i + 2] for i, a in enumerate(argv) if a == "-p"}
     index, count = int(params["shard_index"]), int(params["shard_count"])
     labels, preds = json.loads(os.environ["STUB_SHARD"])
@@ -593,7 +593,7 @@ def cloud(tmp_path):
 
     def run(*args, env=None, wait=True, **kw):
         full = base_env(**{"GCS_MOUNT": gcs, "RUNNER_CMD": f"{sys.executable} {stub}",
-                           "MERGE_CMD": f"{sys.executable} -m helpers.shards", "STUB_LOG": log,
+                           "MERGE_CMD": f"{sys.executable} -m helpers.run.shards", "STUB_LOG": log,
                            "PYTHONPATH": REPO, **(env or {})})
         cmd = [BASH, str(ENTRYPOINT), *map(str, args)]
         if not wait:

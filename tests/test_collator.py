@@ -28,7 +28,7 @@ from helpers.collator import (
     token_roles,
     turn_markers,
 )
-from helpers.config import SOFT_TOKEN_BUDGETS
+from helpers.run.config import SOFT_TOKEN_BUDGETS
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -86,7 +86,7 @@ def test_messages_put_the_image_first():
     assert messages[0]["content"] == "Be brief."  # a string: the released templates print a list as its repr
 
 
-# --------------------------------------------------------------------------- your own images (issue 17)
+# --------------------------------------------------------------------------- your own images
 
 COLOURS = {"red_fox": (200, 40, 30), "blue_jay": (30, 60, 200), "Green Frog": (40, 180, 60)}
 

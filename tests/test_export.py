@@ -1,19 +1,18 @@
-"""helpers.export: the merged folder loads with plain transformers and predicts what the adapter predicts;
+"""helpers.export and helpers.exports: the merged folder loads with plain transformers and predicts what the adapter predicts;
 GGUF conversion and llama.cpp parity when llama.cpp's source (and its CLI) are present."""
 
 import json
 
 import pytest
 
-from helpers import export, llama_cpp
-from helpers.chat import PROMPT_FILE
-from helpers.predict import read_merged, read_run
-from helpers.run_folder import CLASS_NAMES, EXPORT_RECORD, MODEL_CARD
+from helpers import export
+from helpers.exports import llama_cpp, merge, parity
+from helpers.run.folder import CLASS_NAMES, EXPORT_RECORD, MODEL_CARD, PROMPT_FILE, read_merged, read_run
 
 
 @pytest.fixture(scope="module")
 def merged_dir(random_adapter_run, tmp_path_factory):
-    return export.export_merged(read_run(random_adapter_run), tmp_path_factory.mktemp("export") / "merged",
+    return merge.export_merged(read_run(random_adapter_run), tmp_path_factory.mktemp("export") / "merged",
                                 check_size=16)
 
 
@@ -26,16 +25,16 @@ def test_merged_folder_loads_without_peft_and_predicts_like_the_adapter(random_a
     record = json.loads((merged_dir / EXPORT_RECORD).read_text())
     assert record["check"] == {"rows": 16, "adapter_base": "float32", "agreement": 1.0}
     saved = read_run(random_adapter_run)
-    examples = export.held_out_examples(saved, 16)
+    examples = merge.held_out_examples(saved, 16)
     processor = AutoProcessor.from_pretrained(merged_dir)
     merged = AutoModelForMultimodalLM.from_pretrained(merged_dir).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     adapter = PeftModel.from_pretrained(AutoModelForMultimodalLM.from_pretrained(saved.model_path),
                                         saved.adapter).eval()
-    base_says = export.constrained_predictions(AutoModelForMultimodalLM.from_pretrained(saved.model_path).eval(),
+    base_says = merge.constrained_predictions(AutoModelForMultimodalLM.from_pretrained(saved.model_path).eval(),
                                                processor, saved, examples)
-    adapter_says = export.constrained_predictions(adapter, processor, saved, examples)
-    assert export.constrained_predictions(merged, processor, saved, examples) == adapter_says
+    adapter_says = merge.constrained_predictions(adapter, processor, saved, examples)
+    assert merge.constrained_predictions(merged, processor, saved, examples) == adapter_says
     assert adapter_says != base_says  # the adapter does change the model: the check above is not vacuous
     assert "agreement" not in read_merged(merged_dir).prompt and "0 held-out" not in (merged_dir / MODEL_CARD).read_text()
 
@@ -55,7 +54,7 @@ def llama_cpp_source():
 
 def test_gguf_conversion_with_llama_cpps_own_converter(merged_dir, tmp_path):
     """Runs where artifacts/llama-cpp holds the sdist (python -m helpers.export --gguf fetches it once)."""
-    folder = export.export_gguf(merged_dir, tmp_path / "gguf", llama_cpp_source())
+    folder = llama_cpp.export_gguf(merged_dir, tmp_path / "gguf", llama_cpp_source())
     record = json.loads((folder / EXPORT_RECORD).read_text())
     assert (folder / record["files"]["text"]).stat().st_size > 0 and (folder / record["files"]["projector"]).exists()
     assert record["llama_cpp"]["args"] == llama_cpp.image_token_args(record["image_soft_tokens"])
@@ -64,7 +63,6 @@ def test_gguf_conversion_with_llama_cpps_own_converter(merged_dir, tmp_path):
 def test_llama_cpp_is_asked_with_the_training_prompt(merged_dir):
     """What the parity benchmark sends llama-server's completion endpoint: transformers' own generation prompt
     (large family, thinking off: the empty thought channel), the image as llama.cpp's marker, no BOS."""
-    from helpers import parity
 
     prompt = read_merged(merged_dir).prompt
     text = parity.training_prompt_text(merged_dir, prompt)
@@ -77,7 +75,7 @@ def test_llama_cpp_is_asked_with_the_training_prompt(merged_dir):
 def llama_server():
     server = llama_cpp.server_path(llama_cpp_source())
     if not server.exists():
-        pytest.skip(f"{server} is not built (python benchmarks/export_parity.py RUN_DIR --build-llama-cpp builds it)")
+        pytest.skip(f"{server} is not built (python -m benchmarks.export_parity RUN_DIR --build-llama-cpp builds it)")
     return server
 
 
@@ -87,10 +85,9 @@ def test_llama_server_answers_through_both_endpoints(merged_dir, tmp_path):
     answers each image (greedy) through both endpoints."""
     from transformers import AutoProcessor
 
-    from helpers import parity
 
     server_binary = llama_server()
-    folder = export.export_gguf(merged_dir, tmp_path / "gguf", llama_cpp_source())
+    folder = llama_cpp.export_gguf(merged_dir, tmp_path / "gguf", llama_cpp_source())
     record = json.loads((folder / EXPORT_RECORD).read_text())
     text = parity.training_prompt_text(merged_dir, record["prompt"])
     tokenizer = AutoProcessor.from_pretrained(merged_dir).tokenizer
@@ -99,6 +96,6 @@ def test_llama_server_answers_through_both_endpoints(merged_dir, tmp_path):
                           record["image_soft_tokens"]) as server:
         assert server.tokenize(before) == tokenizer(tokenizer.bos_token + before, add_special_tokens=False).input_ids
         assert server.tokenize(after) == tokenizer(tokenizer.bos_token + after, add_special_tokens=False).input_ids
-    examples = export.held_out_examples(read_merged(merged_dir), 2)
+    examples = merge.held_out_examples(read_merged(merged_dir), 2)
     results = parity.llama_cpp_engines(folder, server_binary, examples)
     assert {len(r["text"]) for r in results.values()} == {2}

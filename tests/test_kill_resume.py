@@ -1,4 +1,4 @@
-"""Killed runs and numerical faults (issue 9).
+"""Killed runs and numerical faults.
 
 The runner (notebook 04) is SIGKILLed twice during training, with its notebook kernel, as a machine failure
 would: once just after checkpoint-2 is in place, once while checkpoint-4 is fully written under
@@ -91,9 +91,9 @@ def test_rerun_of_a_run_killed_after_its_last_checkpoint_takes_no_extra_step(tmp
     from transformers import AutoModelForMultimodalLM
 
     from helpers.collator import VisionChatCollator
-    from helpers.config import RunConfig
     from helpers.data import load_examples
     from helpers.modeling import apply_lora
+    from helpers.run.config import RunConfig
     from helpers.training import train
 
     config = RunConfig(train_size=12, batch_size=4, max_steps=2, save_steps=2, learning_rate=1e-3)
@@ -119,9 +119,9 @@ def test_inf_loss_stops_with_the_step_named_and_keeps_the_last_checkpoint(tmp_pa
 
     from helpers import training
     from helpers.collator import VisionChatCollator
-    from helpers.config import RunConfig
     from helpers.data import load_examples
     from helpers.modeling import apply_lora
+    from helpers.run.config import RunConfig
 
     config = RunConfig(train_size=16, batch_size=4, max_steps=6, save_steps=2, learning_rate=1e-3)
     data = load_examples("digits", "train", size=16)

@@ -103,10 +103,9 @@ def test_metrics_cover_every_example_once(two_ranks, one_process):
 
 
 def test_checkpoint_written_once_with_every_rank_state(two_ranks):
-    checkpoint = two_ranks / "checkpoints" / "checkpoint-2"
+    checkpoint = two_ranks / "checkpoint-2"
     assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
-    assert (checkpoint / "adapter_model.safetensors").exists()
-    assert not (two_ranks / "checkpoints" / ".staging").exists()
+    assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "COMPLETE").exists()
     assert (two_ranks / "adapter" / "adapter_model.safetensors").exists()
     assert not (two_ranks / "adapter.tmp").exists()
 
@@ -119,3 +118,39 @@ def test_rerun_resumed_from_the_checkpoint(two_ranks):
 def test_bad_parameter_fails_before_any_process_work(capsys):
     assert launch_main(["-p", "lora_rank", "8"]) == 2
     assert "lora_rank" in capsys.readouterr().err
+
+
+def test_audio_adapters_are_frozen_before_training():
+    # E2B/E4B's audio tower gets "all-linear" LoRA too, but image training never runs it
+    from helpers.launch import freeze_unused_adapters
+
+    model = torch.nn.ModuleDict({"audio_tower": torch.nn.Linear(2, 2), "embed_audio": torch.nn.Linear(2, 2),
+                                 "language_model": torch.nn.Linear(2, 2)})
+    model.requires_grad_(True)
+    assert freeze_unused_adapters(model) == 4  # weight and bias of the two audio modules
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["language_model.weight",
+                                                                          "language_model.bias"]
+
+
+def test_fsdp_sharded_lora_weights_are_gathered_whole(tmp_path):
+    # FSDP2 on one CPU process (gloo): parameters become DTensors; the saved adapter must hold plain tensors
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from helpers.launch import gathered_lora_state
+
+    # a file store: one process needs no free port
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)),
+                               LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
+        want = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+        got = gathered_lora_state(model)
+        assert sorted(got) == sorted(want) and len(want) == 4  # A and B of two layers, nothing else
+        assert all(type(got[k]) is torch.Tensor and torch.equal(got[k], want[k]) for k in want)
+    finally:
+        dist.destroy_process_group()

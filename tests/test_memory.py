@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from helpers.memory import (
+from helpers.teaching.memory import (
     GB,
     lora_parameter_count,
     lora_parameters_by_tower,
@@ -14,7 +14,7 @@ from helpers.memory import (
     quantized_linear_names,
     weight_bytes,
 )
-from helpers.presets import build_meta_model, preset_config
+from helpers.teaching.presets import build_meta_model, preset_config
 
 
 @pytest.mark.parametrize("shape", [(320, 200), (64, 64), (4304, 1152), (3, 7)])

@@ -1,11 +1,11 @@
-"""helpers.memory.plan against every peak measured on the H200 (benchmarks/measured_memory.py); CPU only."""
+"""helpers.teaching.memory.plan against every peak measured on the H200 (benchmarks/measured_memory.py); CPU only."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-from helpers.memory import GB, fits, largest_micro_batch, plan
+from helpers.teaching.memory import GB, fits, largest_micro_batch, plan
 
 spec = importlib.util.spec_from_file_location(
     "measured_memory", Path(__file__).resolve().parent.parent / "benchmarks" / "measured_memory.py")

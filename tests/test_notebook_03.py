@@ -1,43 +1,42 @@
-"""Notebook 03 (collator masking) executes with papermill on the offline default and shows what it claims."""
+"""Notebook 03 (collator masking) executes on the offline default and shows what it claims."""
 
-import json
-from pathlib import Path
+import re
 
 import nbformat
-import papermill
 
-REPO = Path(__file__).resolve().parent.parent
-NOTEBOOK = REPO / "notebooks" / "03_collator_masking.ipynb"
+from notebooks import NOTEBOOK_DIR, assert_clean, execute, output_text
 
-
-def tagged_cell(notebook, tag):
-    return next(cell for cell in notebook.cells if tag in cell.metadata.get("tags", []))
-
-
-def printed_json(cell) -> dict:
-    text = "".join(output.get("text", "") for output in cell.outputs if output.output_type == "stream")
-    return json.loads(text.strip().splitlines()[-1])
+NOTEBOOK = NOTEBOOK_DIR / "03_collator_masking.ipynb"
 
 
 def test_notebook_is_committed_without_outputs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code)
-    assert "model_id" in tagged_cell(notebook, "parameters").source
+    parameters = next(cell for cell in code if "parameters" in cell.metadata.get("tags", []))
+    assert "model_id" in parameters.source
 
 
 def test_notebook_03_executes_and_shows_the_masking(tmp_path):
-    executed = tmp_path / NOTEBOOK.name
-    papermill.execute_notebook(str(NOTEBOOK), str(executed), parameters={"model_id": "tiny", "batch_size": 4},
-                               kernel_name="python3", cwd=str(REPO), progress_bar=False)
-    summary = printed_json(tagged_cell(nbformat.read(executed, as_version=4), "summary"))
-    assert summary["trained_text"] == summary["answer"] + "<turn|>"
+    notebook = execute(NOTEBOOK.name, tmp_path, {"model_id": "tiny", "batch_size": 4})
+    assert_clean(notebook)
+    text = output_text(notebook)
+    # The backward search trains on the answer and <turn|> alone, for every sample and image budget.
+    assert "backward search:    four <turn|>\n" in text
+    assert "every trained text is the answer + <turn|>: True" in text
     # The naive mask starts N + 1 tokens early and trains on image tokens.
-    assert summary["naive_offset"] == summary["soft_tokens"] + 1
-    assert "<|image|>" in summary["naive_trained_text"]
-    assert summary["mask_follows"] and summary["prompt_is_training_prefix"] and summary["prompt_is_served_prompt"]
-    assert summary["families"] == ["e-series", "large"]
+    early, n_plus_one = map(int, re.search(r"naive mask starts (\d+) tokens early \(N \+ 1 = (\d+)\)", text).groups())
+    assert early == n_plus_one
+    assert re.search(r"naive trains on: +<\|image\|> × \d+", text)
+    # The evaluation prompt is the training prefix and the served prompt, for both families.
+    assert "in every case the evaluation prompt is the training prefix and the served prompt: True" in text
+    checks = next(cell for cell in notebook.cells if "prompt is the served prompt" in cell.source)
+    assert "large" in output_text(checks) and "e-series" in output_text(checks)
     # N grows with the budget; 500×375 at the default 280 is 266, as measured on Google's released processor.
-    by_budget = summary["soft_tokens_by_budget"]
-    assert by_budget["280"] == 266
-    assert [by_budget[b] for b in ("70", "140", "280", "560", "1120")] == sorted(by_budget.values())
+    row = re.search(r"500×375 +(\d+) +(\d+) +(\d+) +(\d+) +(\d+)", text)
+    assert [int(n) for n in row.groups()] == [63, 130, 266, 540, 1064]
+    # The prompt tables show the special tokens: escaped, so a browser prints <bos> instead of swallowing it.
+    html = "".join(output.data["text/html"] for cell in notebook.cells for output in cell.get("outputs", [])
+                   if "text/html" in output.get("data", {}))
+    assert "&lt;bos&gt;" in html and "&lt;channel|&gt;" in html and "&lt;turn|&gt;" in html
+    assert "<bos>" not in html and "<channel|>" not in html

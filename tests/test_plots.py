@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 from PIL import Image
 
-from helpers.plots import plot_sample_grid
+from helpers.teaching.plots import plot_sample_grid
 
 NAMES = ["zero", "one", "two"]
 EXAMPLES = [{"image": Image.new("RGB", (8, 8)), "label": label} for label in range(3)]

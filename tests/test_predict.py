@@ -1,4 +1,4 @@
-"""helpers.predict on unlabelled image files: predictions with probabilities, bad files reported and skipped."""
+"""python -m helpers.predict on unlabelled image files: predictions with probabilities, bad files reported and skipped."""
 
 import csv
 import json
@@ -10,6 +10,8 @@ from PIL import Image
 from helpers import predict
 from helpers.collator import VisionChatCollator
 from helpers.data import DIGIT_NAMES, load_digits_examples
+from helpers.exports import predictor as predictions
+from helpers.run.folder import RunFolderError, read_run
 
 
 def write_images(folder, n=3):
@@ -54,10 +56,10 @@ def test_predict_on_unlabelled_files_with_broken_ones(random_adapter_run, tmp_pa
 
 def test_csv_output_and_the_function(random_adapter_run, tmp_path):
     images = write_images(tmp_path / "photos", n=2)
-    predictor = predict.load_predictor(predict.read_run(random_adapter_run))
-    report = predict.predict_images(predictor, [images], progress=False)
+    predictor = predictions.load_predictor(read_run(random_adapter_run))
+    report = predictions.predict_images(predictor, [images], progress=False)
     assert [p.path.rsplit("/", 1)[-1] for p in report.predictions] == ["digit_0.png", "digit_1.png"]
-    path = predict.write_predictions(report, tmp_path / "out.csv")
+    path = predictions.write_predictions(report, tmp_path / "out.csv")
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == 4 and rows[0]["top"].count(":") == 3 and rows[-1]["error"]
 
@@ -74,5 +76,5 @@ def test_mistakes_are_named_before_loading(args, message, capsys):
 
 def test_a_folder_without_adapter_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(predict.PredictError, match="no trained adapter"):
-        predict.read_run(tmp_path)
+    with pytest.raises(RunFolderError, match="no trained adapter"):
+        read_run(tmp_path)

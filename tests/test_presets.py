@@ -2,7 +2,13 @@
 
 import pytest
 
-from helpers.presets import PRESET_NAMES, TOWERS, count_parameters_by_tower, describe_preset, preset_config
+from helpers.teaching.presets import (
+    PRESET_NAMES,
+    TOWERS,
+    count_parameters_by_tower,
+    describe_preset,
+    preset_config,
+)
 
 VOCAB = 262_144
 # name: (hidden, layers, heads, kv heads, global kv heads, intermediate, per-layer input, kv-shared layers)
@@ -131,7 +137,7 @@ def test_unknown_preset_is_named():
 
 
 def test_soft_tokens_follow_size_and_budget():
-    from helpers.presets import SOFT_TOKEN_BUDGETS, soft_tokens_per_image
+    from helpers.teaching.presets import SOFT_TOKEN_BUDGETS, soft_tokens_per_image
 
     assert [soft_tokens_per_image(w, h) for w, h in [(500, 375), (224, 224), (300, 200)]] == [266, 256, 260]
     assert [soft_tokens_per_image(w, h, size="12B") for w, h in [(500, 375), (224, 224), (300, 200)]] == [266, 256, 260]
@@ -141,7 +147,7 @@ def test_soft_tokens_follow_size_and_budget():
 
 
 def test_the_12b_is_encoder_free():
-    from helpers.presets import build_meta_model, image_path, is_encoder_free, model_class
+    from helpers.teaching.presets import build_meta_model, image_path, is_encoder_free, model_class
 
     config = preset_config("12B")
     assert config.model_type == "gemma4_unified" and is_encoder_free(config)

@@ -1,95 +1,112 @@
-"""Notebook 04 shows the Hugging Face recipe as plain code; the helpers the launcher calls build exactly the same.
+"""Notebook 04 shows the Hugging Face recipe as plain code; the functions the launcher calls build the same objects.
 
-The notebook's own cells are executed here (no papermill: just their source) next to ``helpers.modeling`` and
-``helpers.training``, so an edit to one side that the other does not follow fails.
+The notebook's own cells are executed here (their source, no kernel) next to ``helpers.modeling``,
+``helpers.training`` and ``helpers.speed``, so an edit to one side that the other does not follow fails.
 """
 
 import copy
+import inspect
 from pathlib import Path
 
 import nbformat
 import pytest
 import torch
 
-from helpers.config import RunConfig
+from helpers import launch, speed
+from helpers.collator import VisionChatCollator
+from helpers.modeling import apply_lora, lora_config, nf4_config, quantization_config
+from helpers.run.config import RunConfig
+from helpers.training import (
+    CompleteCheckpoints,
+    StopOnNonFiniteLoss,
+    answer_only_loss,
+    build_trainer,
+    training_arguments,
+)
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_training.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def notebook_cell(marker: str) -> str:
-    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code" and marker in c.source]
-    assert len(cells) == 1, f"expected one cell of notebook 04 with {marker!r}"
+def cell(notebook: str, marker: str) -> str:
+    cells = [c.source for c in nbformat.read(NOTEBOOKS / notebook, as_version=4).cells
+             if c.cell_type == "code" and marker in c.source]
+    assert len(cells) == 1, f"expected one cell of {notebook} with {marker!r}"
     return cells[0]
 
 
-def run_cell(marker: str, **namespace) -> dict:
+def run_cell(marker: str, notebook: str = "04_training.ipynb", **namespace) -> dict:
     namespace = {"torch": torch, "Path": Path, **namespace}
-    exec(compile(notebook_cell(marker), f"04_training.ipynb<{marker}>", "exec"), namespace)  # noqa: S102 (our own cell)
+    exec(compile(cell(notebook, marker), f"{notebook}<{marker}>", "exec"), namespace)  # noqa: S102 (our own cell)
     return namespace
 
 
 @pytest.mark.parametrize("quantize_towers", [False, True])
 def test_the_notebooks_bitsandbytes_config_is_nf4_config(quantize_towers):
-    from helpers.modeling import nf4_config, quantization_config
-
     config = RunConfig(quantization="4bit", quantize_towers=quantize_towers)
-    shown = run_cell("BitsAndBytesConfig(", config=config)["bnb_config"]
+    shown = run_cell("BitsAndBytesConfig(", config=config)["nf4"]
     assert shown.to_dict() == nf4_config(quantize_towers=quantize_towers).to_dict()
-    assert shown.to_dict() == quantization_config(config).to_dict()  # what the launcher passes to load_model
+    assert shown.to_dict() == quantization_config(config).to_dict()  # what the launcher and notebook 05 load with
     assert quantization_config(RunConfig()) is None
 
 
 @pytest.mark.parametrize("settings", [{}, {"optimizer": "adamw_torch", "max_steps": 7, "gradient_accumulation": 2,
-                                           "seed": 3, "learning_rate": 2e-4, "warmup_steps": 0}])
-def test_the_notebooks_training_arguments_are_training_arguments(tmp_path, settings, tiny_model):
-    from helpers.training import planned_batch, training_arguments
-
-    config = RunConfig(output_dir=str(tmp_path), **settings)
-    shown = run_cell("TrainingArguments(", config=config, model=tiny_model)["training_args"]
-    micro_batch, accumulation, _ = planned_batch(tiny_model, config)
-    assert shown.to_dict() == training_arguments(config, tmp_path, micro_batch, accumulation).to_dict()
-
-
-@pytest.mark.parametrize("settings", [{}, {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+                                           "seed": 3, "learning_rate": 2e-4, "warmup_steps": 0,
                                            "gradient_checkpointing": True}])
-def test_the_notebooks_lora_steps_are_apply_lora(tiny_model, settings):
-    from helpers.modeling import apply_lora, lora_config
-
+def test_the_notebooks_training_arguments_are_training_arguments(tmp_path, settings):
     config = RunConfig(**settings)
-    shown = run_cell("get_peft_model(model, lora_config)", config=config, model=copy.deepcopy(tiny_model))
-    helper = apply_lora(copy.deepcopy(tiny_model), config=lora_config(config.lora_r, config.lora_alpha,
-                                                                      config.lora_dropout, config.lora_targets),
-                        gradient_checkpointing=config.gradient_checkpointing)
-    notebook_model = shown["model"]
-    assert notebook_model.peft_config["default"].to_dict() == helper.peft_config["default"].to_dict()
+    shown = run_cell("TrainingArguments(", config=config, run_dir=str(tmp_path), on_gpu=False)["training_args"]
+    assert shown.to_dict() == training_arguments(config, tmp_path).to_dict()
+
+
+@pytest.mark.parametrize("settings", [{}, {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1}])
+def test_the_notebooks_lora_steps_are_apply_lora(tiny_model, settings):
+    config = RunConfig(**settings)
+    shown = run_cell("get_peft_model(model, lora_config)", config=config, model=copy.deepcopy(tiny_model))["model"]
+    helper = apply_lora(copy.deepcopy(tiny_model), lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                               config.lora_targets))
+    assert shown.peft_config["default"].to_dict() == helper.peft_config["default"].to_dict()
 
     def trainable(model):
         return {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
 
-    assert trainable(notebook_model) == trainable(helper) and trainable(helper)
-    assert (notebook_model.get_base_model().is_activation_checkpointing
-            == helper.get_base_model().is_activation_checkpointing == config.gradient_checkpointing)
+    assert trainable(shown) == trainable(helper) and trainable(helper)
 
 
-def test_the_launcher_loads_and_wraps_with_the_same_functions():
-    import inspect
+def test_the_notebooks_trainer_has_build_trainers_loss_and_callbacks(tmp_path, tiny_model, tiny_processor):
+    """Notebook 04 hands the additions over in cells of their own; build_trainer (the launcher's) does it in one."""
+    from helpers.data import load_examples
 
-    from helpers import launch
+    config = RunConfig(train_size=8, max_steps=1)
+    data = load_examples("digits", "train", size=8)
+    model = apply_lora(tiny_model)
+    args = training_arguments(config, tmp_path)
+    namespace = {"config": config, "run_dir": str(tmp_path), "model": model, "training_args": args,
+                 "train_examples": data.examples, "collator": VisionChatCollator(tiny_processor, data.class_names)}
+    for marker in ("trainer = Trainer(", "trainer.compute_loss_func", "trainer.add_callback(CompleteCheckpoints())"):
+        namespace = run_cell(marker, **namespace)
+    shown = namespace["trainer"]
+    helper = build_trainer(model, args, data.examples, VisionChatCollator(tiny_processor, data.class_names))
 
-    source = inspect.getsource(launch.load_lora_model)
-    for call in ("load_model(", "quantization_config(config)", "lora_config(", "apply_lora("):
-        assert call in source
+    def additions(trainer):
+        callbacks = [type(c) for c in trainer.callback_handler.callbacks if type(c) in (CompleteCheckpoints,
+                                                                                          StopOnNonFiniteLoss)]
+        return trainer.compute_loss_func, sorted(callbacks, key=str), trainer.data_collator.logits_to_keep
+
+    assert additions(shown) == additions(helper) == (answer_only_loss, sorted([CompleteCheckpoints,
+                                                                              StopOnNonFiniteLoss], key=str), True)
+    assert namespace["resume_from"] is None  # nothing to resume in an empty folder
 
 
-def test_fast_clamps_are_switched_reported_and_reversible(tiny_e_series_path):
-    from helpers.fast_clamps import fast_clamp_count, use_stock_clamps
-    from helpers.modeling import describe_patches, load_model
+def test_the_launcher_builds_training_from_the_notebooks_functions():
+    source = inspect.getsource(launch.load_lora_model) + inspect.getsource(launch.train_on_this_rank)
+    for call in ("load_model(", "quantization_config(config)", "lora_config(", "apply_lora(", "VisionChatCollator(",
+                 "training_arguments(config", "speed.switch_on(", "build_trainer(", "last_complete_checkpoint(",
+                 "trainer.train(resume_from_checkpoint=", "speed.switch_off(", "publish_adapter(",
+                 "write_train_result("):
+        assert call in source, call
 
-    fast = load_model(str(tiny_e_series_path))
-    assert fast_clamp_count(fast) > 0
-    assert describe_patches(fast, False).startswith(f"fast clamps: on ({fast_clamp_count(fast)} ")
-    assert "compile_layers: off" in describe_patches(fast, False)
-    use_stock_clamps(fast)
-    assert fast_clamp_count(fast) == 0
-    stock = load_model(str(tiny_e_series_path), fast_clamps=False)
-    assert fast_clamp_count(stock) == 0 and describe_patches(stock).startswith("fast clamps: off (0 ")
+
+def test_the_notebooks_speed_cell_is_switch_on():
+    assert "speed.switch_on(model, training_args, config)" in cell("04_training.ipynb", "switch_on")
+    assert "speed.switch_off(model)" in cell("04_training.ipynb", "switch_off")
+    assert callable(speed.switch_on) and callable(speed.switch_off)

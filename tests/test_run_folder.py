@@ -1,4 +1,4 @@
-"""Run folders you can trust (issue 17): the manifest, the refusal of a rerun with other settings or data,
+"""Run folders you can trust: the manifest, the refusal of a rerun with other settings or data,
 ``--fresh``, the lock, and the checks on ``--output-dir`` and on parameters, all before anything loads.
 
 The end-to-end runs (each data source through the runner, then a refused rerun in the finished folder) are
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from helpers import run_folder
-from helpers.config import RunConfig
-from helpers.run_folder import (
+from helpers.run import folder as run_folder
+from helpers.run.config import RunConfig
+from helpers.run.folder import (
     LOCK,
     MANIFEST,
     RunFolderError,
@@ -65,17 +65,19 @@ def test_other_settings_or_data_are_refused_with_what_differs_and_how_to_start_f
 
 def test_fresh_clears_the_run_files_only(tmp_path):
     start_run(tmp_path, manifest_of())
-    (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "my_notes.txt").write_text("keep me")
+    (tmp_path / "checkpoint-notes").mkdir()  # not a checkpoint: not the run's
     outcome = start_run(tmp_path, manifest_of(learning_rate=2e-3), fresh=True)
-    assert "metrics.json" in outcome and "checkpoints" in outcome
-    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "my_notes.txt").exists()
+    assert "metrics.json" in outcome and "checkpoint-4" in outcome
+    assert not (tmp_path / "checkpoint-4").exists() and (tmp_path / "my_notes.txt").exists()
+    assert (tmp_path / "checkpoint-notes").exists()
     assert json.loads((tmp_path / MANIFEST).read_text())["config"]["learning_rate"] == 2e-3
 
 
 def test_checkpoints_without_a_manifest_are_not_trusted_but_may_be_evaluated(tmp_path):
-    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "checkpoint-2").mkdir(parents=True)
     with pytest.raises(RunFolderError, match="no manifest.json"):
         start_run(tmp_path, manifest_of())
     assert "evaluating" in start_run(tmp_path, manifest_of(), trains=False)  # e.g. a copied adapter
@@ -89,7 +91,7 @@ def test_manifest_differences_ignore_versions_and_evaluation_settings():
 
 LOCK_HOLDER = """
 import sys, time
-from helpers.run_folder import holding_lock
+from helpers.run.folder import holding_lock
 with holding_lock(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(60)
@@ -173,9 +175,17 @@ def test_the_runner_refuses_data_problems_before_any_notebook(tmp_path, capsys):
 
 
 def test_a_relative_output_dir_is_relative_to_the_repository_not_the_working_directory(tmp_path, monkeypatch):
-    from helpers.run_folder import REPOSITORY, resolve_output_dir
+    from helpers.run.folder import REPOSITORY, resolve_output_dir
 
     monkeypatch.chdir(tmp_path)
     assert resolve_output_dir("runs/offline") == REPOSITORY / "runs" / "offline"
-    assert (REPOSITORY / "helpers" / "run_folder.py").is_file()
+    assert (REPOSITORY / "helpers" / "run" / "folder.py").is_file()
     assert resolve_output_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_gpu_only_settings_are_refused_on_a_cpu_before_anything_loads(tmp_path, capsys):
+    assert main(["--output-dir", str(tmp_path / "run"), "-p", "optimizer", "adamw_8bit"]) == 2
+    assert "optimizer='adamw_8bit' needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["--output-dir", str(tmp_path / "run"), "-p", "quantization", "4bit"]) == 2
+    assert "quantization='4bit' needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run" / MANIFEST).exists()

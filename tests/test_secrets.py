@@ -1,4 +1,4 @@
-"""Secrets (issue 9): with HF_TOKEN set to a known dummy value, the runner (notebooks 04 and 05) leaves it in no
+"""Secrets: with HF_TOKEN set to a known dummy value, the runner (notebooks 04 and 05) leaves it in no
 file it produces (executed notebooks, which record papermill's parameters; metrics; checkpoints; the adapter;
 the data-set cache) and prints it nowhere; it refuses parameters that look like, or carry, a token; and it
 never prints the environment. The Cloud Run entrypoint's scan (same idea, through cloudrun/entrypoint.sh) is
@@ -19,7 +19,7 @@ import nbformat
 import pytest
 from test_validation import EXPECTED_SKIPS, bad_rows_dataset
 
-from helpers.config import RunConfig
+from helpers.run.config import RunConfig
 from helpers.runner import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""helpers.shards: shards cover the split exactly once; N shards merged == one unsharded computation."""
+"""helpers.run.shards: shards cover the split exactly once; N shards merged == one unsharded computation."""
 
 import json
 import random
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import shards
-from helpers.shards import (
+from helpers.evaluation import compute_metrics
+from helpers.run import shards
+from helpers.run.shards import (
     ShardError,
-    compute_metrics,
     merge_shard_metrics,
     shard_indices,
     write_shard_metrics,
@@ -56,13 +56,6 @@ def test_contiguous_and_strided_layouts():
 def test_shard_indices_rejects_bad_arguments(args):
     with pytest.raises(ValueError):
         shard_indices(*args)
-
-
-def test_task_from_env():
-    assert shards.task_from_env({}) == (0, 1)
-    assert shards.task_from_env({"CLOUD_RUN_TASK_INDEX": "3", "CLOUD_RUN_TASK_COUNT": "8"}) == (3, 8)
-    with pytest.raises(ValueError):
-        shards.task_from_env({"CLOUD_RUN_TASK_INDEX": "8", "CLOUD_RUN_TASK_COUNT": "8"})
 
 
 def test_compute_metrics_matches_sklearn():
@@ -190,9 +183,9 @@ def test_cli_merge_waits_for_all_shards_then_writes(tmp_path, capsys):
 
 
 def test_merged_metrics_json_has_the_schema_of_every_other_writer(tmp_path):
-    """One schema: the merge writes metrics.json through helpers.report.write_metrics, as notebook 05 and the
+    """One schema: the merge writes metrics.json through helpers.run.report.write_metrics, as notebook 05 and the
     launcher do; the run's facts come from the shards' meta."""
-    from helpers.report import write_metrics
+    from helpers.run.report import write_metrics
 
     labels, systems = synthetic(12)
     config = {"model_id": "tiny", "dataset": "digits", "train_size": 8}

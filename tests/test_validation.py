@@ -1,4 +1,4 @@
-"""Bad inputs (issue 9): each is converted and works, or is a counted skip, or a clear error naming the
+"""Bad inputs: each is converted and works, or is a counted skip, or a clear error naming the
 sample or parameter. Nothing bad is trained on silently.
 
 The end-to-end check that skip counts reach notebook 04/05 and metrics.json runs in tests/test_secrets.py
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.data import DIGIT_NAMES, hf_examples, load_examples
+from helpers.data import DIGIT_NAMES, load_examples
 from helpers.runner import main
 from helpers.validation import (
     MAX_SIDE,
@@ -92,13 +92,11 @@ def test_odd_formats_become_rgb(kind, wrap, tmp_path):
 def test_odd_formats_train_in_one_batch(tiny_processor, tiny_model):
     """The converted images go through the collator and the model: a finite loss, nothing special-cased."""
     from helpers.collator import VisionChatCollator
-    from helpers.losses import labelled_positions_loss
 
-    examples = [{"image": {"bytes": make(), "path": None}, "label": i % 10} for i, make in
-                enumerate(CONVERTIBLE.values())]
+    examples, _ = validate_examples([{"image": {"bytes": make(), "path": None}, "label": i % 10}
+                                     for i, make in enumerate(CONVERTIBLE.values())], DIGIT_NAMES, "odd", "train")
     batch = VisionChatCollator(tiny_processor, list(DIGIT_NAMES))(examples)
-    loss = labelled_positions_loss(tiny_model, batch)
-    assert bool(loss.isfinite())
+    assert bool(tiny_model(**batch).loss.isfinite())
 
 
 def test_corrupt_and_truncated_images_name_the_sample():
@@ -251,17 +249,20 @@ def bad_rows_dataset(n_good: int = 6, offset: int = 0):
 EXPECTED_SKIPS = {"label_out_of_range": 1, "unreadable_image": 2}
 
 
-def test_hub_shaped_data_set_skips_and_counts_bad_rows():
-    dataset = bad_rows_dataset()
-    examples = hf_examples(dataset, "local/bad", "train")
+def test_hub_shaped_data_set_skips_and_counts_bad_rows(tmp_path):
+    from datasets import DatasetDict
+
+    dataset = bad_rows_dataset(n_good=10)  # every digit has a row to train on
+    DatasetDict({"train": dataset}).save_to_disk(tmp_path / "bad")  # a data set as datasets keeps one
+    examples = load_examples(str(tmp_path / "bad"), "train")
     assert examples.class_names == [name.capitalize() for name in DIGIT_NAMES]
     assert examples.skipped == EXPECTED_SKIPS
     assert len(examples) == len(dataset) - 3
     assert all(e["image"].mode == "RGB" and 0 <= e["label"] < 10 for e in examples.examples)
-    assert skipped_summary(examples) == {"train": {"kept": 8, "skipped": EXPECTED_SKIPS, "n_skipped": 3}}
-    assert skip_report(examples) == "local/bad train: kept 8, skipped 3 (1 label_out_of_range, 2 unreadable_image)"
-    with pytest.raises(EmptySplitError, match="'local/bad' split 'test'"):
-        hf_examples(dataset.select([]), "local/bad", "test", class_names=list(DIGIT_NAMES))
+    assert skipped_summary(examples) == {"train": {"kept": 12, "skipped": EXPECTED_SKIPS, "n_skipped": 3}}
+    assert skip_report(examples) == f"{tmp_path / 'bad'} train: kept 12, skipped 3 (1 label_out_of_range, 2 unreadable_image)"
+    with pytest.raises(EmptySplitError, match="'local/bad' split 'test' has no usable example"):
+        validate_examples([], list(DIGIT_NAMES), "local/bad", "test")
 
 
 def test_digits_have_nothing_to_skip():
@@ -333,14 +334,15 @@ def test_an_answer_cut_by_max_length_stops_training_before_the_first_step(tmp_pa
     from transformers import AutoModelForMultimodalLM
 
     from helpers.collator import CollatorError, VisionChatCollator
-    from helpers.config import RunConfig
     from helpers.modeling import apply_lora
-    from helpers.training import train
+    from helpers.run.config import RunConfig
+    from helpers.training import build_trainer, training_arguments
 
     config = RunConfig(train_size=8, batch_size=4, max_steps=2, save_steps=1, max_length=40)
     data = load_examples("digits", "train", size=8)
     model = apply_lora(AutoModelForMultimodalLM.from_pretrained(tiny_path))
     collator = VisionChatCollator(tiny_processor, data.class_names, max_length=config.max_length)
+    trainer = build_trainer(model, training_arguments(config, tmp_path), data.examples, collator)
     with pytest.raises(CollatorError, match=r"sample \d+ \(row \d+ of the data set, '\w+'\): max_length=40 cuts"):
-        train(model, collator, data.examples, config, tmp_path)
-    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))

@@ -43,10 +43,18 @@ from pathlib import Path
 
 from helpers.chat import to_messages
 from helpers.exports.merge import check_target
-from helpers.run.folder import EXPORT_RECORD, GGUF_PROJECTOR, GGUF_TEXT, atomic_write_json, save_prompt, write_class_names
+from helpers.run.folder import (
+    EXPORT_RECORD,
+    GGUF_PROJECTOR,
+    GGUF_TEXT,
+    REPOSITORY,
+    atomic_write_json,
+    save_prompt,
+    write_class_names,
+)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-CACHE_DIR = Path(__file__).resolve().parent.parent / "artifacts" / "llama-cpp"
+CACHE_DIR = REPOSITORY / "artifacts" / "llama-cpp"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 FETCH_COMMAND = (f"pip download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} --no-deps --no-binary :all: "
                  f"-d {CACHE_DIR}")

@@ -1,22 +1,19 @@
 """Every parameter of a run, validated once with clear errors, and read from the command line.
 
 ``RunConfig`` is what notebooks 04 and 05, the papermill runner and the multi-GPU launcher all fill in; its
-defaults are the offline default (tiny Gemma 4 + digits on a CPU). ``parameters_from_command_line`` turns
-``-p NAME VALUE`` pairs and the seed's flags into validated parameters, for the runner and the launcher alike.
+defaults are the offline default (tiny Gemma 4 + digits on a CPU). ``helpers.run.command_line`` reads it from
+``-p NAME VALUE`` pairs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from helpers.chat import ALL_SPECIAL_TOKENS, E_SERIES, LARGE, PROMPT_FIELDS, QUESTION
 from helpers.data import DIGITS
-from helpers.run.folder import RunFolderError, check_output_dir
 
 OFFLINE_MODEL = "tiny"  # resolved to the tiny checkpoint folder, built on first use (helpers.tiny)
 TINY_12B = "tiny-12b"  # the 12B's architecture in miniature (Gemma4UnifiedForConditionalGeneration, encoder-free)
@@ -32,7 +29,8 @@ _FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.Pa
                 "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
                 "max_steps": (int,), "warmup_steps": (int,), "seed": (int,), "image_soft_tokens": (int,),
                 "max_length": (int,), "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
-                "compile_layers": (bool,), "fast_clamps": (bool,), "dataloader_workers": (int,), "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
+                "compile_layers": (bool,), "fast_clamps": (bool,), "plan_micro_batch": (bool,), "dataloader_workers": (int,),
+                "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
                 "image_column": (str,), "label_column": (str,), "train_split": (str,), "eval_split": (str,),
                 "test_fraction": (int, float), "class_map_file": (str, os.PathLike)}
 _OPTIONAL = ("image_soft_tokens", "max_length", "compile_layers", "system_prompt", "eval_split", "class_map_file",
@@ -68,6 +66,7 @@ class RunConfig:
     optimizer: str = "adamw_torch"  # or "adamw_8bit" (bitsandbytes: 8-bit AdamW states, GPU only)
     compile_layers: bool | None = None  # torch.compile each layer; None: on for bf16 LoRA on a GPU
     fast_clamps: bool = True  # Gemma4ClippableLinear's clamps with a cheaper forward, same numbers (helpers.speed)
+    plan_micro_batch: bool = True  # on a GPU, the largest micro-batch the memory plan fits (helpers.speed)
     dataloader_workers: int | None = None  # processes running the collator (image processor); None: up to 4 on a GPU, 0 on a CPU
     # The main job's recipe on the tiny model (benchmarks/README.md, "Gemma 4 in miniature"): 7 epochs of
     # 16 = 595 steps reach 0.951 / 0.964 / 0.951 on seeds 0-2 and train in 199 s (8 epochs of 32: 223 s).
@@ -191,57 +190,3 @@ def resolve_model_id(model_id: str) -> str:
 
         return str(ensure_tiny_gemma4(family=OFFLINE_MODELS[model_id]))
     return model_id
-
-
-# -- the command line (python -m helpers.runner, python -m helpers.launch) --------------------------------------
-
-SECRET_WORDS = ("token", "secret", "password", "api_key")
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-
-
-def parse_value(text: str):
-    """``-p`` values as papermill's CLI reads them: JSON where it parses (3, 0.5, true, null), else text."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parameters_from_command_line(pairs, output_dir=None, model_id=None, train_size=None) -> dict:
-    """``-p NAME VALUE`` pairs and the seed's flags as parameters, validated once through ``RunConfig``.
-
-    Tokens never travel as parameters (papermill writes parameters into the executed notebook): an unknown
-    name that looks like a secret is refused as one, and so is any parameter carrying the value of ``HF_TOKEN``
-    (named, its value never echoed). Local paths are made absolute, the output folder is proven writable and a
-    local model folder is checked to be Gemma 4, all before anything loads."""
-    params = {name: parse_value(value) for name, value in pairs}
-    secret = [n for n in params if n not in RunConfig.field_names() and any(w in n.lower() for w in SECRET_WORDS)]
-    if secret:
-        raise ConfigError(f"parameter(s) {secret} look like secrets: pass tokens through the environment "
-                          "(HF_TOKEN), never as parameters (papermill writes parameters into the notebook)")
-    for name, value in (("model_id", model_id), ("train_size", train_size), ("output_dir", output_dir)):
-        if value is not None:
-            params[name] = value
-    tokens = [os.environ.get(name, "") for name in TOKEN_VARIABLES]
-    carrying = [n for n, v in params.items() if any(len(t) >= 8 and t in str(v) for t in tokens)]
-    if carrying:
-        raise ConfigError(f"parameter(s) {carrying} carry the value of {'/'.join(TOKEN_VARIABLES)}: tokens stay in "
-                          "the environment, never in parameters (papermill writes parameters into the notebook)")
-    config = RunConfig.from_params(params)
-    for name in ("dataset", "class_map_file", "model_id"):  # the notebooks run in notebooks/: paths made absolute
-        value = getattr(config, name)
-        if value not in (None, DIGITS, *OFFLINE_MODELS) and Path(value).expanduser().exists():
-            params[name] = str(Path(value).expanduser().resolve())
-    config = RunConfig.from_params(params)
-    try:
-        params["output_dir"] = str(check_output_dir(config.output_dir))
-    except RunFolderError as err:
-        raise ConfigError(str(err)) from None
-    if config.model_id not in OFFLINE_MODELS:  # a missing or non-Gemma 4 folder fails here, before any notebook
-        from helpers.modeling import ModelLoadError, check_model_source  # transformers: only for a real model
-
-        try:
-            check_model_source(config.model_id)
-        except ModelLoadError as err:
-            raise ConfigError(f"model_id: {err}") from None
-    return params

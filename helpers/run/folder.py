@@ -11,7 +11,7 @@ functions below, never a name. A run folder holds:
 
 A rerun with the same training settings and data resumes; one with other settings is refused with the
 differences listed, so ``metrics.json`` always describes the adapter beside it (``--fresh`` clears the run's
-files, nothing else). Deliberately light (no torch, no numpy): the runner calls it before anything loads.
+files, nothing else). Light (no torch, no transformers): the runner calls it before anything loads.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from helpers.chat import PROMPT_FIELDS
+from helpers.run.config import RunConfig, resolve_model_id
 
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
@@ -59,7 +60,8 @@ RUN_FILES = (MANIFEST, METRICS, TRAIN_RESULT, CLASS_NAMES, SKIPPED, SHARD_METRIC
 
 # Parameters that do not change the adapter: a rerun may change them (evaluate more rows, save less often).
 NOT_TRAINING_SETTINGS = ("output_dir", "eval_size", "shard_index", "shard_count", "save_steps",
-                         "save_total_limit", "compile_layers", "fast_clamps", "dataloader_workers")
+                         "save_total_limit", "compile_layers", "fast_clamps", "plan_micro_batch",
+                         "dataloader_workers")
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "pillow", "numpy")
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a holder that has not touched its lock for this long is gone
@@ -94,7 +96,7 @@ def resolve_output_dir(path) -> Path:
     """``output_dir`` as an absolute path; a relative one is relative to the repository, not to the working
     directory (notebooks run in ``notebooks/``, papermill from wherever it is started)."""
     path = Path(path).expanduser()
-    return path if path.is_absolute() else REPOSITORY / path
+    return (path if path.is_absolute() else REPOSITORY / path).resolve()
 
 
 def check_output_dir(path) -> Path:
@@ -461,7 +463,7 @@ class SavedRun:
     ``model_path`` is the base model (with ``adapter``) or a merged folder (``adapter`` None)."""
 
     folder: Path
-    config: object  # helpers.run.config.RunConfig
+    config: RunConfig
     class_names: list[str]
     prompt: dict  # question, system_prompt, enable_thinking (helpers.chat.PROMPT_FIELDS)
     model_path: str
@@ -483,8 +485,6 @@ def _class_names(folder: Path, fallback: list[str] | None) -> list[str]:
 
 def read_run(run_dir) -> SavedRun:
     """A run folder's adapter, base model, prompt and class names; ``RunFolderError`` naming what is missing."""
-    from helpers.run.config import RunConfig, resolve_model_id
-
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise RunFolderError(f"run folder {str(run_dir)!r} does not exist")
@@ -500,8 +500,6 @@ def read_run(run_dir) -> SavedRun:
 
 def read_merged(model_dir) -> SavedRun:
     """A merged folder written by ``helpers.export``: its record carries the run's settings."""
-    from helpers.run.config import RunConfig
-
     model_dir = Path(model_dir).expanduser()
     record = read_json(model_dir / EXPORT_RECORD)
     if record is None:

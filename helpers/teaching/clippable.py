@@ -14,7 +14,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear

@@ -174,7 +174,7 @@ ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in b
     "31B": 16.0,
 }
 # Liger's RMSNorm + GeGLU keep bf16, not float32, copies: 0.85 with liger-kernel's forwards (benchmarks/liger.py; text decoder
-# only; 31B QLoRA mb 8, H200, 2026-12-02); the class-level patch of issue 7 (which also reached other norms) kept 0.78
+# only; 31B QLoRA mb 8, H200); patching the classes instead (which also reached other norms) kept 0.78
 LIGER_ACTIVATION_FACTOR = 0.85
 FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own loss (bf16 logits, fp32
 # upcast, softmax and gradient): 1.5 GB for one 31B sample of 290 tokens; the labelled-position loss: ~0
