@@ -1,14 +1,17 @@
 """Do exported models still predict what the adapter predicted? Measured on a run's held-out set.
 
-    python benchmarks/export_parity.py runs/offline                    # adapter, merged, llama.cpp when built
-    python benchmarks/export_parity.py runs/offline --build-llama-cpp --json benchmarks/results/export_parity.json
+From the repository root:
 
-Engines (``helpers.parity``): (1) transformers + adapter, (2) transformers + the merged folder
-(``helpers.export``, written into the run folder if missing), (3) llama.cpp: ``llama-server`` on the GGUF
-export, greedy, asked with the training prompt (raw completion endpoint) and through its chat endpoint
-(``--build-llama-cpp`` builds it in artifacts/llama-cpp, 10 minutes on 2 otherwise idle cores), (4) vLLM in its own venv
-(``--vllm-python``). Agreement is against (1), method by method. Results and the engines that could not run:
-benchmarks/README.md.
+    python -m benchmarks.export_parity runs/offline                  # adapter, merged, llama.cpp when built
+    python -m benchmarks.export_parity runs/offline --build-llama-cpp --json benchmarks/results/export_parity.json
+
+Engines (``helpers.exports.parity``): (1) transformers + adapter, (2) transformers + the merged folder
+(``helpers.exports.merge``, written into the run folder if missing), (3) llama.cpp: ``llama-server`` on the GGUF
+export (``helpers.exports.llama_cpp``), greedy, asked with the training prompt (raw completion endpoint) and
+through its chat endpoint (``--build-llama-cpp`` builds it in artifacts/llama-cpp, about 10 minutes on 2 otherwise
+idle cores), (4) vLLM in its own venv (``--vllm-python``, through ``benchmarks/vllm_generate.py``). Agreement is
+against (1), method by method: an export that changes what the model answers shows up here. Results and the
+engines that could not run: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -21,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone
-
-from helpers import export, llama_cpp, parity
 from helpers.evaluation import match_class_name
-from helpers.predict import read_merged, read_run
-from helpers.run_folder import EXPORT_RECORD, GGUF, MERGED, package_versions
+from helpers.exports import llama_cpp, parity
+from helpers.exports.merge import export_merged, held_out_examples
+from helpers.run.folder import EXPORT_RECORD, GGUF, MERGED, package_versions, read_merged, read_run
 
 
 def llama_cpp_binary(folder, build: bool):
@@ -37,19 +38,22 @@ def llama_cpp_binary(folder, build: bool):
     return source, binary
 
 
-VLLM_SCRIPT = Path(__file__).resolve().parent / "vllm_generate.py"
+REPO = Path(__file__).resolve().parents[1]
+VLLM_MODULE = "benchmarks.vllm_generate"  # run by vLLM's own python, from the repository root
 
 
 def vllm_engine(vllm_python, merged_dir: Path, saved, examples) -> dict:
-    """Greedy answers of vLLM (in its own venv) on the merged folder; RuntimeError with its output on failure."""
+    """Greedy answers of vLLM (in its own venv) on the merged folder; RuntimeError with its output on failure.
+    vLLM's venv need not have this package installed: the module runs from the repository root."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         images = []
         for i, example in enumerate(examples):
             images.append(str(Path(tmp) / f"{i}.png"))
             example["image"].save(images[-1])
-        result = subprocess.run([str(vllm_python), str(VLLM_SCRIPT), str(merged_dir), json.dumps(saved.prompt), *images],
-                                check=False, capture_output=True, text=True)
+        result = subprocess.run([str(vllm_python), "-m", VLLM_MODULE, str(merged_dir.resolve()),
+                                 json.dumps(saved.prompt), *images],
+                                cwd=REPO, check=False, capture_output=True, text=True)
     texts = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("ANSWER ")]
     if result.returncode != 0 or len(texts) != len(examples):
         raise RuntimeError(f"vLLM exited {result.returncode}: {(result.stderr or result.stdout)[-1500:]}")
@@ -59,7 +63,7 @@ def vllm_engine(vllm_python, merged_dir: Path, saved, examples) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.export_parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--size", type=int, default=None, help="held-out rows (default: the run's eval_size)")
     parser.add_argument("--llama-cpp", default=None, help="llama.cpp folder (default: artifacts/llama-cpp)")
@@ -69,18 +73,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     saved = read_run(args.run_dir)
-    examples = export.held_out_examples(saved, args.size or saved.config.eval_size)
+    examples = held_out_examples(saved, args.size or saved.config.eval_size)
     labels = [saved.class_names[e["label"]] for e in examples]
     merged_dir, gguf_dir = saved.folder / MERGED, saved.folder / GGUF
     if not (merged_dir / EXPORT_RECORD).exists():
-        export.export_merged(saved, merged_dir, check_size=0)  # the agreement is measured below
+        export_merged(saved, merged_dir, check_size=0)  # the agreement is measured below
     engines = {parity.ADAPTER_ENGINE: parity.transformers_engine(saved, examples),
                parity.MERGED_ENGINE: parity.transformers_engine(read_merged(merged_dir), examples)}
     not_run = {}
     try:
         source, binary = llama_cpp_binary(args.llama_cpp, args.build_llama_cpp)
         if not (gguf_dir / EXPORT_RECORD).exists():
-            export.export_gguf(merged_dir, gguf_dir, source)
+            llama_cpp.export_gguf(merged_dir, gguf_dir, source)
         for engine, result in parity.llama_cpp_engines(gguf_dir, binary, examples).items():
             engines[engine] = result
             print(f"{engine}: prompt {result['prompt']!r}; answers (first 5): {result['text'][:5]}")

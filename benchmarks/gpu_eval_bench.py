@@ -1,4 +1,4 @@
-"""Evaluation speed on one GPU: the seed's ``generate`` at batch 8 vs cached class scoring, and where the time goes.
+"""Evaluation speed on one GPU: the seed's ``generate`` at batch 8 vs constrained class scoring, and where the time goes.
 
 Same real-shape random-weight model (the seed's NF4 settings, as it evaluates the 4-bit model), same
 prompts (one 224×224 image -> 256 soft tokens, a short question, the generation prompt; the large models'
@@ -11,8 +11,8 @@ template adds the empty thought block), the 37 Oxford-IIIT Pet breeds as the lab
   decoding step.
 - ``prefill``: the prompt pass alone as ``score_class_names`` runs it (``P``).
 - ``score`` (``helpers.scoring.score_class_names``, ``method="tree"``, the default): one pass, the prompt with a
-  prefix tree of the class names' tokens appended (tree attention mask); ``score-copies`` (``method="copies"``,
-  the earlier method): the prompt pass with a cache, then the names on copies of it. ``S = t_score - P``.
+  prefix tree of the class names' tokens appended (tree attention mask); ``score-copies`` (``method="copies"``):
+  the prompt pass with a cache, then the names on copies of it. ``S = t_score - P``.
 - ``--fp32-check SIZE``: the same prompts on a float32 build of SIZE, tree against copies (the bf16/NF4 rows
   differ by rounding; in float32 the two methods must agree).
 
@@ -20,7 +20,8 @@ So the 8-token ratio is ``(P' + 7 D) / (P + S)`` (``P'``: generate's prompt pass
 cheap scoring gets. The tree's and the copies' predictions are compared (identical argmax, largest score
 difference). Times are medians over the timed batches (the first batch of each is a warm-up).
 
-Run: ``python benchmarks/gpu_eval_bench.py --sizes E4B,31B --out $OUT``.
+Run from the repository root: ``python -m benchmarks.gpu_eval_bench --sizes E4B,31B --out $OUT``
+(``--shrink --quant bf16 --batch 2 --batches 2`` for a CPU smoke test).
 """
 
 from __future__ import annotations
@@ -30,22 +31,27 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.realshape import (
+    build_model,
+    pixel_layout,
+    reference_nf4_config,
+    shrunk_config,
+    synthetic_pixels,
+)
 from helpers.data import PET_BREEDS
-from helpers.realshape import build_model, pixel_layout, reference_nf4_config, shrunk_config, synthetic_pixels
 from helpers.scoring import score_class_names
 
 THOUGHT_BLOCK = [100, 45518, 107, 101]  # <|channel>thought\n<channel|> (ids as in Gemma 4; any in-vocab ids do)
 
 
 def prompt_batch(config, n: int, size: str, seed: int = 0, prompt_tokens: int = 12) -> dict:
+    """``n`` evaluation prompts of the real layout (no padding): one 224×224 image, a short random question, the
+    generation prompt (and, for the large family, its empty thought block)."""
     g = torch.Generator().manual_seed(seed)
     text = config.get_text_config()
     high = min(200_000, text.vocab_size)
@@ -89,8 +95,7 @@ def generate_fn(model, new_tokens: int):
 
 def prefill_fn(model):
     """The prompt pass exactly as ``score_class_names`` makes it (positions from the mask, cache, last logits)."""
-    from helpers.losses import MODEL_INPUTS
-    from helpers.scoring import _positions
+    from helpers.scoring import MODEL_INPUTS, _positions
 
     def prefill(b):
         with torch.no_grad():
@@ -125,7 +130,7 @@ def profiled(model, run_one, batch, out_path: Path) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_eval_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="E4B,31B")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     parser.add_argument("--batch", type=int, default=8)
@@ -138,7 +143,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from helpers.presets import preset_config
+    from helpers.teaching.presets import preset_config
     from helpers.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()  # only to turn class names into ids; the weights are random anyway

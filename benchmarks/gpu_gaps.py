@@ -8,16 +8,16 @@ launched the kernel ending it (its outermost enclosing op on the launching threa
 ``cudaEventSynchronize``, a blocking ``cudaMemcpy``) returned inside the gap itself. (A sync that drained the queue
 earlier and left the CPU behind for a while is not marked: compare traces with and without it for that.)
 
-Used by ``gpu_train_bench.step_profiler`` and ``gpu_eval_bench --profile``; ``python benchmarks/gpu_gaps.py TRACE``
-prints the summary of a saved trace.
+Used by ``gpu_train_bench.step_profiler`` and ``gpu_eval_bench --profile``;
+``python -m benchmarks.gpu_gaps TRACE`` prints the summary of a saved trace (``.json`` or ``.json.gz``).
 """
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import gzip
 import json
-import sys
 from pathlib import Path
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -128,7 +128,7 @@ def export_and_analyse(prof, path: Path, top: int = 12, kind_of=None) -> dict:
     prof.export_chrome_trace(str(raw))
     try:
         summary = idle_gaps(raw, top, kind_of)
-    except Exception as err:  # the analysis must not lose the measurement it annotates
+    except Exception as err:  # noqa: BLE001 (the analysis must not lose the measurement it annotates)
         summary = {"error": repr(err)[:300]}
     with open(raw, "rb") as f_in, gzip.open(path, "wb") as f_out:
         f_out.write(f_in.read())
@@ -142,7 +142,7 @@ def annotate_modules(model) -> list:
     the hook handles (remove them after profiling)."""
     from torch.autograd.profiler import record_function
 
-    from helpers.losses import unwrap_gemma4
+    from helpers.modeling import unwrap_gemma4
 
     gemma = unwrap_gemma4(model)
     parts = {"vision_tower": getattr(gemma.model, "vision_tower", None),
@@ -167,5 +167,13 @@ def annotate_modules(model) -> list:
     return handles
 
 
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_gaps", description=__doc__.split("\n")[0])
+    parser.add_argument("trace", help="a Chrome trace written by torch.profiler (.json or .json.gz)")
+    parser.add_argument("--top", type=int, default=12, help="how many of the largest gaps and ops to list")
+    args = parser.parse_args(argv)
+    print(json.dumps(idle_gaps(args.trace, args.top), indent=1))
+
+
 if __name__ == "__main__":
-    print(json.dumps(idle_gaps(sys.argv[1]), indent=1))
+    main()

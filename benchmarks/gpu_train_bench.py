@@ -1,45 +1,49 @@
-"""Training throughput and memory on one GPU: the seed's recipe vs our path, side by side, in one run.
+"""Training throughput and memory on one GPU: the seed's recipe and this repository's, side by side, in one run.
 
-Real-shape Gemma 4 (``helpers.presets``) with random weights (``helpers.realshape``): memory and speed are
-real, accuracy is not. Every variant but the ``stream-files*`` ones trains the same synthetic stream (one
-224×224 image per sample at the default 280-soft-token budget -> 256 soft tokens, 2,520 padded patches; a
-12-token prompt; a 1-4 token class name; labels from the model turn on, as the seed's collator sets them).
+Real-shape Gemma 4 (``helpers.teaching.presets``) with random weights (``benchmarks.realshape``): memory and
+speed are real, accuracy is not. Every variant but the ``stream-files*`` ones trains the same synthetic stream
+(one 224×224 image per sample at the default 280-soft-token budget -> 256 soft tokens, 2,520 padded patches;
+a 12-token prompt; a 1-4 token class name; labels from the model turn on, as the seed's collator sets them).
 
 Variants (see ``variants_for``):
-- ``ref``: the seed's recipe with transformers' ``Trainer`` (TRL 1.16's ``SFTTrainer`` now computes its loss
-  with a fused LM head at labelled positions only, which is no longer the seed's full-vocabulary loss; it is
-  measured separately as ``ref-trl``): NF4 double quant, bf16 compute and storage, transformers' default skip
-  list (the vision tower is quantized); LoRA r=64 α=64 dropout 0.05 all-linear, adapters cast to bf16 as
-  TRL does; micro-batch 1 × accumulation 16; activation checkpointing (TRL's default); the model's own loss
-  over full-vocabulary logits at every position; AdamW (fused), lr 5e-5, weight decay 0.01, linear schedule,
-  10% warm-up, bf16 autocast. Its trainer and LoRA are written out here (``reference_trainer``, ``seed_lora``):
-  they reproduce the seed, not this project.
-- ``ours-*`` and ``stream-*``: the shipped code, nothing copied: ``helpers.modeling.apply_lora`` and
-  ``helpers.training.train`` on a ``RunConfig`` (``ours_config``: the variant's micro-batch, accumulation,
-  rank, quantization, optimizer, ``compile_layers``, checkpointing, ``dataloader_workers``), so the loss at
-  labelled positions, the non-finite-loss stop, the token count over the accumulated batch and the data
-  loader are the user's. Only the benchmark's learning rate and step count are its own. Loaded as
-  ``load_model`` loads (SDPA, the fast clamps); the largest micro-batch of a candidate list that trains.
+- ``ref``: the seed's recipe with transformers' ``Trainer`` (TRL 1.16's ``SFTTrainer`` computes its loss with
+  a fused LM head at labelled positions only, which is not the seed's full-vocabulary loss; it is measured
+  separately as ``ref-trl``): NF4 double quant, bf16 compute and storage, transformers' default skip list (the
+  vision tower is quantized); LoRA r=64 α=64 dropout 0.05 all-linear, adapters cast to bf16 as TRL does;
+  micro-batch 1 × accumulation 16; activation checkpointing (TRL's default); the model's own loss over
+  full-vocabulary logits at every position; AdamW (fused), lr 5e-5, weight decay 0.01, linear schedule, 10%
+  warm-up, bf16 autocast. Its trainer and LoRA are written out here (``reference_trainer``, ``seed_lora``):
+  they reproduce the seed, not this repository.
+- ``ours-*`` and ``stream-*``: the shipped code, nothing copied, put together as ``helpers.launch`` trains one
+  process (``train_ours``): ``helpers.modeling.apply_lora``; ``helpers.training.training_arguments`` for the
+  variant's ``RunConfig`` (``ours_config``: its micro-batch, accumulation, rank, quantization, optimizer,
+  ``compile_layers``, checkpointing, ``dataloader_workers``); ``helpers.speed.switch_on`` (fast clamps, compiled
+  layers, on a GPU the planned micro-batch for ``mb × ga`` samples a step, data-loader workers); transformers'
+  ``Trainer`` with ``compute_loss_func=helpers.training.answer_only_loss`` (logits at the answer's positions
+  only: the batches carry ``logits_to_keep``) and the ``CompleteCheckpoints`` and ``StopOnNonFiniteLoss``
+  callbacks. Only the benchmark's learning rate and step count are its own. The largest micro-batch of a
+  candidate list that trains. ``*-liger*`` rows first switch liger-kernel's RMSNorm and GeGLU on
+  (``benchmarks/liger.py``).
 - ``stream-synthetic`` / ``stream-files-w0`` / ``stream-files`` (E4B bf16 compiled, 31B QLoRA): one model trained
   in turn on the synthetic stream, then on the user's path (``user_data``: JPEG files of varied sizes on disk,
-  ``helpers.data.load_examples``, ``VisionChatCollator`` with the released image geometry) with the collator
-  in the training process (workers 0) and with ``train()``'s default workers.
+  ``helpers.data.load_examples``, ``VisionChatCollator`` with the released image geometry) with the collator in
+  the training process (workers 0) and with ``switch_on``'s default workers: what the data path costs.
 
 Timing: per optimizer step, ``step_s`` from the Trainer's ``on_step_begin`` to ``on_step_end`` (it calls the
 first after fetching the step's batches: compute only) and ``period_s`` from one ``on_step_end`` to the next
 (everything, the wait for data too); ``data_wait_s`` is the time ``Trainer.get_batch_samples`` took (the main
-process waiting for the collator or its workers). ``samples_per_s`` uses ``step_s`` (as the earlier tables);
-``wall_samples_per_s`` uses ``period_s`` (the streams' comparison). Medians after the first step.
+process waiting for the collator or its workers). ``samples_per_s`` uses ``step_s``; ``wall_samples_per_s``
+uses ``period_s`` (the streams' comparison). Medians after the first step.
 
 MFU: useful FLOPs per sample = 2 × (forward FLOPs of the vision tower, the decoder and ``lm_head`` at the
-labelled positions), counted by ``torch.utils.flop_counter.FlopCounterMode`` on one sample: the frozen
-base costs one forward and one input-gradient pass of the same size (the "4·N·T" rule; LoRA's own weight
-gradients are ignored). HFU adds one more forward when every layer is checkpointed (the recompute). The
-ratio is taken against the H200's datasheet dense bf16 peak, 989 TFLOP/s, and also shown against the
-~790 TFLOP/s that an 8192³ bf16 matmul reaches on this machine (KINDS.md).
+labelled positions), counted on one sample by ``forward_flops``: the frozen base costs one forward and one
+input-gradient pass of the same size (the "4·N·T" rule; LoRA's own weight gradients are ignored). HFU adds one
+more forward when every layer is checkpointed (the recompute). The ratio is taken against the H200's datasheet
+dense bf16 peak, 989 TFLOP/s, and also against the ~790 TFLOP/s that an 8192³ bf16 matmul reaches on the H200
+these benchmarks run on.
 
-Run: ``python benchmarks/gpu_train_bench.py --sizes E4B,31B --out $OUT`` (``--variants "stream-*"`` for the
-user's path; ``--shrink --quick --no-compile`` for a CPU smoke test).
+Run from the repository root: ``python -m benchmarks.gpu_train_bench --sizes E4B,31B --out $OUT``
+(``--variants "stream-*"`` for the user's path; ``--shrink --quick --no-compile`` for a CPU smoke test).
 """
 
 from __future__ import annotations
@@ -52,18 +56,21 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from benchmarks.gpu_gaps import annotate_modules, export_and_analyse
-from helpers.losses import labelled_positions_loss
-from helpers.realshape import build_model, reference_nf4_config, shrunk_config, synthetic_batch
+from benchmarks.liger import liger_kernel_count
+from benchmarks.realshape import (
+    answer_loss,
+    build_model,
+    reference_nf4_config,
+    shrunk_config,
+    synthetic_batch,
+)
 
 # Sizes (width, height) of the generated image files: phone and camera shapes, landscape and portrait, square,
 # panorama-like; what a user's folder holds (Oxford-IIIT Pet's photos are ~500x375).
@@ -76,7 +83,7 @@ GLOBAL_BATCH = 16
 # Micro-batch candidates for "the largest that fits", tried in order; first that trains wins.
 BEST_MB = {
     ("E2B", "bf16"): (32, 16, 8), ("E4B", "bf16"): (32, 16, 8), ("E4B", "nf4"): (32, 16, 8),
-    ("12B", "bf16"): (16, 8, 4), ("12B", "nf4"): (32, 16, 8),  # 16 and 32 trained first time (2026-12-01)
+    ("12B", "bf16"): (16, 8, 4), ("12B", "nf4"): (32, 16, 8),
     ("26B-A4B", "bf16"): (16, 8, 4), ("26B-A4B", "nf4"): (16, 8, 4),
     ("31B", "bf16"): (8, 4, 2), ("31B", "nf4"): (16, 8, 4),
 }
@@ -93,7 +100,7 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
     ref = {"name": "ref", "quant": "ref4", "mb": (1,), "ga": 16, "ckpt": 1, "dropout": 0.05, "loss": "full",
            "lora_dtype": "bf16", "trainer": "trainer", "r": 64, "steps": 2}
     # The user's path beside the synthetic stream, one model trained in turn by the three (see user_data):
-    # ready tensors, image files with the collator in the main process, and with train()'s default workers.
+    # ready tensors, image files with the collator in the main process, and with switch_on's default workers.
     streams = [
         {"name": "stream-synthetic", "stream": "synthetic", "workers": 0},
         {"name": "stream-files-w0", "stream": "files", "workers": 0},
@@ -110,15 +117,15 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
                      stream=s["stream"], workers=s["workers"]) for s in streams if s["name"] != "stream-files-w0"]
     else:
         out = []
-    if size in ("E4B", "E2B"):  # issue 19: the compiled run, profiled inside train(), and candidates for its MFU
+    if size in ("E4B", "E2B"):  # the compiled run, profiled inside training, and candidates for a higher MFU
         out += [
             ours("compiled-profile", "bf16", (32,), lora_dtype="fp32", steps=8, compile=True, profile_step=5),
             ours("compiled-lora-bf16", "bf16", (32,), lora_dtype="bf16", steps=8, compile=True),
         ]
     if size == "31B":
         out += [
-            # issue 19, the x20 target: train() with the planner's micro-batch (16 a step -> 8 x 2), then Liger's
-            # kernels (helpers.modeling.use_liger_kernels), then compile_layers on the 4-bit model, then the seed
+            # the speed-up over the seed: the planner's micro-batch (16 a step -> 8 x 2), then Liger's kernels
+            # (benchmarks/liger.py), then compile_layers on the 4-bit model, then the seed itself
             ours("ours-q-planned", "nf4", (16,), ga=1, steps=6),
             ours("ours-q-liger-helper", "nf4", (16,), ga=1, steps=6, liger=True),
             ours("ours-q-compile", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5),
@@ -137,9 +144,9 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-qv-mb1-r64-adam8", "nf4-towers", (1,), ga=4, ckpt=1, steps=2, r=64, optim="adamw_bnb_8bit"),
             ours("ours-q-mb1-r16-2", "nf4", (1,), ga=4, ckpt=1, steps=2, r=16),
             # what might lift the compiled step's CPU-bound forward: CUDA graphs (what torch.compile's
-            # mode="reduce-overhead" turns on) and inductor's C++ wrapper, set around train() (inductor_settings).
-            # Last: in run G (README) CUDA graphs failed in the first step (a LoRA output overwritten by a later
-            # replay), and the C++ wrapper trained no faster and compiled twice as long.
+            # mode="reduce-overhead" turns on) and inductor's C++ wrapper, set around training (inductor_settings).
+            # Last, so that a deadline skips them first: CUDA graphs fail in the first step (a LoRA output
+            # overwritten by a later replay), and the C++ wrapper trains no faster and compiles twice as long.
             ours("ours-q-compile-cudagraphs", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
                  inductor={"triton.cudagraphs": True}),
             ours("ours-q-compile-cppwrap", "nf4", (16,), ga=1, steps=7, compile=True, inductor={"cpp_wrapper": True}),
@@ -150,7 +157,7 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q-mb1-r16", "nf4", (1,), ga=16, ckpt=1, steps=1, r=16),  # peak at micro-batch 1 (QLoRA)
             ours("ours-q", "nf4", BEST_MB[(size, "nf4")], profile=True),
             ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4),
-            # compiled, mb 16 peaked at 70.7 GB (2026-12-01): 32 may fit
+            # compiled: 32 first, 16 when 32 does not fit
             ours("ours-bf16-compile", "bf16", (32, 16), lora_dtype="fp32", steps=5, compile=True),
         ]
     else:
@@ -189,7 +196,10 @@ class Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def collate(rows: list[dict], pad_id: int = 0) -> dict:
+def collate(rows: list[dict], pad_id: int = 0, logits_to_keep: bool = False) -> dict:
+    """Right-pads the per-token tensors, stacks the image tensors. ``logits_to_keep``: the batch also carries
+    ``helpers.collator.answer_logit_positions(labels)``, as ``VisionChatCollator(logits_to_keep=True)`` gives it
+    (what ``answer_only_loss`` needs)."""
     length = max(r["input_ids"].shape[0] for r in rows)
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
     out = {}
@@ -201,15 +211,24 @@ def collate(rows: list[dict], pad_id: int = 0) -> dict:
             out[key] = t
         else:
             out[key] = torch.stack([r[key] for r in rows])
+    if logits_to_keep:
+        from helpers.collator import answer_logit_positions
+
+        out["logits_to_keep"] = answer_logit_positions(out["labels"])
     return out
 
 
+def collate_answer_only(rows: list[dict]) -> dict:
+    """``collate`` for the shipped loss: the batch carries ``logits_to_keep``."""
+    return collate(rows, logits_to_keep=True)
+
+
 # ----------------------------------------------------------------------------------------------- model
-def build(size: str, quant: str, shrink: bool, device, fast_clamps: bool = True, config=None):
+def build(size: str, quant: str, shrink: bool, device, config=None):
     """The real-shape model with random weights: bf16, our NF4 (``nf4``; ``nf4-towers`` quantizes the vision
-    tower too) or the seed's NF4 (``ref4``). ``fast_clamps``: what ``helpers.modeling.load_model`` does by
-    default (the seed's path keeps transformers' clamps)."""
-    from helpers.presets import preset_config
+    tower too) or the seed's NF4 (``ref4``), with transformers' own clamps (``helpers.speed.switch_on`` gives
+    ours the fast ones)."""
+    from helpers.teaching.presets import preset_config
 
     if config is None:
         config = shrunk_config(size) if shrink else preset_config(size)
@@ -223,15 +242,11 @@ def build(size: str, quant: str, shrink: bool, device, fast_clamps: bool = True,
         model = build_model(config, "4bit", quantization_config=nf4_config(quantize_towers=True), device=device)
     else:
         model = build_model(config, "4bit", device=device)
-    from helpers.clippable import set_clip_bounds
+    from helpers.teaching.clippable import set_clip_bounds
 
     # Released E2B/E4B carry finite learned bounds; random init leaves ±inf. Finite (and wide, so they
     # do not change the numbers) keeps every clamp's cost in the measurement, stock or fast.
     set_clip_bounds(model, 1e4, 1e4)
-    if fast_clamps:
-        from helpers.fast_clamps import use_fast_clamps
-
-        use_fast_clamps(model)
     return model
 
 
@@ -254,17 +269,17 @@ def seed_lora(model, v: dict):
 
 
 def ours_lora(model, v: dict):
-    """Our LoRA: ``helpers.modeling.apply_lora``, what notebook 04 and the launcher call."""
+    """Our LoRA: ``helpers.modeling.apply_lora``, what the launcher calls (notebook 04's ``get_peft_model``);
+    activation checkpointing is a training argument (``ours_config``)."""
     from helpers.modeling import apply_lora
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v["lora_dtype"]]
-    return apply_lora(model, r=v["r"], alpha=v["r"], dropout=v["dropout"], gradient_checkpointing=bool(v["ckpt"]),
-                      lora_dtype=dtype)
+    return apply_lora(model, r=v["r"], alpha=v["r"], dropout=v["dropout"], lora_dtype=dtype)
 
 
 def ours_config(v: dict, mb: int, ga: int, out_dir: str):
-    """The ``RunConfig`` that ``helpers.training.train`` reads for this variant (the benchmark's lr and steps)."""
-    from helpers.config import RunConfig
+    """The variant's ``RunConfig``, from which ``train_ours`` builds the training (the benchmark's lr and steps)."""
+    from helpers.run.config import RunConfig
 
     return RunConfig(
         model_id="real-shape random weights", batch_size=mb, gradient_accumulation=ga, max_steps=v["steps"],
@@ -359,25 +374,17 @@ def make_timer():
     return StepTimer()
 
 
-@contextlib.contextmanager
-def timed_data_fetch(waits: list):
-    """Time ``Trainer.get_batch_samples`` (the fetch of one optimizer step's micro-batches from the data
-    loader: the main process waits there for the collator, or for its workers) in ``train()``'s trainer."""
-    from helpers.training import LabelledPositionsTrainer
-
-    original = LabelledPositionsTrainer.get_batch_samples
-
-    def timed(self, *args, **kwargs):
+def timed_data_fetch(get_batch_samples, waits: list):
+    """``trainer.get_batch_samples`` timed into ``waits``: the fetch of one optimizer step's micro-batches from
+    the data loader, where the main process waits for the collator, or for its workers. Set on the one trainer
+    instance; transformers' class is left as it is."""
+    def timed(*args, **kwargs):
         t = time.perf_counter()
-        out = original(self, *args, **kwargs)
+        out = get_batch_samples(*args, **kwargs)
         waits.append(time.perf_counter() - t)
         return out
 
-    LabelledPositionsTrainer.get_batch_samples = timed
-    try:
-        yield
-    finally:
-        LabelledPositionsTrainer.get_batch_samples = original
+    return timed
 
 
 # ----------------------------------------------------------------------------------------------- user's data
@@ -438,7 +445,7 @@ def user_data(size: str, config, root: Path, per_class: int, shrink: bool):
     examples = load_examples(str(root), "train", None, 0, test_fraction=0.05)
     info.update(load_s=round(time.perf_counter() - t, 1), examples=len(examples), skipped=examples.skipped,
                 classes=len(examples.class_names))
-    collator = VisionChatCollator(processor, examples.class_names)
+    collator = VisionChatCollator(processor, examples.class_names, logits_to_keep=True)  # for answer_only_loss
     probe = collator(examples.examples[:8])
     info["tokens_per_sample"] = round(float(probe["attention_mask"].sum(1).float().mean()), 1)
     info["image_tokens_per_sample"] = round(float((probe["input_ids"] == config.image_token_id).sum(1).float().mean()), 1)
@@ -464,16 +471,46 @@ def inductor_settings(settings: dict | None):
         torch._dynamo.reset()
 
 
-def train_ours(model, v, examples, collator, mb, ga, out_dir: str, callbacks, waits):
-    """``helpers.training.train`` on the variant's ``RunConfig``: the shipped path, callbacks for the timer.
-    ``train()`` picks the micro-batch (``helpers.training.planned_batch``) for ``mb x ga`` samples a step."""
-    from helpers.training import train
+def compiled_layer_count(model) -> int:
+    """Modules that ``torch.compile`` compiled in place (``helpers.speed.compile_layers``'s layers)."""
+    return sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
-    shutil.rmtree(out_dir, ignore_errors=True)
-    config = ours_config(v, mb, ga, out_dir)
-    with timed_data_fetch(waits):
-        result = train(model, collator, examples, config, out_dir, callbacks=callbacks)
-    return result, config
+
+def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, waits):
+    """The variant trained as ``helpers.launch.train_on_this_rank`` trains one process, from the shipped pieces:
+    ``training_arguments`` for its ``RunConfig``, ``speed.switch_on`` (on a GPU it plans the micro-batch for
+    ``mb x ga`` samples a step), the adapters image training never runs frozen, transformers' ``Trainer`` with
+    ``answer_only_loss`` and the two callbacks, ``trainer.train()``, ``speed.switch_off``. ``callbacks``: the
+    benchmark's timer and profiler; ``waits`` gets each step's data fetch time. No adapter is saved.
+    Returns (``TrainResult``, the config, how many layers ran compiled)."""
+    from transformers import Trainer
+
+    from helpers import speed
+    from helpers.launch import freeze_unused_adapters
+    from helpers.training import (
+        CompleteCheckpoints,
+        StopOnNonFiniteLoss,
+        TrainResult,
+        answer_only_loss,
+        training_arguments,
+    )
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = ours_config(v, mb, ga, run_dir)
+    args, switched = speed.switch_on(model, training_arguments(config, run_dir), config,
+                                     liger=liger_kernel_count(model) > 0)
+    print(switched, flush=True)
+    freeze_unused_adapters(model)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
+                      compute_loss_func=answer_only_loss,
+                      callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss(), *callbacks])
+    trainer.get_batch_samples = timed_data_fetch(trainer.get_batch_samples, waits)
+    compiled = compiled_layer_count(model)
+    try:
+        trainer.train()
+    finally:
+        speed.switch_off(model)  # the next variant, or reuse of this model, starts eager
+    return TrainResult.of(trainer), config, compiled
 
 
 KERNEL_KINDS = [  # (kind, substrings of CUDA kernel names), first match wins
@@ -495,7 +532,7 @@ def kernel_kind(name: str) -> str:
 
 
 def step_profiler(step: int, out_path: Path):
-    """A callback that profiles optimizer step ``step`` (counting from 0) inside ``train()``: compiled layers,
+    """A callback that profiles optimizer step ``step`` (counting from 0) inside training: compiled layers,
     optimizer and all, as the user's run does it. ``summary``: device time per kernel kind (``KERNEL_KINDS``),
     the kernels' total against the step's wall time (the rest: the GPU waiting for the CPU), the top kernels."""
     from torch.autograd import DeviceType
@@ -586,7 +623,7 @@ def forward_flops(model, batch) -> int:
     F.linear, F.scaled_dot_product_attention = counting_linear, counting_sdpa
     try:
         with torch.no_grad(), ctx:
-            labelled_positions_loss(model, batch)
+            answer_loss(model, batch)
     finally:
         F.linear, F.scaled_dot_product_attention = linear, sdpa
         for h in hooks:
@@ -603,7 +640,7 @@ def profile_step(model, v, rows, mb, out_path: Path, top: int = 12) -> list[tupl
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = labelled_positions_loss(model, batch)
+            loss = answer_loss(model, batch)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -638,7 +675,7 @@ def median_after_warmup(values: list, skip: int = 1):
 
 
 def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, streams: dict, config=None) -> dict:
-    """One variant: ``ref`` through the seed's trainer, every ``ours-*`` / ``stream-*`` through ``train()``.
+    """One variant: ``ref`` through the seed's trainer, every ``ours-*`` / ``stream-*`` through ``train_ours``.
 
     ``kept`` holds a LoRA-wrapped model between variants marked ``reuse`` with the same model settings (the
     streams of one size train one model in turn: same weights, fewer builds and compilations)."""
@@ -647,7 +684,6 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
     result = {"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"], "loss": v["loss"],
               "dropout": v["dropout"], "liger": bool(v.get("liger")), "stream": v.get("stream", "synthetic"),
               "workers": v.get("workers", 0), "compile": bool(v.get("compile")), "inductor": v.get("inductor")}
-    restore = None
     key = model_key(size, v)
     if kept and kept.get("key") != key or not v.get("reuse"):
         kept.clear()
@@ -660,12 +696,12 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                 model = kept["model"]
             else:
                 t_build = time.perf_counter()
-                model = build(size, v["quant"], args.shrink, device, fast_clamps=v["name"] != "ref",
+                model = build(size, v["quant"], args.shrink, device,
                               config=copy.deepcopy(config) if config is not None else None)
                 result["build_s"] = round(time.perf_counter() - t_build, 1)
                 result["weights_bytes"] = torch.cuda.memory_allocated() if not cpu else None
-                if v.get("liger"):  # the shipped helper (this model only, text decoder's norms and MLPs)
-                    from helpers.modeling import use_liger_kernels
+                if v.get("liger"):  # this model only: the text decoder's norms and MLPs
+                    from benchmarks.liger import use_liger_kernels
 
                     result["liger_modules"] = use_liger_kernels(model)
                 if size not in flops_cache:
@@ -674,7 +710,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                     model = seed_lora(model, v) if v["name"] == "ref" else ours_lora(model, v)
                 if v.get("reuse"):
                     kept.update(key=key, model=model)
-            examples, collator = rows, collate
+            examples, collator = rows, collate_answer_only
             if v.get("stream") == "files":
                 examples, collator, result["data"] = streams[size]
             timer, waits = make_timer(), []
@@ -693,15 +729,15 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                 profiler = step_profiler(v["profile_step"], out_dir / f"profile_{size}_{v['name']}.txt") if (
                     v.get("profile_step") and not cpu and args.profile) else None
                 with inductor_settings(v.get("inductor")):
-                    trained, config = train_ours(model, v, examples, collator, mb, ga, run_dir,
-                                                 [timer] + ([profiler] if profiler else []), waits)
+                    trained, config, compiled = train_ours(model, v, examples, collator, mb, ga, run_dir,
+                                                           [timer] + ([profiler] if profiler else []), waits)
                 if profiler is not None:
                     result["profile"] = profiler.summary
-                from helpers.training import dataloader_worker_count
+                from helpers.speed import dataloader_worker_count
 
-                result.update(workers=dataloader_worker_count(config), compiled_layers=trained.compiled_layers,
+                result.update(workers=dataloader_worker_count(config), compiled_layers=compiled,
                               steps_done=trained.global_step, mb_asked=mb, ga_asked=ga)
-                mb, ga = trained.micro_batch, trained.gradient_accumulation  # train()'s own (planned_batch)
+                mb, ga = trained.micro_batch, trained.gradient_accumulation  # as trained (switch_on's plan)
                 if v.get("compile"):  # graphs and recompiles so far in this process (lengths vary on real data)
                     from torch._dynamo.utils import counters
 
@@ -741,9 +777,6 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
             break
         finally:
             del model
-            if restore:
-                restore()
-                restore = None
             cleanup()
     if not v.get("reuse"):
         kept.clear()
@@ -757,21 +790,6 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
         hardware = useful + (flops if v["ckpt"] == 1 else 0)
         result["hfu_989"] = round(hardware * result["samples_per_s"] / PEAK_DATASHEET, 4)
     return result
-
-
-def patch_liger():
-    """Liger's Gemma 4 RMSNorm and GeGLU (class-level, as liger does); returns an undo function."""
-    from transformers.models.gemma4 import modeling_gemma4 as mg
-
-    saved = (mg.Gemma4RMSNorm, mg.Gemma4TextMLP)
-    from liger_kernel.transformers import apply_liger_kernel_to_gemma4
-
-    apply_liger_kernel_to_gemma4(rms_norm=True, geglu=True, fused_linear_cross_entropy=False, cross_entropy=False)
-
-    def restore():
-        mg.Gemma4RMSNorm, mg.Gemma4TextMLP = saved
-
-    return restore
 
 
 def gib(x):
@@ -814,7 +832,7 @@ def print_streams(results: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_train_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="E4B,31B")
     parser.add_argument("--variants", default="", help="comma-separated names to keep (default all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
@@ -827,21 +845,20 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="no compile_layers variant (CPU smoke test)")
     parser.add_argument("--compile-dynamic", choices=["default", "true"],
                         default=os.environ.get("COMPILE_DYNAMIC", "default"),
-                        help="compile_layers as train() calls it (dynamic=None), or with dynamic=True")
+                        help="compile_layers as helpers.speed.switch_on calls it (dynamic=None), or dynamic=True")
     parser.add_argument("--images", default="/tmp/gpu_bench_images", help="where the image files are written")
     parser.add_argument("--images-per-class", type=int, default=12, help="files per class (37 classes)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if args.compile_dynamic == "true":  # the comparison: train()'s compile_layers, dynamic from the start
+    if args.compile_dynamic == "true":  # the comparison: switch_on's compile_layers, dynamic from the start
         import functools
 
-        import helpers.training
-        from helpers.modeling import compile_layers
+        from helpers import speed
 
-        helpers.training.compile_layers = functools.partial(compile_layers, dynamic=True)
-    from helpers.presets import preset_config
+        speed.compile_layers = functools.partial(speed.compile_layers, dynamic=True)
+    from helpers.teaching.presets import preset_config
 
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     import peft

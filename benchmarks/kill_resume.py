@@ -1,24 +1,31 @@
 """Kill the main job with SIGKILL at random moments of training, rerun the same command, and check the outcome.
 
-    python benchmarks/kill_resume.py                       # 8 trials, the tiny offline default, ~1.5 min each on 2 cores
-    python benchmarks/kill_resume.py --trials 20 --seed 3 --max-steps 12 --save-steps 3
+From the repository root:
 
-What a trial does (issue 9, "Killed runs"; the CI version is tests/test_kill_resume.py, which imports the
-functions below): a fresh run folder; ``python -m helpers.runner --notebook 04_training ...`` is started
-and, at a kill point drawn at random, SIGKILLed together with its notebook kernel (what a machine failure
-or an out-of-memory kill does: no handler runs). The same command is then rerun, possibly killed again
-(``--kills``), and finally run to the end. A trial passes when the final run resumed from the newest
-checkpoint that was complete at the last kill (never a half-written one), its optimizer steps are exactly
-1..max_steps, each once (as an uninterrupted run's), and the adapter and ``train_result.json`` exist with no
-staging folder left behind.
+    python -m benchmarks.kill_resume                       # 8 trials, the tiny offline default, ~1.5 min each on 2 cores
+    python -m benchmarks.kill_resume --trials 20 --seed 3 --max-steps 12 --save-steps 3
 
-Kill points:
+What it checks: that a run killed as a machine failure or an out-of-memory kill would (no handler runs) finishes
+with the same command, resuming only from a checkpoint that was whole. ``tests/test_kill_resume.py`` uses the
+functions below at fixed kill points; this script draws them at random.
+
+A trial: a fresh run folder; ``python -m helpers.runner --notebook 04_training ...`` is started and, at a kill
+point drawn at random, SIGKILLed together with its notebook kernel. The same command is then rerun, possibly
+killed again (``--kills``), and finally run to the end. A trial passes when the final run resumed from the newest
+checkpoint that was complete (marked ``COMPLETE``) at the last kill, never from an unmarked one; its optimizer
+steps are exactly 1..max_steps, each once (as an uninterrupted run's); the adapter and ``train_result.json`` exist;
+no unmarked checkpoint and no ``adapter.tmp`` is left behind.
+
+Checkpoints are ``RUN_DIR/checkpoint-N``, written in place by transformers and marked complete by
+``helpers.training.CompleteCheckpoints`` once every file is there; the adapter is saved into ``RUN_DIR/adapter.tmp``
+and then published to ``RUN_DIR/adapter`` (``helpers.run.folder.publish_adapter``, the marker last). Kill points:
 - ``timed``: a random moment between the first training step and the end of training (calibrated on an
   uninterrupted reference run, which also gives the adapter the resumed runs are compared with);
-- ``staging``: as soon as a checkpoint's ``.staging`` folder appears (files half-written);
-- ``held``: while checkpoint N is fully written under ``.staging`` but not yet renamed into place (a test hook,
-  loaded through ``sitecustomize`` on ``PYTHONPATH``, holds that rename; no project code is changed for it);
-- ``after``: just after checkpoint N is renamed into place (0–0.3 s later).
+- ``writing``: as soon as a new ``checkpoint-N`` folder appears, while transformers writes its files;
+- ``held``: checkpoint N fully written but not yet marked (a test hook, loaded through ``sitecustomize`` on
+  ``PYTHONPATH``, holds the marker's write; no project code is changed for it);
+- ``after``: just after checkpoint N is marked (0-0.3 s later);
+- ``adapter``: the trained adapter saved into ``adapter.tmp`` but not yet published (the hook holds it there).
 """
 
 from __future__ import annotations
@@ -34,34 +41,54 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers.run_folder import COMPLETE_MARKER
+from helpers.run.folder import (
+    ADAPTER,
+    ADAPTER_STAGING,
+    CHECKPOINT_PREFIX,
+    COMPLETE_MARKER,
+    PROMPT_FILE,
+    TRAIN_RESULT,
+    checkpoint_folders,
+    checkpoint_step,
+    is_complete,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-HOLD_MARKER = "KILL_TEST_HOLD_SAVE"  # path of the marker file the hook writes when it holds a save
-HOLD_STEP = "KILL_TEST_HOLD_STEP"  # hold only the save of checkpoint-N (all saves when unset)
+KILL_KINDS = ("timed", "writing", "held", "after", "adapter")
+HOLD_MARKER = "KILL_TEST_HOLD_SAVE"  # path of the marker file the hook writes when it holds a write
+HOLD_STEP = "KILL_TEST_HOLD_STEP"  # hold only the COMPLETE marker of checkpoint-N (every checkpoint's when unset)
+HOLD_ADAPTER = "KILL_TEST_HOLD_ADAPTER"  # set: hold the adapter in adapter.tmp, before it is published
 # Cloud Storage FUSE's semantics under this folder (a flat bucket mounted without rename-dir-limit, as in
 # gcsfuse's docs/semantics.md): renaming a directory fails, and file locks are refused.
 GCSFUSE_ROOT = "KILL_TEST_GCSFUSE_ROOT"
-HOLD_COPY = "KILL_TEST_HOLD_COPY"  # marker path: hold the copy of checkpoint-N (HOLD_STEP) after its first file
+HOLD_COPY = "KILL_TEST_HOLD_COPY"  # marker path: hold the adapter's copy into place after its first file
 
 # Loaded by every Python process of the run (the runner and the notebook kernel) when its folder is on
-# PYTHONPATH. Inactive unless KILL_TEST_HOLD_SAVE is set.
+# PYTHONPATH. Inactive unless one of the variables above is set.
 SITECUSTOMIZE = f'''
 import os
 if os.environ.get("{HOLD_MARKER}"):
-    import time
-    _replace = os.replace
+    import pathlib, time
+    _write_text = pathlib.Path.write_text
 
-    def _held_replace(src, dst, *args, **kwargs):
+    def _held(path):
+        """The write to hold: checkpoint-N's completion marker, or the adapter's prompt file in its staging
+        folder (written by publish_adapter once the weights are saved there, before the folder is moved)."""
+        if os.environ.get("{HOLD_ADAPTER}"):
+            return path.name == "{PROMPT_FILE}" and path.parent.name == "{ADAPTER_STAGING}"
         step = os.environ.get("{HOLD_STEP}")
-        source = os.fspath(src)
-        if ".staging" in source and (not step or source.endswith("checkpoint-" + step)):
-            with open(os.environ["{HOLD_MARKER}"], "w") as fh:
-                fh.write(source)
-            time.sleep(3600)  # until the test kills us
-        return _replace(src, dst, *args, **kwargs)
+        folder = path.parent.name
+        return (path.name == "{COMPLETE_MARKER}" and folder.startswith("{CHECKPOINT_PREFIX}")
+                and (not step or folder == "{CHECKPOINT_PREFIX}" + step))
 
-    os.replace = _held_replace
+    def _held_write_text(self, *args, **kwargs):
+        if _held(self):
+            with open(os.environ["{HOLD_MARKER}"], "w") as fh:
+                fh.write(str(self))
+            time.sleep(3600)  # until the test kills us
+        return _write_text(self, *args, **kwargs)
+
+    pathlib.Path.write_text = _held_write_text
 
 if os.environ.get("{GCSFUSE_ROOT}"):
     import errno, fcntl, shutil, time
@@ -90,12 +117,12 @@ if os.environ.get("{GCSFUSE_ROOT}"):
 
     if os.environ.get("{HOLD_COPY}"):
         _copyfile = shutil.copyfile
-        _held_folder = os.sep + "checkpoint-" + os.environ["{HOLD_STEP}"] + os.sep
+        _held_folder = os.sep + "{ADAPTER}" + os.sep
 
         def _held_copyfile(src, dst, *args, **kwargs):
             result = _copyfile(src, dst, *args, **kwargs)
             target = os.fspath(dst)
-            if _held_folder in target and ".staging" not in target:
+            if _held_folder in target:
                 with open(os.environ["{HOLD_COPY}"], "w") as fh:
                     fh.write(target)
                 time.sleep(3600)  # one file copied into place, the rest not: until the test kills us
@@ -112,15 +139,22 @@ def runner_command(out: Path, train_size=24, max_steps=6, save_steps=2, batch_si
 
 
 def run_env(hook_dir: Path, hold_marker: Path | None = None, hold_step: int | None = None,
-            gcsfuse_root: Path | None = None, hold_copy: Path | None = None) -> dict:
-    """The environment for a run: offline, the hook's folder on PYTHONPATH, the hold switched on or off;
-    ``gcsfuse_root``: Cloud Storage FUSE's semantics under that folder (``hold_copy``: hold a checkpoint's copy)."""
+            gcsfuse_root: Path | None = None, hold_copy: Path | None = None, hold_adapter: bool = False) -> dict:
+    """The environment for a run: offline, the hook's folder on PYTHONPATH, a hold switched on or off.
+
+    ``hold_marker``: the hook writes this file and waits when it holds checkpoint-``hold_step``'s completion marker
+    (every checkpoint's when None), or with ``hold_adapter`` the adapter in ``adapter.tmp`` before it is published.
+    ``gcsfuse_root``: Cloud Storage FUSE's semantics under that folder (``hold_copy``: hold the adapter's copy
+    into place, which replaces the refused directory rename there, after its first file)."""
     (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {k: v for k, v in os.environ.items() if k not in (HOLD_MARKER, HOLD_STEP, GCSFUSE_ROOT, HOLD_COPY)}
+    variables = (HOLD_MARKER, HOLD_STEP, HOLD_ADAPTER, GCSFUSE_ROOT, HOLD_COPY)
+    env = {k: v for k, v in os.environ.items() if k not in variables}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH")) if p)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if hold_marker is not None:
         env[HOLD_MARKER] = str(hold_marker)
+        if hold_adapter:
+            env[HOLD_ADAPTER] = "1"
     if gcsfuse_root is not None:
         env[GCSFUSE_ROOT] = str(gcsfuse_root)
         if hold_copy is not None:
@@ -155,18 +189,29 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def complete_checkpoints(out: Path) -> list[int]:
-    """Steps of the checkpoints in place that carry the completion marker (written last: resume trusts it)."""
-    folder = out / "checkpoints"
-    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
-                  if (p / COMPLETE_MARKER).is_file()) if folder.is_dir() else []
+    """Steps of the run folder's checkpoints that carry the completion marker (written last: resume trusts it)."""
+    return [checkpoint_step(p) for p in checkpoint_folders(out) if is_complete(p)]
+
+
+def unmarked_checkpoints(out: Path) -> list[int]:
+    """Steps of the checkpoint folders without the marker (being written, or left so by a kill)."""
+    return [checkpoint_step(p) for p in checkpoint_folders(out) if not is_complete(p)]
+
+
+def files_under(folder: Path, root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in folder.rglob("*") if p.is_file())
 
 
 def snapshot(out: Path) -> dict:
-    """What the run folder holds right after a kill."""
-    staging = out / "checkpoints" / ".staging"
+    """What the run folder holds right after a kill: the complete checkpoints, the files of unmarked ones
+    (``checkpoint-N/...``), the adapter's staging folder's files (None when there is none), and whether the
+    adapter and the training record are there."""
+    staging = out / ADAPTER_STAGING
     return {"complete": complete_checkpoints(out),
-            "staging": sorted(str(p.relative_to(staging)) for p in staging.rglob("*")) if staging.exists() else None,
-            "adapter": (out / "adapter").exists(), "train_result": (out / "train_result.json").exists()}
+            "unmarked": [name for step in unmarked_checkpoints(out)
+                         for name in files_under(out / f"{CHECKPOINT_PREFIX}{step}", out)],
+            "adapter_staging": files_under(staging, out) if staging.exists() else None,
+            "adapter": is_complete(out / ADAPTER), "train_result": (out / TRAIN_RESULT).exists()}
 
 
 def wait_for(proc: subprocess.Popen, condition, timeout: float, poll: float = 0.005) -> bool:
@@ -185,9 +230,9 @@ def verify(out: Path, max_steps: int, expected_resume: int | None) -> list[str]:
     """Problems with a finished run (empty when it is right). ``expected_resume``: the checkpoint step the final
     run must have resumed from (None: it must have started from scratch)."""
     problems = []
-    result_file = out / "train_result.json"
+    result_file = out / TRAIN_RESULT
     if not result_file.exists():
-        return ["no train_result.json"]
+        return [f"no {TRAIN_RESULT}"]
     train = json.loads(result_file.read_text())["train"]
     resumed = train["resumed_from"]
     got = int(Path(resumed).name.split("-")[1]) if resumed else None
@@ -198,15 +243,16 @@ def verify(out: Path, max_steps: int, expected_resume: int | None) -> list[str]:
     steps = [step for step, _ in train["loss_history"]]
     if steps != list(range(1, max_steps + 1)):  # logged every step: each step once, none beyond
         problems.append(f"logged steps {steps} are not 1..{max_steps} once each")
-    state_file = out / "checkpoints" / f"checkpoint-{max_steps}" / "trainer_state.json"
+    state_file = out / f"{CHECKPOINT_PREFIX}{max_steps}" / "trainer_state.json"
     if not state_file.exists() or json.loads(state_file.read_text())["global_step"] != max_steps:
-        problems.append(f"checkpoint-{max_steps} missing or not at step {max_steps}")
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", f"adapter/{COMPLETE_MARKER}"):
-        if not (out / name).exists():
-            problems.append(f"no {name}")
-    for leftover in ("checkpoints/.staging", "adapter.tmp"):
-        if (out / leftover).exists():
-            problems.append(f"{leftover} left behind")
+        problems.append(f"{CHECKPOINT_PREFIX}{max_steps} missing or not at step {max_steps}")
+    for name in ("adapter_config.json", "adapter_model.safetensors", PROMPT_FILE, COMPLETE_MARKER):
+        if not (out / ADAPTER / name).exists():
+            problems.append(f"no {ADAPTER}/{name}")
+    for step in unmarked_checkpoints(out):
+        problems.append(f"{CHECKPOINT_PREFIX}{step} left without {COMPLETE_MARKER}")
+    if (out / ADAPTER_STAGING).exists():
+        problems.append(f"{ADAPTER_STAGING} left behind")
     return problems
 
 
@@ -214,7 +260,7 @@ def adapter_difference(a: Path, b: Path) -> float | None:
     """Largest absolute difference between two saved adapters' tensors (None when either is missing)."""
     from safetensors.torch import load_file
 
-    fa, fb = a / "adapter" / "adapter_model.safetensors", b / "adapter" / "adapter_model.safetensors"
+    fa, fb = a / ADAPTER / "adapter_model.safetensors", b / ADAPTER / "adapter_model.safetensors"
     if not (fa.exists() and fb.exists()):
         return None
     ta, tb = load_file(fa), load_file(fb)
@@ -256,12 +302,18 @@ def one_kill(kind: str, out: Path, hook: Path, log: Path, args, rng: random.Rand
         marker = hook / f"held-{time.monotonic_ns()}"
         proc = start(command, run_env(hook, marker, step), log)
         ok = wait_for(proc, marker.exists, args.timeout)
-        what = f"held save of checkpoint-{step}"
-    elif kind == "staging":
+        what = f"checkpoint-{step} written, its marker held"
+    elif kind == "adapter":
+        marker = hook / f"held-{time.monotonic_ns()}"
+        proc = start(command, run_env(hook, marker, hold_adapter=True), log)
+        ok = wait_for(proc, marker.exists, args.timeout)
+        what = f"adapter held in {ADAPTER_STAGING}"
+    elif kind == "writing":
+        existing = max((checkpoint_step(p) for p in checkpoint_folders(out)), default=0)
         proc = start(command, run_env(hook), log)
-        staging = out / "checkpoints" / ".staging"
-        ok = wait_for(proc, staging.exists, args.timeout, poll=0.001)
-        what = "as .staging appeared"
+        ok = wait_for(proc, lambda: any(step > existing for step in unmarked_checkpoints(out)), args.timeout,
+                      poll=0.001)
+        what = "as a new checkpoint folder appeared"
     elif kind == "after":
         step = rng.choice(pending)
         proc = start(command, run_env(hook), log)
@@ -290,25 +342,28 @@ def trial(index: int, root: Path, args, rng: random.Random, reference: dict) -> 
     for kind in kinds:
         what = one_kill(kind, out, hook, log, args, rng, reference)
         snap = snapshot(out)
-        staged = f", staging: {len(snap['staging'])} entries" if snap["staging"] is not None else ""
-        moments.append(f"{kind}: {what} -> complete {snap['complete']}{staged}")
+        unmarked = f", unmarked: {len(snap['unmarked'])} files" if snap["unmarked"] else ""
+        staged = f", {ADAPTER_STAGING}: {len(snap['adapter_staging'])} files" if snap["adapter_staging"] else ""
+        moments.append(f"{kind}: {what} -> complete {snap['complete']}{unmarked}{staged}")
     expected = max(complete_checkpoints(out), default=None)
     final = subprocess.run(runner_command(out, args.train_size, args.max_steps, args.save_steps, args.batch_size),
                            env=run_env(hook), cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
                            check=False)
     problems = [f"rerun exit {final.returncode}: {final.stderr[-300:]}"] if final.returncode else []
     problems += verify(out, args.max_steps, expected) if not problems else []
-    train = json.loads((out / "train_result.json").read_text())["train"] if (out / "train_result.json").exists() else {}
+    train = json.loads((out / TRAIN_RESULT).read_text())["train"] if (out / TRAIN_RESULT).exists() else {}
     return {"trial": index, "kills": moments, "resumed_from": Path(train["resumed_from"]).name
             if train.get("resumed_from") else None, "global_step": train.get("global_step"),
             "adapter_max_diff": adapter_difference(out, reference["out"]), "problems": problems}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kill_resume", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--kills", type=int, default=1, help="kills per trial before the final rerun")
-    parser.add_argument("--kinds", nargs="+", default=["timed", "staging", "held", "after"])
+    parser.add_argument("--kinds", nargs="+", default=list(KILL_KINDS), choices=KILL_KINDS,
+                        help="kill points to draw from (described above)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=24)
     parser.add_argument("--max-steps", type=int, default=6)

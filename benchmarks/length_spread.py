@@ -8,7 +8,7 @@ This script prints, for images of common photo shapes and 1-4 token answers (the
 stream), the share of text-model tokens that are padding when batches are drawn at random and when they are
 grouped by length as transformers' ``LengthGroupedSampler`` does (mega-batches of 50 batches, sorted).
 
-    python benchmarks/length_spread.py [--budget 280] [--micro-batches 8,16,32]
+    python -m benchmarks.length_spread [--budget 280] [--micro-batches 8,16,32]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def grouped(lengths: list[int], micro_batch: int, rng: random.Random) -> list[in
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.length_spread", description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=280)
     parser.add_argument("--micro-batches", default="8,16,32")
     parser.add_argument("--samples", type=int, default=3680, help="one epoch (Pet's trainval split: 3,680)")

@@ -1,25 +1,25 @@
-"""Is llama.cpp's disagreement with transformers only its tokenization? Measured for issue 16.
+"""Is llama.cpp's disagreement with transformers only its tokenization? Answered on the parity run's rows.
 
 transformers' merged model answers the held-out rows greedily from the training prompt twice: tokenized by
 transformers, and with llama.cpp's split of the tiny vocabulary's merged tokens (``model\\n`` -> ``model`` +
 ``\\n``, ``thought\\n`` -> ``thought`` + ``\\n``, as llama-server's ``/tokenize`` gives them). Both are compared
-with the rows in the parity JSON (``benchmarks/export_parity.py --json``):
+with the rows in the parity JSON (``python -m benchmarks.export_parity --json``): if the split alone moves
+transformers' answers to llama.cpp's, the two engines differ by tokenization, not by the converted weights.
 
-    python benchmarks/llama_cpp_token_split.py runs/parity/merged benchmarks/results/export_parity.json
+    python -m benchmarks.llama_cpp_token_split runs/parity/merged benchmarks/results/export_parity.json
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone
-
 from helpers.chat import render_generation_prompt, to_messages
 from helpers.evaluation import match_class_name
-from helpers.export import held_out_examples
-from helpers.predict import read_merged
+from helpers.exports.merge import held_out_examples
+from helpers.exports.parity import ADAPTER_ENGINE, LLAMA_CPP_ENGINE
+from helpers.run.folder import read_merged
 
 BATCH = 25
 
@@ -28,11 +28,18 @@ def agreement(first, second) -> float:
     return sum(a == b for a, b in zip(first, second)) / len(first)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llama_cpp_token_split",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("merged_dir", help="the merged model folder the parity run exported")
+    parser.add_argument("parity_json", help="python -m benchmarks.export_parity --json's output")
+    args = parser.parse_args(argv)
     from transformers import AutoModelForMultimodalLM, AutoProcessor
 
-    merged_dir, parity_json = sys.argv[1], sys.argv[2]
+    merged_dir, parity_json = args.merged_dir, args.parity_json
     parity = json.loads(Path(parity_json).read_text())["predictions"]
+    if LLAMA_CPP_ENGINE not in parity:
+        parser.error(f"{parity_json} has no {LLAMA_CPP_ENGINE!r} predictions: llama.cpp did not run in that parity run")
     saved = read_merged(merged_dir)
     examples = held_out_examples(saved, len(parity["labels"]))
     processor = AutoProcessor.from_pretrained(merged_dir)
@@ -61,7 +68,7 @@ def main() -> None:
                                      max_new_tokens=6, do_sample=False)
             answers[name] += [match_class_name(tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True),
                                                saved.class_names) for o in out]
-    adapter, llama = parity["transformers + adapter"]["generation"], parity["llama.cpp, training prompt"]["generation"]
+    adapter, llama = parity[ADAPTER_ENGINE]["generation"], parity[LLAMA_CPP_ENGINE]["generation"]
     for name, said in answers.items():
         print(f"{name}: agreement with the adapter {agreement(said, adapter):.3f}, "
               f"with llama.cpp (training prompt) {agreement(said, llama):.3f} ({len(said)} rows)")

@@ -1,9 +1,12 @@
-"""Peak allocated bytes measured on one NVIDIA H200 (2026-11-28; the 12B 2026-12-01), for helpers.memory.plan's tests.
+"""Peak allocated bytes measured on one NVIDIA H200, against which ``tests/test_memory_plan.py`` checks
+``helpers.teaching.memory.plan``: the planner that picks a run's micro-batch must stay close to what training
+really allocates.
 
-Read off benchmarks/results/train_run{1,2,3}.json and train_run4_run5.json (``peak_alloc`` = torch.cuda.max_memory_allocated over
-the training steps). Every run: 224x224 images at budget 280 (256 image tokens, 2,520 patches), ~29 text
-tokens, LoRA all-linear; ``plan`` keyword arguments as recorded. Reference rows quantize with the seed's
-default skip list (the vision tower in NF4).
+Each row is one ``benchmarks/gpu_train_bench.py`` variant's ``peak_alloc`` (``torch.cuda.max_memory_allocated``
+over the training steps), read off the result file in ``benchmarks/results/`` named above its group (the first
+group: ``train_run1.json``, ``train_run2.json``, ``train_run3.json``). Every run: 224x224 images at budget 280
+(256 image tokens, 2,520 patches), ~29 text tokens, LoRA all-linear; ``plan`` keyword arguments as recorded.
+Reference rows quantize with the seed's default skip list (the vision tower in NF4).
 """
 
 REF_SKIP = ["lm_head", "model.embed_vision.embedding_projection", "model.language_model.embed_tokens"]
@@ -28,7 +31,8 @@ MEASURED = [
                             "loss": "full", "skip_modules": REF_SKIP}, 12_158_641_664),
     ("E4B ours-bf16", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16, "lora_dtype": "fp32"},
      120_213_404_160),
-    # run 4 (one process per row; micro-batch 1 x 4, 2 optimizer steps, so the optimizer state is counted)
+    # train_run4_run5.json: one process per row; micro-batch 1 x 4, 2 optimizer steps, so the optimizer state
+    # is counted
     ("31B ours-q-mb1-r16 (2 steps)", "31B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
                                              "gradient_checkpointing": True}, 20_997_935_616),
     ("31B ours-q-mb1-r16-adam8", "31B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
@@ -38,7 +42,7 @@ MEASURED = [
     ("31B ours-qv-mb1-r16-adam8", "31B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,
                                           "gradient_checkpointing": True, "quantize_towers": True,
                                           "optimizer": "adamw_8bit"}, 19_925_178_368),
-    # run 5 (E4B bf16 LoRA, fast clamps with finite bounds)
+    # train_run4_run5.json: E4B bf16 LoRA, fast clamps with finite bounds
     ("E4B ours-bf16 (fast clamps)", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16,
                                             "lora_dtype": "fp32"}, 112_781_620_736),
     ("E4B ours-bf16-lora16", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16}, 108_304_979_456),
@@ -46,14 +50,14 @@ MEASURED = [
                                     "liger": True}, 96_757_303_296),
     ("E4B ours-bf16-compile", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 32, "lora_dtype": "fp32",
                                       "compiled": True}, 133_953_498_624),
-    # issue 19 (H200, 2026-12-02, results/train_issue19_runB_31b.json): the 31B through train(), Liger by
-    # helpers.modeling.use_liger_kernels, and compile_layers on the 4-bit model; these two fitted the factors
+    # train_issue19_runB_31b.json: the 31B trained by the shipped path, with Liger's kernels (benchmarks/liger.py)
+    # and with compile_layers on the 4-bit model; these two fitted the planner's Liger and compiled factors
     ("31B ours-q-liger-helper", "31B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 8, "liger": True},
      114_176_802_816),
     ("31B ours-q-compile", "31B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 8, "compiled": True},
      97_085_303_808),
-    # the 12B (issue 18), 2026-12-01, one process for all five rows (results/train_12b_run1.json); the
-    # two micro-batch-1 rows are predictions, the others fitted ACTIVATION_BYTES_PER_UNIT["12B"]
+    # train_12b_run1.json: the 12B, one process for all five rows; the two micro-batch-1 rows check the
+    # planner's predictions, the others fitted ACTIVATION_BYTES_PER_UNIT["12B"]
     ("12B ref", "12B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 1, "gradient_checkpointing": True,
                         "loss": "full", "skip_modules": REF_SKIP}, 11_161_631_744),
     ("12B ours-q-mb1-r16", "12B", {"quantization": "4bit", "lora_r": 16, "micro_batch": 1,

@@ -1,10 +1,11 @@
 """Several GPUs: training samples/s on 1 vs 2 GPUs in one run, scaling efficiency, peak memory per GPU.
 
-Real-shape Gemma 4 (``helpers.presets``) with random weights (``helpers.realshape``): speed and memory are
-real, accuracy is not. Each worker trains through the project's own path, ``helpers.modeling.apply_lora``
-then ``helpers.training.train()`` (the labelled-positions loss, the Trainer, DDP or FSDP from accelerate),
-on a synthetic stream shaped like Oxford-IIIT Pet (one 224×224 image -> 256 soft tokens, 2,520 padded
-patches; a short prompt; a 1-4 token class name). Cases:
+Real-shape Gemma 4 (``helpers.teaching.presets``) with random weights (``benchmarks.realshape``): speed and memory
+are real, accuracy is not. Each worker trains as ``helpers.launch`` trains a process (``worker``):
+``helpers.modeling.apply_lora``, ``helpers.training.training_arguments``, ``helpers.speed.switch_on``, the
+adapters image training never runs frozen, transformers' ``Trainer`` with ``answer_only_loss`` and the two
+callbacks (DDP or FSDP from accelerate), on a synthetic stream shaped like Oxford-IIIT Pet (one 224×224 image ->
+256 soft tokens, 2,520 padded patches; a short prompt; a 1-4 token class name). Cases:
 
 - ``E4B-qlora`` and ``31B-qlora``: NF4 QLoRA, one 4-bit copy per GPU, DDP (``torchrun``), weak scaling:
   the same micro-batch per GPU on 1 and 2 GPUs. Target: 2 GPUs >= 1.8x one GPU.
@@ -12,11 +13,13 @@ patches; a short prompt; a 1-4 token class name). Cases:
   configs/fsdp_bf16_lora.yaml``) on 2 GPUs; the 1-GPU row is plain bf16 on one GPU (FSDP over one GPU shards
   nothing). Target: it runs on 2 x 80 GB, i.e. the peak per GPU stays under 80 GB.
 
-samples/s = GPUs x micro-batch x accumulation x timed steps / their wall time (step times from a callback
-with ``cuda.synchronize``, first steps dropped as warm-up); efficiency = samples/s(2) / (2 x samples/s(1));
-peak = ``torch.cuda.max_memory_allocated`` on each rank (reset when ``train()`` starts, after the build).
+samples/s = GPUs x micro-batch x accumulation x timed steps / their wall time (the micro-batch and accumulation
+as trained: ``switch_on`` plans them for a published size on one GPU; step times from a callback with
+``cuda.synchronize``, first steps dropped as warm-up); efficiency = samples/s(2) / (2 x samples/s(1));
+peak = ``torch.cuda.max_memory_allocated`` on each rank (reset after the build, before training).
 
-Run on a 2-GPU host (workers inherit NCCL_NVLS_ENABLE=0 etc.; this script sets them when unset):
+Run from the repository root of a 2-GPU host (workers inherit NCCL_NVLS_ENABLE=0 etc.; this script sets them
+when unset):
     python3 -m benchmarks.multi_gpu_bench --out $OUT                       # every case
     python3 -m benchmarks.multi_gpu_bench --cases E4B-qlora --out $OUT     # one case
 CPU smoke test of the orchestration (shrunk configs, gloo, FSDP falls back to DDP without GPUs):
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_train_bench import collate  # right-pads token tensors, stacks image tensors
+from benchmarks.gpu_train_bench import collate_answer_only  # right-pads token tensors, stacks image tensors
 
 REPO = Path(__file__).resolve().parent.parent
 FSDP_CONFIG = REPO / "configs" / "fsdp_bf16_lora.yaml"
@@ -54,8 +57,8 @@ GIB = 2**30
 
 # ----------------------------------------------------------------------------------------------- worker
 def synthetic_rows(config, n_unique: int) -> list[dict]:
-    """Per-sample tensors (unpadded) from ``helpers.realshape.synthetic_batch``."""
-    from helpers.realshape import synthetic_batch
+    """Per-sample tensors (unpadded) from ``benchmarks.realshape.synthetic_batch``."""
+    from benchmarks.realshape import synthetic_batch
 
     batch = synthetic_batch(config, n_unique)
     rows = []
@@ -91,10 +94,11 @@ def step_timer(progress_path=None):
 
 
 def build_lora_model(case: dict, shrink: bool, local_rank: int):
-    """Real-shape random model on this rank's GPU (on the CPU for FSDP, which shards it), then our LoRA."""
+    """Real-shape random model on this rank's GPU (on the CPU for FSDP, which shards it), then our LoRA
+    (checkpointing is a training argument: ``worker``'s config)."""
+    from benchmarks.realshape import build_model, shrunk_config
     from helpers.modeling import apply_lora
-    from helpers.presets import preset_config
-    from helpers.realshape import build_model, shrunk_config
+    from helpers.teaching.presets import preset_config
 
     config = shrunk_config(case["size"]) if shrink else preset_config(case["size"])
     on_gpu = torch.cuda.is_available()
@@ -107,25 +111,37 @@ def build_lora_model(case: dict, shrink: bool, local_rank: int):
     init_device = f"cuda:{local_rank}" if on_gpu else None
     model = build_model(config, quant, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
                         init_device=init_device)
-    return config, apply_lora(model, r=16, alpha=16, gradient_checkpointing=case["ckpt"])
+    torch.manual_seed(0)  # the same initial adapter on every rank, as the launcher seeds it
+    return config, apply_lora(model, r=16, alpha=16)
 
 
 def worker(name: str, args) -> None:
-    """One process of one case: train a few steps with ``train()``, gather per-rank numbers, rank 0 writes."""
+    """One process of one case: train a few steps as ``helpers.launch.train_on_this_rank`` does (its data
+    and adapter saving aside), gather per-rank numbers; rank 0 writes."""
+    from accelerate import PartialState
     from accelerate.utils import gather_object
+    from transformers import Trainer
 
-    from helpers.config import RunConfig
-    from helpers.launch import distributed_state, fsdp_launch
-    from helpers.training import train
+    from helpers import speed
+    from helpers.launch import freeze_unused_adapters, fsdp_launch
+    from helpers.run.config import RunConfig
+    from helpers.training import (
+        CompleteCheckpoints,
+        StopOnNonFiniteLoss,
+        TrainResult,
+        answer_only_loss,
+        training_arguments,
+    )
 
     case = CASES[name]
     start = time.perf_counter()
-    state = distributed_state()
+    state = PartialState(cpu=not torch.cuda.is_available())  # the Trainer reuses this process state
+    processes = state.num_processes
     config, model = build_lora_model(case, args.shrink, state.local_process_index)
     build_seconds = time.perf_counter() - start
     print(f"rank {state.process_index}: model built in {build_seconds:.1f} s", flush=True)
     steps = args.warmup + args.steps
-    n = case["mb"] * args.accumulation * state.num_processes * steps
+    n = case["mb"] * args.accumulation * processes * steps
     rows = synthetic_rows(config, min(n, 16))
     # The case's own quantization and checkpointing, and no compiled layers: 1 and 2 GPUs run the same code
     # (compile_layers=None would compile on one process only, and read "none" for the NF4 model).
@@ -134,15 +150,32 @@ def worker(name: str, args) -> None:
                     quantization=case["quant"] if torch.cuda.is_available() else "none",
                     gradient_checkpointing=case["ckpt"], compile_layers=False)
     timer = step_timer(Path(args.result).with_suffix(".progress.json"))
-    result = train(model, collate, [rows[i % len(rows)] for i in range(n)], run, args.run_dir, callbacks=[timer])
+    training_args, switched = speed.switch_on(model, training_arguments(run, args.run_dir), run)
+    training_args.ddp_find_unused_parameters = False  # freeze_unused_adapters leaves none without a gradient
+    freeze_unused_adapters(model)
+    if state.is_main_process:
+        print(switched, flush=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=[rows[i % len(rows)] for i in range(n)],
+                      data_collator=collate_answer_only, compute_loss_func=answer_only_loss,
+                      callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss(), timer])
+    if training_args.world_size != processes:  # else each process would train alone, and the row would lie
+        raise RuntimeError(f"the training arguments see {training_args.world_size} process(es) of the "
+                           f"{processes} launched ({training_args.parallel_mode}): no data parallelism")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    speed.switch_off(model)
+    result = TrainResult.of(trainer)
     per_rank = gather_object([{"rank": state.process_index, "peak_allocated": result.peak_memory_bytes,
                                "peak_reserved": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}])
     if state.is_main_process:
         timed = timer.times[args.warmup:]
-        samples = case["mb"] * args.accumulation * state.num_processes * len(timed)
-        report = {"case": name, "gpus": state.num_processes, "fsdp": fsdp_launch(),  # False: DDP on the CPU
-                  "micro_batch": case["mb"], "accumulation": args.accumulation, "build_seconds": build_seconds,
+        micro, accumulation = result.micro_batch, result.gradient_accumulation  # as trained
+        samples = micro * accumulation * processes * len(timed)
+        report = {"case": name, "gpus": processes, "fsdp": fsdp_launch(),  # False: DDP on the CPU
+                  "micro_batch": micro, "accumulation": accumulation, "micro_batch_asked": case["mb"],
+                  "accumulation_asked": args.accumulation, "build_seconds": build_seconds,
                   "train_seconds": result.wall_seconds, "step_seconds": timer.times,
                   "warmup": args.warmup, "samples_per_second": samples / sum(timed),
                   "median_samples_per_second": samples / len(timed) / statistics.median(timed),

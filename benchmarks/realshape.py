@@ -2,6 +2,8 @@
 
 Used by the GPU benchmarks (``benchmarks/gpu_train_bench.py``, ``benchmarks/gpu_eval_bench.py``) and the
 GPU tests: memory and speed of a published size are real, accuracy is not (the weights are random).
+``synthetic_batch`` is a training batch of the collator's layout; ``answer_loss`` is the training loss on it,
+computed as the ``Trainer`` computes it with ``helpers.training.answer_only_loss``.
 
 How the 4-bit model is built without ever holding the whole bf16 model on the GPU:
 
@@ -21,7 +23,7 @@ How the 4-bit model is built without ever holding the whole bf16 model on the GP
 The transient bf16 memory is one linear layer (the largest, a 31B MLP projection, is 231 MB).
 
 The 12B (``Gemma4UnifiedForConditionalGeneration``) goes through the same functions: ``build_model`` picks its
-class (``helpers.presets.model_class``), and ``pixel_layout`` gives its processor's layout (one 6,912-value merged
+class (``helpers.teaching.presets.model_class``), and ``pixel_layout`` gives its processor's layout (one 6,912-value merged
 patch per soft token, padded to the budget) instead of the vision tower's (768-value patches, 9 per soft token).
 """
 
@@ -86,18 +88,18 @@ def _quantized_linear_from_random(module, device, dtype, std):
 def build_model(config, quantization: str = "none", quantization_config=None, device=None,
                 dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa", seed: int = 0,
                 std: float | None = None, init_device=None):
-    """A Gemma 4 model (``helpers.presets.model_class``: the 12B's is ``Gemma4UnifiedForConditionalGeneration``)
+    """A Gemma 4 model (``helpers.teaching.presets.model_class``: the 12B's is ``Gemma4UnifiedForConditionalGeneration``)
     of ``config``'s shape with random weights on ``device``.
 
     ``quantization``: ``"none"`` (``dtype`` everywhere) or ``"4bit"`` (NF4 via bitsandbytes; by default
-    ``helpers.modeling.nf4_config()``, i.e. what ``load_model(..., quantization="4bit")`` asks for; pass
+    ``helpers.modeling.nf4_config()``, i.e. what ``load_model(..., quantization_config=nf4_config())`` loads; pass
     ``quantization_config=reference_nf4_config()`` for the seed's settings).
 
     ``init_device``: where each module's random values are drawn before it moves to ``device`` (bf16 only).
     Drawing 31B values on the CPU takes minutes (``_init_weights`` ran at ~21 s per 10^9 parameters on two
     cores); on a GPU, seconds. FSDP wants the model on the CPU: ``device="cpu", init_device="cuda"``.
     """
-    from helpers.presets import model_class
+    from helpers.teaching.presets import model_class
 
     if quantization not in ("none", "4bit"):
         raise ValueError(f"quantization must be 'none' or '4bit', got {quantization!r}")
@@ -174,7 +176,7 @@ def pixel_layout(config, budget: int = 280) -> dict:
     """``synthetic_pixels``' keywords for the size's processor at ``budget``: 16-pixel patches (768 values) on a
     grid of 3 x 3 per soft token, padded to 9 x budget; for the 12B, merged 48-pixel patches (6,912 values), one
     per soft token, padded to the budget."""
-    from helpers.presets import image_patches, is_encoder_free
+    from helpers.teaching.presets import image_patches, is_encoder_free
 
     vision = config.vision_config
     if is_encoder_free(config):
@@ -235,6 +237,20 @@ def synthetic_batch(config, batch_size: int, answer_lengths=(1, 2, 3, 4), prompt
     return batch
 
 
+def answer_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
+    """The training loss on ``batch`` as the ``Trainer`` computes it with ``compute_loss_func=answer_only_loss``:
+    the model called with ``logits_to_keep = helpers.collator.answer_logit_positions(labels)`` (logits at the
+    answer's positions only), then ``helpers.training.answer_only_loss``. ``batch``: ``synthetic_batch``'s, or
+    a ``VisionChatCollator`` training batch (with or without its own ``logits_to_keep``)."""
+    from helpers.collator import answer_logit_positions
+    from helpers.training import answer_only_loss
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs["logits_to_keep"] = answer_logit_positions(labels)
+    return answer_only_loss(model(**inputs, use_cache=False), labels, num_items_in_batch)
+
+
 def synthetic_pixels(n: int, soft_tokens: int = IMAGE_SOFT_TOKENS_224, patches: int = PATCHES_AT_280,
                      generator=None, pooling: int = 3, patch_values: int = PATCH_VALUES):
     """Random pixel patches with the processor's layout: a square grid of real patches, then padding (-1)."""
@@ -257,8 +273,8 @@ def shrunk_config(name: str, hidden: int = 64, vision_hidden: int = 64):
     its patch embedder's geometry (48-pixel merged patches), at the shrunk text width."""
     from transformers import Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
 
-    from helpers.presets import ENCODER_FREE, TEXT_CONFIGS, VISION_CONFIGS
-    from helpers.presets import preset_config as _preset
+    from helpers.teaching.presets import ENCODER_FREE, TEXT_CONFIGS, VISION_CONFIGS
+    from helpers.teaching.presets import preset_config as _preset
 
     full = _preset(name)
     text = dict(TEXT_CONFIGS[name])

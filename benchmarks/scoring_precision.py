@@ -1,36 +1,38 @@
 """Float32 scores at real shape: the tree and the cache copies against naive full forward passes (one per class).
 
-``python benchmarks/scoring_precision.py --size E4B --images 2 --out $OUT``: random weights, the eval bench's
-prompts (no padding), ``helpers.scoring.naive_class_scores`` as the reference. Prints the largest difference of
-each method from the reference and whether the argmax agrees, per image.
+Random weights, the eval bench's prompts (no padding), and ``tests/reference.py``'s ``naive_class_scores`` (one
+full forward pass per class name) as the reference: in float32 the two shipped methods must agree with it up to
+rounding, so a difference here is a bug, not precision. Prints, per image, the largest difference of each method
+from the reference and whether the argmax agrees.
+
+    python -m benchmarks.scoring_precision --size E4B --images 2 --out $OUT    # on a GPU, from the repository root
+    python -m benchmarks.scoring_precision --size E4B --images 1 --shrink      # a CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from benchmarks.gpu_eval_bench import prompt_batch
+from benchmarks.realshape import build_model, shrunk_config
 from helpers.data import PET_BREEDS
-from helpers.realshape import build_model, shrunk_config
-from helpers.scoring import naive_class_scores, score_class_names
+from helpers.scoring import score_class_names
 from helpers.tiny import build_tokenizer
+from tests.reference import naive_class_scores
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scoring_precision", description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="E4B")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--shrink", action="store_true")
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
-    from helpers.presets import preset_config
+    from helpers.teaching.presets import preset_config
 
     config = shrunk_config(args.size) if args.shrink else preset_config(args.size)
     device = "cuda" if torch.cuda.is_available() else "cpu"

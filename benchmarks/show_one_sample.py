@@ -1,8 +1,9 @@
 """One held-out digit as each chat-template family trains and serves it: the training text, the evaluation
-prompt (soft tokens collapsed) and the tokens that carry a label.
+prompt (soft tokens collapsed) and the tokens that carry a label, to check by eye that the model is trained on
+its answer only and served the prefix it was trained on.
 
-    python benchmarks/show_one_sample.py            # both offline families, thinking off
-    python benchmarks/show_one_sample.py --thinking
+    python -m benchmarks.show_one_sample            # both offline families, thinking off
+    python -m benchmarks.show_one_sample --thinking
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import argparse
 import re
 
-from helpers.collator import VisionChatCollator
-from helpers.config import resolve_model_id
+from helpers.collator import IGNORE_INDEX, VisionChatCollator
 from helpers.data import DIGIT_NAMES, load_digits_examples
-from helpers.losses import IGNORE_INDEX
 from helpers.modeling import load_processor
+from helpers.run.config import resolve_model_id
 
 
 def collapse_soft_tokens(text: str) -> str:
@@ -40,11 +40,11 @@ def show(model_id: str, enable_thinking: bool) -> None:
     print(f"labelled tokens ({len(labelled)} of {len(ids)}): {labelled}\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.show_one_sample", description=__doc__.splitlines()[0])
     parser.add_argument("--thinking", action="store_true")
     parser.add_argument("--models", nargs="+", default=["tiny", "tiny-e-series"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for model_id in args.models:
         show(model_id, args.thinking)
 

@@ -1,19 +1,23 @@
 """Why the tiny offline Gemma 4 is initialised the way it is: a learning sweep over init and LoRA settings.
 
-Each run builds the tiny checkpoint with one seed, then sets the scales under study: the (tied) token
-embeddings, the q/k norm scales (``qk``) and the vision position table (``pos_std``). Every variant sets
-the last two explicitly, at the first init (rounds 1-9: norms at ones, positions at std 0.02) unless it
-says otherwise, so the earlier rounds (benchmarks/README.md) stay reproducible now that ``helpers.tiny``
-builds round 11's choice (variant ``qk1_pos1``); ``RunConfig``'s recipe is round 12's ``lr15_w30_e8``.
-It wraps the model with LoRA all-linear and trains on 1,000 digits (all 1,347 from round 2 on) with the
-labelled-positions loss, printing held-out accuracy (constrained: the argmax over the ten single-token
-class names) every ``--eval-every`` steps. Batches are collated once up front with the real collator, so
-the loop measures learning, not image preprocessing.
+A random model learns the digits only if the image reaches the answer position and the answer's logits can grow;
+the scales transformers initialises a model with (meant to be overwritten by a checkpoint) allow neither. Each
+run builds the tiny checkpoint with one seed, then sets the scales under study: the (tied) token embeddings, the
+q/k norm scales (``qk``) and the vision position table (``pos_std``). Every variant sets the last two itself:
+``BASE`` has transformers' own (norms at ones, i.e. ``qk = 32**0.25``; positions redrawn at std 0.02), so each
+variant stays reproducible whatever ``helpers.tiny`` builds (it builds the scales of the ``v3_1l_pos2_*``
+variants: embeddings at std 1/sqrt(width), ``qk`` 1, positions at std 0.2).
+It wraps the model with LoRA all-linear and trains on 1,000 digits (``train_size`` None: all 1,347) with the
+shipped loss (logits at the answer's positions, ``helpers.training.answer_only_loss``), printing held-out
+accuracy (constrained: the argmax over the ten single-token class names) every ``--eval-every`` steps. Batches
+are collated once up front with the real collator, so the loop measures learning, not image preprocessing.
 
-    python benchmarks/tiny_init_sweep.py --variants main qk1_pos1 --seeds 0 1 2 --steps 516 --parallel 2
+From the repository root:
+
+    python -m benchmarks.tiny_init_sweep --variants main qk1_pos1 --seeds 0 1 2 --steps 516 --parallel 2
 
 Runs on the CPU or, much faster for a sweep, on a GPU (``--device cuda``); the learning curves per
-step are the same computation either way (float32).
+step are the same computation either way (float32). Results: benchmarks/README.md, by variant name.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 BASE = {"emb_std": None, "lr": 2e-3, "r": 16, "alpha": 16, "batch": 32, "train_size": 1000, "augment": False,
         "dropout": 0.0, "patch_std": None, "soft_token_std": None, "vision_post_norm": None, "text_post_norm": None,
         "answer_tokens": False, "vision_layers": 2, "rslora": False, "loraplus": None, "warmup": 10,
-        "text_hidden": 64, "vision_hidden": 64, "vision_heads": 2, "qk": 32 ** 0.25, "pos_std": 0.02}  # qk, pos_std: the first init (rounds 1-9)
+        "text_hidden": 64, "vision_hidden": 64, "vision_heads": 2, "qk": 32 ** 0.25, "pos_std": 0.02}  # qk, pos_std: transformers' scales
 VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps transformers' 0.02)
     "base": {},
     "emb125": {"emb_std": 0.125},
@@ -39,7 +46,7 @@ VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps tra
     "emb125_bs16": {"emb_std": 0.125, "batch": 16},
     "emb25": {"emb_std": 0.25},
     "emb06": {"emb_std": 0.0625},
-    # second round: more data, one-pixel-shift augmentation, LoRA dropout
+    # more data, one-pixel-shift augmentation, LoRA dropout
     "e125_lr1_all": {"emb_std": 0.125, "lr": 1e-3, "train_size": None},
     "e125_lr1_all_do": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "dropout": 0.1},
     "e125_lr1_aug": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "augment": True},
@@ -50,11 +57,11 @@ VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps tra
     "e125_lr1_aug_r8": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "augment": True, "r": 8, "alpha": 8},
     "e125_lr2_aug_bs64": {"emb_std": 0.125, "lr": 2e-3, "train_size": None, "augment": True, "batch": 64},
     "e125_lr15_aug_do05": {"emb_std": 0.125, "lr": 1.5e-3, "train_size": None, "augment": True, "dropout": 0.05},
-    # third round: keep the pixels visible through the sandwich norms (patch embedding and soft-token scale)
+    # keep the pixels visible through the sandwich norms (patch embedding and soft-token scale)
     "fix": {"emb_std": 0.125, "patch_std": 0.5, "soft_token_std": 0.125},
     "fix_lr1": {"emb_std": 0.125, "patch_std": 0.5, "soft_token_std": 0.125, "lr": 1e-3},
     "fix_patch": {"emb_std": 0.125, "patch_std": 0.5},
-    # fourth round: a quieter residual branch (post-norm weights) so each patch keeps its identity
+    # a quieter residual branch (post-norm weights) so each patch keeps its identity
     "patch_lr1": {"emb_std": 0.125, "patch_std": 0.5, "lr": 1e-3, "train_size": None},
     "patch_lr2": {"emb_std": 0.125, "patch_std": 0.5, "lr": 2e-3, "train_size": None},
     "vpost25_lr1": {"emb_std": 0.125, "vision_post_norm": 0.25, "lr": 1e-3, "train_size": None},
@@ -62,17 +69,17 @@ VARIANTS = {  # name: the settings that differ from BASE (emb_std None keeps tra
                           "train_size": None},
     "allpost25_lr1": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 1e-3,
                       "train_size": None},
-    # fifth round: also train the (tied) embedding rows of the answer tokens
+    # also train the (tied) embedding rows of the answer tokens
     "tti_lr1": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "answer_tokens": True},
     "tti_lr2": {"emb_std": 0.125, "lr": 2e-3, "train_size": None, "answer_tokens": True},
-    # sixth round: one vision layer (half the CPU step) with the chosen recipe
+    # one vision layer (half the CPU step) with the recipe of "main"
     "v1_lr1_all": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "vision_layers": 1},
     "v2_lr1_all": {"emb_std": 0.125, "lr": 1e-3, "train_size": None, "vision_layers": 2},
     "allpost25_lr2": {"emb_std": 0.125, "vision_post_norm": 0.25, "text_post_norm": 0.25, "lr": 2e-3,
                       "train_size": None},
 }
-# seventh round (the main job's 516 steps at batch 32 = 12 epochs of the 1,347 digits): rank, LoRA+, rsLoRA,
-# the answer tokens' embedding rows, warm-up; the default recipe is "main"
+# at 516 steps of 32 (12 epochs of the 1,347 digits), around the recipe "main": rank, LoRA+, rsLoRA, the answer
+# tokens' embedding rows, warm-up
 MAIN = {"emb_std": 0.125, "lr": 1e-3, "train_size": None}
 VARIANTS.update({
     "main": MAIN,
@@ -87,7 +94,7 @@ VARIANTS.update({
     "main_rs_r64": {**MAIN, "r": 64, "alpha": 16, "rslora": True},
     "main_lr2_w50": {**MAIN, "lr": 2e-3, "warmup": 50},
 })
-# eighth round: round seven's best was a higher rate with a longer warm-up (lr 2e-3, 50 steps)
+# around a higher rate with a longer warm-up (lr 2e-3, 50 steps)
 VARIANTS.update({
     "lr2_w50": {**MAIN, "lr": 2e-3, "warmup": 50},
     "lr2_w100": {**MAIN, "lr": 2e-3, "warmup": 100},
@@ -100,8 +107,8 @@ VARIANTS.update({
     "lr2_w50_s650": {**MAIN, "lr": 2e-3, "warmup": 50, "steps": 650},
     "lr2_w50_s800": {**MAIN, "lr": 2e-3, "warmup": 50, "steps": 800},
 })
-# ninth round: a wider text model (128: the last position's state is 64 numbers at the default), and one
-# vision layer with the steps its faster CPU step buys (text 64: ~1.4x; text 128 + one layer vs text 128: ~1.4x)
+# a wider text model (128: the last position's state is 64 numbers at the default), and one vision layer with
+# the steps its faster CPU step buys (text 64: ~1.4x; text 128 + one layer vs text 128: ~1.4x)
 T128 = {**MAIN, "text_hidden": 128, "emb_std": 128 ** -0.5}
 VARIANTS.update({
     "t128": T128,
@@ -115,7 +122,7 @@ VARIANTS.update({
     "v1_lr1_s700": {**MAIN, "vision_layers": 1, "steps": 700},
 })
 
-# tenth round: Gemma 4 scales attention logits by 1.0 and relies on learned q/k norm scales; at their init (ones)
+# attention temperature: Gemma 4 scales attention logits by 1.0 and relies on learned q/k norm scales; at ones
 # the logits have std sqrt(head_dim) = 5.7 and attention piles onto a few tokens. "qk" sets both norm scales to
 # qk * head_dim**-0.25 (qk 1: the usual 1/sqrt(head_dim) temperature); "pos_std" redraws the vision positions.
 VARIANTS.update({
@@ -128,8 +135,8 @@ VARIANTS.update({
     "pos3": {**MAIN, "pos_std": 0.3},
     "qk1_r64_lr5": {**MAIN, "qk": 1.0, "r": 64, "alpha": 64, "lr": 5e-4},
 })
-# eleventh round: around round ten's best (qk 1 with vision positions at std 0.1), more seeds. QK1_POS1 is
-# the init helpers.tiny now builds (scale_attention_norms, reinit_vision_positions at 0.1).
+# around qk 1 with the vision positions at std 0.1 (QK1_POS1), more seeds: the scales helpers.tiny sets
+# (scale_attention_norms; reinit_vision_positions, at 0.2 for its 8-pixel patches)
 QK1_POS1 = {**MAIN, "qk": 1.0, "pos_std": 0.1}
 VARIANTS.update({
     "qk1_pos3": {**MAIN, "qk": 1.0, "pos_std": 0.3},
@@ -137,7 +144,7 @@ VARIANTS.update({
     "qk1_pos1_lr2_w50": {**QK1_POS1, "lr": 2e-3, "warmup": 50},
     "qk14_pos1": {**QK1_POS1, "qk": 1.4},
 })
-# twelfth round: fewer epochs (the CPU step is 0.36-0.55 s as this VM's speed varies; 43 steps per epoch)
+# fewer epochs (43 steps of 32 per epoch), for the main job's time budget on 2 CPU cores
 VARIANTS.update({
     "e8": {**QK1_POS1, "steps": 344},
     "e10": {**QK1_POS1, "steps": 430},
@@ -147,9 +154,9 @@ VARIANTS.update({
     "lr15_w30_e8": {**QK1_POS1, "lr": 1.5e-3, "warmup": 30, "steps": 344},
 })
 
-# thirteenth round: Gemma 4 in miniature (TINY_INIT_VERSION 3: released chat templates, Gemma-style tokenizer,
-# pooling 3 at patch 8 so 630 patches per image instead of 280, a 64-wide full-attention head): the recipe's
-# learning on the new shapes, fewer steps (the CPU step is slower), and a narrower or shallower vision tower
+# the tiny model's present shapes (released chat templates, Gemma-style tokenizer, pooling 3 at patch 8 so 630
+# patches per image, a 64-wide full-attention head): the recipe's learning, fewer steps (the CPU step is
+# slower), and a narrower or shallower vision tower
 V3 = {**QK1_POS1, "lr": 1.5e-3, "warmup": 30, "train_size": None}
 VARIANTS.update({
     "v3_e8": {**V3, "steps": 344},
@@ -171,13 +178,42 @@ VARIANTS.update({
                           "steps": 344},
 })
 
+# One-pixel shifts of an 8x8 digit (dy, dx): the sweep's augmentation (variants with "augment")
+ONE_PIXEL_SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def shift_digit(image, dy: int, dx: int):
+    """A digit image (``helpers.data.digit_image``: an 8x8 digit upscaled by nearest neighbour, white on black)
+    moved by (dy, dx) of its 8x8 pixels, black where it moved away from (no wrap-around): the same image as
+    shifting the 8x8 digit before upscaling."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image)
+    step = pixels.shape[0] // 8  # image pixels per digit pixel
+    dy, dx = dy * step, dx * step
+    height, width = pixels.shape[:2]
+    out = np.zeros_like(pixels)
+    out[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        pixels[max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+    return Image.fromarray(out)
+
+
+def with_shifted_copies(examples: list[dict]) -> list[dict]:
+    """The training digits, then four copies of each moved by one pixel (``ONE_PIXEL_SHIFTS``), shift by shift.
+    Only ever the training split: the held-out digits stay as they are."""
+    return examples + [{**example, "image": shift_digit(example["image"], dy, dx)}
+                       for dy, dx in ONE_PIXEL_SHIFTS for example in examples]
+
+
 def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, test_size: int | None = 300) -> list[dict]:
     import torch
 
+    from benchmarks.realshape import answer_loss
     from helpers.collator import VisionChatCollator
     from helpers.data import load_digits_examples, load_examples
-    from helpers.losses import labelled_positions_loss, softcapped_logits, unwrap_gemma4
-    from helpers.modeling import apply_lora, load_model, load_processor
+    from helpers.modeling import apply_lora, load_model, load_processor, unwrap_gemma4
+    from helpers.scoring import softcapped_logits
     from helpers.tiny import build_tiny_gemma4, reinit_vision_positions, scale_attention_norms
 
     settings = {**BASE, **VARIANTS[variant]}
@@ -225,10 +261,11 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, t
                                                  lora_dropout=settings["dropout"], target_modules="all-linear")).to(device)
     else:
         model = apply_lora(model, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"]).to(device)
-    train = load_digits_examples("train", size=settings["train_size"], augment=settings["augment"])
+    train = load_digits_examples("train", size=settings["train_size"])
+    train_examples = with_shifted_copies(train.examples) if settings["augment"] else train.examples
     test = load_examples("digits", "test", size=test_size)
     names = train.class_names
-    train_batch = VisionChatCollator(processor, names)(train.examples)
+    train_batch = VisionChatCollator(processor, names)(train_examples)
     test_batch = VisionChatCollator(processor, names, mode="eval")(test.examples)
     name_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(n) for n in names], device=device)
     test_labels = torch.tensor([e["label"] for e in test.examples], device=device)
@@ -260,9 +297,9 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, t
     rows, start = [{"variant": variant, "seed": seed, "step": 0, "acc": accuracy(), "s": 0.0}], time.time()
     print(json.dumps(rows[-1]), flush=True)
     for step in range(1, steps + 1):
-        idx = torch.randperm(len(train.examples), generator=generator)[:batch_size]
+        idx = torch.randperm(len(train_examples), generator=generator)[:batch_size]
         batch = {k: v[idx].to(device) for k, v in train_batch.items()}
-        loss = labelled_positions_loss(model, batch)
+        loss = answer_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -275,8 +312,8 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, device: str, t
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tiny_init_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=["base", "emb125"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600)
@@ -285,7 +322,7 @@ def main():
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--test-size", type=int, default=300, help="held-out digits scored (0: all 450)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         run_one(args.one[0], int(args.one[1]), args.steps, args.eval_every, args.device, args.test_size or None)
         return
@@ -294,9 +331,9 @@ def main():
     while jobs or running:
         while jobs and len(running) < args.parallel:
             v, s = jobs.pop(0)
-            cmd = [sys.executable, __file__, "--one", v, str(s), "--steps", str(args.steps),
+            cmd = [sys.executable, "-m", "benchmarks.tiny_init_sweep", "--one", v, str(s), "--steps", str(args.steps),
                    "--eval-every", str(args.eval_every), "--device", args.device, "--test-size", str(args.test_size)]
-            running.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+            running.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO))
         for proc in list(running):
             if proc.poll() is not None:
                 out = proc.stdout.read()

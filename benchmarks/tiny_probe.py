@@ -7,10 +7,11 @@ scored on the 450 held-out ones, at two places:
 
 A random model that already carries the digit to the answer position gives LoRA something to pick up; one
 that loses it there has to learn attention from scratch. ``--qk`` and ``--pos-std`` set the scales that
-``helpers.tiny`` chooses (``scale_attention_norms``, ``reinit_vision_positions``), to compare them:
+``helpers.tiny`` chooses (``scale_attention_norms``, ``reinit_vision_positions``), to compare them. From the
+repository root:
 
-    python benchmarks/tiny_probe.py                            # as helpers.tiny builds it
-    python benchmarks/tiny_probe.py --qk 2.378 --pos-std 0.02  # the first init: norms at ones (32**0.25)
+    python -m benchmarks.tiny_probe                            # as helpers.tiny builds it
+    python -m benchmarks.tiny_probe --qk 2.378 --pos-std 0.02  # transformers' scales: norms at ones (32**0.25)
 """
 
 from __future__ import annotations
@@ -39,18 +40,18 @@ def features(model, processor, examples, class_names, batch_size: int = 100):
     return torch.cat(soft).numpy(), torch.cat(last).numpy()
 
 
-def main():
+def main(argv=None):
     from sklearn.linear_model import LogisticRegression
 
     from helpers.data import load_digits_examples
     from helpers.modeling import load_model, load_processor
     from helpers.tiny import build_tiny_gemma4, reinit_vision_positions, scale_attention_norms
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tiny_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="the tiny checkpoint's seed")
     parser.add_argument("--qk", type=float, help="q/k norm scales = qk * head_dim**-0.25 (default: as built)")
     parser.add_argument("--pos-std", type=float, help="redraw the vision position table at this std")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     path = build_tiny_gemma4(tempfile.mkdtemp(), seed=args.seed)
     processor, model = load_processor(str(path)), load_model(str(path), dtype=torch.float32)

@@ -1,39 +1,45 @@
 """Greedy answers of vLLM for image files, one JSON string per line. Runs inside vLLM's own venv (vLLM pins
-its own torch and transformers), called by ``benchmarks/export_parity.py --vllm-python``:
+its own torch and transformers), called by ``benchmarks/export_parity.py --vllm-python`` from the repository root,
+so that ``helpers.chat`` (standard library only) imports without this package installed in that venv:
 
-    VENV/bin/python benchmarks/vllm_generate.py MERGED_DIR '{"question": ..., "system_prompt": ..., "enable_thinking": ...}' IMG...
+    VENV/bin/python -m benchmarks.vllm_generate MERGED_DIR '{"question": ..., "system_prompt": ..., "enable_thinking": ...}' IMG...
 
 The messages are those training rendered (``helpers.chat.to_messages``): an optional system turn, then the
 image and the question; the model's own chat template renders them, with the run's thinking setting.
 
 vLLM 0.32's Gemma 4 code reads ``vision_config.default_output_length`` (released checkpoints' config.json
-carry it, 280, and so does the tiny model's since its init 4); a folder without it (a tiny model of an older
-init) gets it from the processor's image budget through ``hf_overrides``. The content format is "openai" (the template renders the image part, ``\n\n<|image|>\n\n``
+carry it, 280, and so does the tiny model's); a folder without it gets it from the processor's image budget
+through ``hf_overrides``. The content format is "openai" (the template renders the image part, ``\n\n<|image|>\n\n``
 as transformers does): vLLM detects "string" for Gemma 4's template and then writes its own placeholder,
 ``<image_soft_token>``, which a tokenizer without that token (the tiny model's) splits into plain text.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
-
-from PIL import Image
-from vllm import LLM, SamplingParams
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # vLLM's venv has the clone, not the package
 
 from helpers.chat import to_messages  # it needs only the standard library
 
 
 def messages(image_path: str, prompt: dict) -> list[dict]:
     """``helpers.chat.to_messages`` (what training rendered), the image part as vLLM takes a PIL image."""
+    from PIL import Image
+
     return to_messages(prompt["question"], system=prompt.get("system_prompt"),
                        image_part={"type": "image_pil", "image_pil": Image.open(image_path).convert("RGB")})
 
 
-def main() -> None:
-    model_dir, prompt_json, *images = sys.argv[1:]
-    prompt = json.loads(prompt_json)
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vllm_generate", description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", help="a merged model folder (python -m helpers.export)")
+    parser.add_argument("prompt", help='the run\'s prompt as JSON: {"question": ..., "system_prompt": ..., '
+                                       '"enable_thinking": ...}')
+    parser.add_argument("images", nargs="+", help="image files")
+    args = parser.parse_args(argv)
+    from vllm import LLM, SamplingParams  # vLLM's venv only
+
+    model_dir, prompt, images = args.model_dir, json.loads(args.prompt), args.images
     overrides = {}
     vision = json.loads((Path(model_dir) / "config.json").read_text()).get("vision_config", {})
     if "default_output_length" not in vision:

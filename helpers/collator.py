@@ -161,14 +161,16 @@ def naive_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
 
 
 def answer_logit_positions(labels: torch.Tensor) -> torch.Tensor:
-    """True at each position whose *next* token is labelled: where the logits of the answer are computed.
+    """Where the answer's logits are needed: per row, the positions whose *next* token is labelled, first ones
+    first, as an integer ``[batch, K]`` tensor (K: the most labelled tokens in a row). A row with fewer fills its
+    last columns with positions whose next token is not labelled, so their targets are ignored.
 
-    Passed to the model as ``logits_to_keep`` (a boolean ``[batch, length]`` mask), transformers computes
-    ``lm_head`` on those positions only, flattened in row-major order, instead of on every position with
-    Gemma 4's 262,144-entry vocabulary (``helpers.training.answer_only_loss`` reads them back)."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
+    Passed to the model as ``logits_to_keep``, it makes transformers apply ``lm_head`` at those positions only,
+    instead of at every position with Gemma 4's 262,144-entry vocabulary; ``helpers.training.answer_only_loss``
+    finds the same positions in the labels, in the same order (a stable sort). Integer positions, not a boolean
+    mask: selecting by a mask inside the forward would make the CPU wait for the GPU there, every micro-batch."""
+    predicts = (labels[:, 1:] != IGNORE_INDEX).int()
+    return predicts.sort(dim=1, descending=True, stable=True).indices[:, :int(predicts.sum(dim=1).max())]
 
 
 # What each position of a batch is, for notebook 03's picture: padding, prompt, image, trained.

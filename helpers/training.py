@@ -4,7 +4,7 @@ Notebook 04 writes the recipe in plain transformers code (``TrainingArguments``,
 each addition then comes in a cell of its own:
 
 - ``answer_only_loss``, the ``Trainer``'s ``compute_loss_func``: cross-entropy on the answer's tokens, from logits
-  computed at those positions only (the collator's ``logits_to_keep``). Gemma 4's vocabulary has 262,144 entries:
+  computed at those positions only (the collator's ``logits_to_keep``, transformers' own argument). Gemma 4's vocabulary has 262,144 entries:
   the model's own loss materialises logits for every position (one 31B sample of ~300 tokens: ~315 MB in float32,
   and as much again for their gradient), where the answer is a few tokens.
 - ``CompleteCheckpoints``, a callback: each checkpoint is marked complete once transformers has written all of it,
@@ -35,23 +35,24 @@ from helpers.run.folder import CHECKPOINT_PREFIX, mark_complete
 def answer_only_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Cross-entropy of the answer's tokens, for ``Trainer(compute_loss_func=...)``.
 
-    ``outputs.logits`` must hold the logits of the labelled positions only, ``[labelled tokens, vocabulary]``:
-    what the model returns when the batch carries the collator's ``logits_to_keep`` (a boolean mask, row-major,
-    the position before each labelled token). With ``num_items_in_batch`` (the labelled tokens of the whole
-    accumulated batch, over every process; the Trainer passes it) the sum is divided by it, so gradient
-    accumulation and several GPUs give exactly the mean over the step's batch."""
+    ``outputs.logits`` must hold the logits of the answer's positions only, ``[batch, K, vocabulary]``: what the
+    model returns when the batch carries the collator's ``logits_to_keep`` (``answer_logit_positions``). The
+    targets are found in ``labels`` in the same order, with no device sync (K is the logits' own width). With
+    ``num_items_in_batch`` (the labelled tokens of the whole accumulated batch, over every process; the Trainer
+    passes it) the sum is divided by it, so gradient accumulation and several GPUs give exactly the mean over
+    the step's batch."""
     logits = outputs.logits
-    if logits.dim() != 2:
-        raise ValueError(f"answer_only_loss takes the logits of the answer's positions only ([tokens, vocabulary]), "
-                         f"got shape {tuple(logits.shape)}: build the collator with logits_to_keep=True")
-    following = labels[:, 1:].reshape(-1)  # the token each position predicts
-    # Where the labelled tokens are; their count is known on the host (the model's mask gave the logits' rows),
-    # so nonzero_static needs no device sync.
-    index = torch.nonzero_static(following != IGNORE_INDEX, size=logits.shape[0]).squeeze(1)
-    targets = following.index_select(0, index)
+    if logits.dim() != 3 or logits.shape[1] >= labels.shape[1]:
+        raise ValueError(f"answer_only_loss takes the logits of the answer's positions only, got shape "
+                         f"{tuple(logits.shape)} for labels {tuple(labels.shape)}: build the collator with "
+                         "logits_to_keep=True")
+    following = labels[:, 1:]  # the token each position predicts
+    order = (following != IGNORE_INDEX).int().sort(dim=1, descending=True, stable=True).indices[:, :logits.shape[1]]
+    targets = following.gather(1, order)  # IGNORE_INDEX where a row has fewer labelled tokens than K
+    logits, targets = logits.flatten(0, 1).float(), targets.flatten()
     if num_items_in_batch is None:
-        return F.cross_entropy(logits.float(), targets)
-    return F.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch
 
 
 class CompleteCheckpoints(TrainerCallback):
@@ -62,19 +63,28 @@ class CompleteCheckpoints(TrainerCallback):
     ``save_total_limit``) before the new one is marked, so at least 2 are kept: with 1, a kill in between would
     leave no complete checkpoint. Works on a bucket mount too: nothing is renamed.
 
-    A finished run resumed from its last checkpoint trains nothing more when that checkpoint ends an epoch; when
-    it ends mid-epoch (``max_steps``, or a fraction of an epoch), transformers 5.23 would take one more optimizer
-    step before it stops, so that case is refused with the adapter named (the runner does not train a finished
-    run again)."""
+    A finished run resumed from its last checkpoint trains nothing more when that checkpoint ends an epoch. When it
+    ends mid-epoch (``max_steps``, or a fraction of an epoch), transformers 5.23 runs one more step before it
+    stops; that step's gradients are dropped before the optimizer, and it is neither counted, logged nor saved, so
+    the weights stay the checkpoint's (a rerun of a finished run, or one killed before its adapter was saved)."""
+
+    finished = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.save_total_limit is not None and args.save_total_limit < 2:
             raise ValueError(f"save_total_limit={args.save_total_limit}: keep at least 2 checkpoints, so that one "
                              "is complete while transformers writes the next")
-        if 0 < state.max_steps <= state.global_step and not float(state.epoch or 0).is_integer():
-            raise ValueError(f"{args.output_dir} holds a finished run (step {state.global_step} of "
-                             f"{state.max_steps}); resumed mid-epoch, transformers would train one step more. "
-                             "Its adapter is in that folder; to train again, give another output_dir.")
+        self.finished = 0 < state.max_steps <= state.global_step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.finished:
+            model.zero_grad(set_to_none=True)  # the optimizer skips every weight without a gradient
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.finished:
+            state.global_step -= 1
+            control.should_save = control.should_log = control.should_evaluate = False
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -90,10 +100,12 @@ class NonFiniteLossError(FloatingPointError):
 class StopOnNonFiniteLoss(TrainerCallback):
     """Stops training when a step's loss is NaN or infinite, before its optimizer step.
 
-    A non-finite loss makes every gradient it reaches non-finite, so the gradients are read once a step, after
-    the backward passes and clipping and before the optimizer (``on_pre_optimizer_step``): the weights in memory
-    and the last checkpoint stay finite, and the step is named. One device sync a step; transformers' own NaN
-    filter (``logging_nan_inf_filter``) reads every micro-batch's loss instead, and hides the step."""
+    A NaN, or an overflow, in the model's loss makes the gradients it reaches non-finite, so the gradients are read
+    once a step, after the backward passes and clipping and before the optimizer (``on_pre_optimizer_step``): the
+    weights in memory and the last checkpoint stay finite, and the step is named. (What it guards is the weights:
+    a loss made infinite by adding a constant leaves the gradients, and so the weights, as they were.) One device
+    sync a step; transformers' own NaN filter (``logging_nan_inf_filter``) reads every micro-batch's loss instead,
+    and hides the step."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         gradients = [p.grad for p in model.parameters() if p.grad is not None]

@@ -274,7 +274,8 @@ def test_dry_run_training_job_has_gpu_flags_mounts_secret_region_retries_timeout
 
 def runner_parameters(args_list):
     """--args of a job (comma list) -> (model id, train size, {RunConfig field: value}) as the runner reads them."""
-    from helpers.runner import build_parser, parse_value
+    from helpers.run.command_line import parse_value
+    from helpers.runner import build_parser
 
     args = build_parser().parse_args(args_list.split(","))
     return args.model_id, args.train_size, {name: parse_value(value) for name, value in args.parameter}
@@ -703,7 +704,7 @@ def synthetic_predictions(n=50):
 
 
 def make_training_run(gcs, name="train-exec-9"):
-    from helpers.training import COMPLETE_MARKER
+    from helpers.run.folder import COMPLETE_MARKER
 
     run = gcs / "runs" / name
     (run / "adapter").mkdir(parents=True)

@@ -9,8 +9,8 @@ pytestmark = [pytest.mark.gpu,
 
 def test_31b_nf4_builds_without_a_bf16_copy():
     """31B in NF4: weights in the expected range, and the build never held much more than them."""
-    from helpers.presets import preset_config
-    from helpers.realshape import build_model
+    from benchmarks.realshape import build_model
+    from helpers.teaching.presets import preset_config
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -30,15 +30,14 @@ def test_31b_nf4_builds_without_a_bf16_copy():
 def test_lora_trains_on_shrunk_nf4_model():
     from peft import LoraConfig, get_peft_model
 
-    from helpers.losses import labelled_positions_loss
-    from helpers.realshape import build_model, shrunk_config, synthetic_batch
+    from benchmarks.realshape import answer_loss, build_model, shrunk_config, synthetic_batch
 
     config = shrunk_config("31B")
     model = build_model(config, "4bit")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
     batch = synthetic_batch(config, 2, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = labelled_positions_loss(model, batch)
+        loss = answer_loss(model, batch)
     loss.backward()
     # lora_B starts at zero, so only lora_B gets a gradient on the first step
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None]
@@ -47,23 +46,23 @@ def test_lora_trains_on_shrunk_nf4_model():
 
 @pytest.mark.parametrize("size", ["E4B", "26B-A4B", "31B"])
 def test_labelled_loss_equals_full_logits_loss_on_gpu(size):
-    from helpers.losses import full_logits_loss, labelled_positions_loss
-    from helpers.realshape import build_model, shrunk_config, synthetic_batch
+    from benchmarks.realshape import answer_loss, build_model, shrunk_config, synthetic_batch
+    from tests.reference import full_logits_loss
 
     config = shrunk_config(size)
     model = build_model(config, "none", dtype=torch.float32)
     batch = synthetic_batch(config, 3, device="cuda")
     with torch.no_grad():
-        torch.testing.assert_close(labelled_positions_loss(model, batch), full_logits_loss(model, batch),
-                                   atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(answer_loss(model, batch), full_logits_loss(model, batch), atol=2e-4, rtol=2e-4)
 
 
 def test_cached_scoring_equals_naive_on_gpu():
     from benchmarks.gpu_eval_bench import prompt_batch
+    from benchmarks.realshape import build_model, shrunk_config
     from helpers.data import PET_BREEDS
-    from helpers.realshape import build_model, shrunk_config
-    from helpers.scoring import naive_class_scores, score_class_names
+    from helpers.scoring import score_class_names
     from helpers.tiny import build_tokenizer
+    from tests.reference import naive_class_scores
 
     config = shrunk_config("31B")
     model = build_model(config, "none", dtype=torch.float32)
@@ -78,15 +77,17 @@ def test_cached_scoring_equals_naive_on_gpu():
 
 
 def test_train_with_compiled_layers_matches_eager_on_gpu(tmp_path):
-    """The notebook path on a GPU: train() compiles each layer (bf16 LoRA), trains, and leaves them eager."""
+    """The notebook path on a GPU: training compiles each layer (bf16 LoRA), trains, and leaves them eager."""
+    from accelerate import PartialState
     from transformers import AutoProcessor
 
+    from benchmarks.realshape import answer_loss
     from helpers.collator import VisionChatCollator
-    from helpers.config import RunConfig, resolve_model_id
     from helpers.data import load_examples
-    from helpers.losses import labelled_positions_loss
-    from helpers.modeling import apply_lora, compile_layers, load_model, uncompile_layers
-    from helpers.training import train
+    from helpers.launch import train_on_this_rank
+    from helpers.modeling import apply_lora, load_model
+    from helpers.run.config import RunConfig, resolve_model_id
+    from helpers.speed import compile_layers, uncompile_layers
 
     path = resolve_model_id("tiny")
     processor = AutoProcessor.from_pretrained(path)
@@ -95,51 +96,49 @@ def test_train_with_compiled_layers_matches_eager_on_gpu(tmp_path):
     batch = {k: v.cuda() for k, v in collator(data.examples[:8]).items()}
     model = apply_lora(load_model(path, device_map={"": 0}))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = labelled_positions_loss(model, batch)
+        eager = answer_loss(model, batch)
         compile_layers(model)
-        compiled = labelled_positions_loss(model, batch)
+        compiled = answer_loss(model, batch)
         uncompile_layers(model)
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)  # bf16: fused kernels round differently
-    config = RunConfig(train_size=32, batch_size=8, max_steps=4, save_steps=2)
-    result = train(model, collator, data.examples, config, tmp_path)
-    assert result.global_step == 4 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+    config = RunConfig(train_size=32, batch_size=8, max_steps=4, save_steps=2, output_dir=str(tmp_path))
+    result = train_on_this_rank(config, model, processor, PartialState(), path)["train"]
+    assert result["global_step"] == 4
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["loss_history"])
     assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
 
 
 def test_eight_bit_optimizer_trains_on_gpu(tmp_path):
+    from accelerate import PartialState
     from transformers import AutoProcessor
 
-    from helpers.collator import VisionChatCollator
-    from helpers.config import RunConfig, resolve_model_id
-    from helpers.data import load_examples
+    from helpers.launch import train_on_this_rank
     from helpers.modeling import apply_lora, load_model
-    from helpers.training import train
+    from helpers.run.config import RunConfig, resolve_model_id
 
     path = resolve_model_id("tiny")
-    data = load_examples("digits", "train", size=16)
-    collator = VisionChatCollator(AutoProcessor.from_pretrained(path), data.class_names)
     model = apply_lora(load_model(path, device_map={"": 0}))
     config = RunConfig(train_size=16, batch_size=8, max_steps=2, save_steps=2, optimizer="adamw_8bit",
-                       compile_layers=False)
-    result = train(model, collator, data.examples, config, tmp_path)
-    assert result.global_step == 2 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+                       compile_layers=False, output_dir=str(tmp_path))
+    result = train_on_this_rank(config, model, AutoProcessor.from_pretrained(path), PartialState(), path)["train"]
+    assert result["global_step"] == 2
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["loss_history"])
 
 
 def test_liger_kernels_give_the_stock_loss_on_gpu():
-    """helpers.modeling.use_liger_kernels: the same loss as transformers' forwards (bf16 tolerance), undone exactly."""
+    """benchmarks.liger.use_liger_kernels: the same loss as transformers' forwards (bf16 tolerance), undone exactly."""
     pytest.importorskip("liger_kernel")
-    from helpers.losses import labelled_positions_loss
-    from helpers.modeling import use_liger_kernels, use_stock_kernels
-    from helpers.realshape import build_model, shrunk_config, synthetic_batch
+    from benchmarks.liger import use_liger_kernels, use_stock_kernels
+    from benchmarks.realshape import answer_loss, build_model, shrunk_config, synthetic_batch
 
     config = shrunk_config("31B")
     model = build_model(config, "none", dtype=torch.float32)
     batch = synthetic_batch(config, 3, device="cuda")
     with torch.no_grad():
-        stock = labelled_positions_loss(model, batch)
+        stock = answer_loss(model, batch)
         assert use_liger_kernels(model) > 0
-        liger = labelled_positions_loss(model, batch)
+        liger = answer_loss(model, batch)
         assert use_stock_kernels(model) > 0
-        again = labelled_positions_loss(model, batch)
+        again = answer_loss(model, batch)
     torch.testing.assert_close(liger, stock, atol=2e-3, rtol=2e-3)
     assert torch.equal(again, stock)

@@ -36,7 +36,9 @@ def model_and_batch(request, tiny_path, tiny_e_series_path, tiny_processor, tiny
     path, processor = ((tiny_path, tiny_processor) if request.param == "large"
                        else (tiny_e_series_path, tiny_e_series_processor))
     examples = load_examples("digits", "train", size=6, seed=3)
-    batch = VisionChatCollator(processor, examples.class_names, logits_to_keep=True)(examples.examples)
+    answers = ["zero", "one two", "three four five", "six", "seven eight", "nine"]  # answers of unequal length
+    rows = [{**example, "answer": answer} for example, answer in zip(examples.examples, answers)]
+    batch = VisionChatCollator(processor, examples.class_names, logits_to_keep=True)(rows)
     return AutoModelForMultimodalLM.from_pretrained(path), batch
 
 
@@ -48,9 +50,10 @@ def answer_loss(model, batch, num_items_in_batch=None):
 def test_logits_are_computed_at_the_answers_positions_only(model_and_batch):
     model, batch = model_and_batch
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    labelled = int((batch["labels"] != -100).sum())
-    assert logits.shape == (labelled, model.config.get_text_config().vocab_size)
-    assert batch["labels"].numel() > 10 * labelled  # the prompt and the image are most of the sequence
+    per_row = (batch["labels"] != -100).sum(dim=1)
+    assert logits.shape == (len(per_row), int(per_row.max()), model.config.get_text_config().vocab_size)
+    assert batch["labels"].shape[1] > 10 * int(per_row.max())  # the prompt and the image are most of the sequence
+    assert int(per_row.min()) < int(per_row.max())  # rows of unequal answers: the padded columns are ignored
 
 
 def test_the_answer_only_loss_and_its_gradient_equal_the_models_own(model_and_batch):
@@ -78,6 +81,16 @@ def test_the_softcap_is_kept(tiny_model, tiny_processor):
     capped = answer_loss(tiny_model, batch)
     torch.testing.assert_close(capped, full_logits_loss(tiny_model, batch), rtol=1e-5, atol=1e-6)
     assert capped > 1.5  # with logits capped at 0.5 nothing is confident
+
+
+def test_the_positions_are_those_of_the_labels_in_order():
+    from helpers.collator import answer_logit_positions
+
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, -100, -100]])
+    # row 0: positions 1 and 2 predict 7 and 8; row 1: position 0 predicts 5, then one it ignores
+    positions = answer_logit_positions(labels)
+    assert positions.tolist() == [[1, 2], [0, 1]]
+    assert labels[:, 1:].gather(1, positions).tolist() == [[7, 8], [5, -100]]
 
 
 def test_full_logits_are_refused_with_the_fix_named(tiny_model, tiny_processor):
@@ -137,19 +150,17 @@ def test_an_unmarked_checkpoint_is_never_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path).endswith("checkpoint-3")
 
 
-def test_a_finished_run_takes_no_step_or_is_refused_mid_epoch(tmp_path, tiny_path, tiny_processor):
-    # 16 examples of 4: 4 steps an epoch. max_steps 4 ends an epoch: resuming there trains nothing more.
-    trainer, _, _ = _trainer(tmp_path / "aligned", tiny_path, tiny_processor, max_steps=4)
+@pytest.mark.parametrize("max_steps", [4, 3])  # 16 examples of 4: the last step ends the epoch, or not
+def test_a_finished_run_resumed_takes_no_step(tmp_path, tiny_path, tiny_processor, max_steps):
+    trainer, _, _ = _trainer(tmp_path, tiny_path, tiny_processor, max_steps=max_steps, save_steps=max_steps)
     trainer.train()
-    again, _, _ = _trainer(tmp_path / "aligned", tiny_path, tiny_processor, max_steps=4)
-    again.train(resume_from_checkpoint=last_complete_checkpoint(tmp_path / "aligned"))
-    assert again.state.global_step == 4
-    # max_steps 3 ends mid-epoch: transformers would take a 4th step, so the callback refuses and says why
-    trainer, _, _ = _trainer(tmp_path / "mid", tiny_path, tiny_processor, max_steps=3, save_steps=3)
-    trainer.train()
-    again, _, _ = _trainer(tmp_path / "mid", tiny_path, tiny_processor, max_steps=3, save_steps=3)
-    with pytest.raises(ValueError, match="finished run.*one step more"):
-        again.train(resume_from_checkpoint=last_complete_checkpoint(tmp_path / "mid"))
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    history = TrainResult.of(trainer).loss_history
+    again, model, _ = _trainer(tmp_path, tiny_path, tiny_processor, max_steps=max_steps, save_steps=max_steps)
+    again.train(resume_from_checkpoint=last_complete_checkpoint(tmp_path))
+    assert again.state.global_step == max_steps and TrainResult.of(again).loss_history == history
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [f"checkpoint-{max_steps}"]
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_one_kept_checkpoint_is_refused(tmp_path, tiny_path, tiny_processor):

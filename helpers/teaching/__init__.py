@@ -1,0 +1,1 @@
+"""What notebooks 01 and 02 use to teach: the published sizes, the memory planner, clippable inspection, plots."""
