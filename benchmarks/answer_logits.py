@@ -1,12 +1,13 @@
-"""Where the answer's logits are computed: transformers' ``logits_to_keep`` mask (what training ships) against the
-model's own full-vocabulary loss, in one run, on real-shape random-weight Gemma 4 (or the shrunk configs).
+"""Where the answer's logits are computed: transformers' ``logits_to_keep`` given the answer's positions (what
+training ships) against the model's own full-vocabulary loss, in one run, on real-shape random-weight Gemma 4 (or the
+shrunk configs).
 
     python -m benchmarks.answer_logits --sizes E4B,31B --out $OUT          # one GPU
     python -m benchmarks.answer_logits --shrink --sizes E4B --batch 2       # CPU smoke test (numbers compare nothing)
 
 Per size: forward + backward of one micro-batch (``benchmarks.realshape.synthetic_batch``), the mean of
 ``--repeats`` timed steps after a warm-up, and the peak memory of a step. ``answer`` is
-``benchmarks.realshape.answer_loss`` (the collator's ``logits_to_keep`` mask, then
+``benchmarks.realshape.answer_loss`` (the collator's ``logits_to_keep`` positions, then
 ``helpers.training.answer_only_loss``); ``full`` is ``model(**batch, labels=...).loss``. The losses must agree.
 """
 

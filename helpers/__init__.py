@@ -3,5 +3,6 @@
 At the top: the recipe a reader takes away (chat.py and collator.py can be copied on their own; data.py,
 validation.py, modeling.py, training.py, scoring.py, evaluation.py), the offline model (tiny.py), the speed switches
 (speed.py) and the commands (runner.py, launch.py, predict.py, export.py). Below: run/ (the headless run's
-machinery), exports/ (after training) and teaching/ (what notebooks 01 and 02 use to teach).
+machinery), exports/ (after training) and teaching/ (what the lessons use to teach; its memory planner also
+plans the training micro-batch).
 """

@@ -2,7 +2,7 @@
 
 - **Constrained scoring** asks the model for the log-likelihood of every class name as the answer
   (``<class name><turn|>`` after the prompt) and picks the best: every prediction is a class name. The
-  prompt (image included) runs once and its KV cache is reused for every class (``helpers.scoring``).
+  prompt (image included) runs once, with every class name in the same pass (``helpers.scoring``).
 - **Free generation** decodes greedily and looks for a class name in the text (the longest one
   that occurs, as the seed does); an answer that names no class counts as wrong and is reported
   as the "no class named" rate.

@@ -2,7 +2,7 @@
 
     python -m helpers.launch --output-dir runs/offline                      # one process (CPU or one GPU)
     torchrun --nproc_per_node 2 -m helpers.launch --output-dir runs/pets \\
-        --model-id google/gemma-4-31b-it -p dataset timm/oxford-iiit-pet -p quantization 4bit   # DDP QLoRA
+        --model-id google/gemma-4-31B-it -p dataset timm/oxford-iiit-pet -p quantization 4bit   # DDP QLoRA
     accelerate launch --config_file configs/fsdp_bf16_lora.yaml -m helpers.launch ...           # FSDP bf16
 
 The parameters are notebook 04's (``RunConfig`` fields, ``-p NAME VALUE``, validated once), and training is built

@@ -2,7 +2,7 @@
 
 Notebook 04 writes these steps as plain transformers and PEFT code; the launcher, prediction and export call
 the functions here, and ``tests/test_recipe.py`` checks that both build the same objects. One loader serves the
-hub (``google/gemma-4-31b-it``), a bucket mount (``/mnt/gcs/gemma-4-31b-it/``) and the tiny offline checkpoints:
+hub (``google/gemma-4-31B-it``), a bucket mount (``/mnt/gcs/gemma-4-31B-it/``) and the tiny offline checkpoints:
 they are all ``from_pretrained`` paths. The 12B (``gemma4_unified``) loads through the same Auto classes.
 """
 
@@ -22,8 +22,8 @@ GEMMA4_MODEL_TYPES = tuple(MODEL_CLASSES)
 
 # bitsandbytes quantizes nn.Linear only. Passing llm_int8_skip_modules replaces transformers' default
 # skip list, so lm_head is named too; the vision and audio towers and their projectors stay in bf16
-# (quantizing the 31B's vision tower would save only 0.88 GB; the seed passes no skip list and so does
-# quantize it). transformers matches these names from the start of a module's full name (or as its
+# (``nf4_config`` says what quantizing them saves; the seed passes no skip list and so does quantize
+# them). transformers matches these names from the start of a module's full name (or as its
 # suffix), so the towers are named with their prefix. The 12B (encoder-free) has no towers; its whole image
 # path is ``model.embed_vision`` (patch embedder + projector) and its audio path ``model.embed_audio``, so the
 # same list keeps them in bf16 and only its language model goes to NF4 (``quantize_towers`` changes nothing there).
@@ -154,7 +154,7 @@ def apply_lora(model, config: LoraConfig | None = None, lora_dtype: torch.dtype 
     ``"all-linear"`` reaches inside ``Gemma4ClippableLinear``; a short list such as ``["q_proj", "v_proj"]`` names
     the clamp wrappers, which PEFT rejects (notebook 02 shows both). Not ``prepare_model_for_kbit_training``: it
     casts every parameter that is not 4-bit to float32, which for the 31B is its 1.4B-parameter embedding and for
-    the 26B-A4B its 22.8B expert parameters (+45.6 GB for the 26B-A4B, measured on an H200).
+    the 26B-A4B its 22.8B expert parameters (2 bytes more each: +45.6 GB).
     """
     model = get_peft_model(model, config or lora_config(**lora_options))
     return cast_adapters(model, lora_dtype)

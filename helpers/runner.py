@@ -1,7 +1,7 @@
 """The headless main job: notebook 04 (training) then 05 (evaluation), executed with papermill.
 
     python -m helpers.runner                                   # the offline default (tiny Gemma 4 + digits)
-    python -m helpers.runner --model-id /mnt/gcs/gemma-4-31b-it/ --train-size 4000 -p quantization 4bit
+    python -m helpers.runner --model-id /mnt/gcs/gemma-4-31B-it/ --train-size 4000 -p quantization 4bit
 
 Everything lands in one run folder (``--output-dir``): the executed notebooks, ``metrics.json``, the adapter,
 checkpoints and plots. Rerunning the same command resumes from the last complete checkpoint there, and a run
@@ -32,12 +32,12 @@ from helpers.run.command_line import parameters_from_command_line
 from helpers.run.config import ConfigError, RunConfig
 from helpers.run.folder import (
     RunFolderError,
-    build_manifest,
     holding_lock,
     is_trained,
     metrics_file,
     read_json,
     read_skipped,
+    run_manifest,
     start_run,
 )
 
@@ -139,11 +139,6 @@ def execute(name: str, params: dict, output_dir: Path) -> Path:
         raise RunnerError(f"notebook {source.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                           f"the executed notebook, up to the failure, is {executed}") from None
     return executed
-
-
-def run_manifest(config: RunConfig, source) -> dict:
-    """What this run is made of (``helpers.run.folder.build_manifest``): its parameters, data and model."""
-    return build_manifest(config.to_dict(), source.fingerprint(), {"model_id": config.model_id})
 
 
 def run(argv=None) -> Path:

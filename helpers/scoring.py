@@ -1,10 +1,10 @@
-"""Fast evaluation: score every class name as the answer, reusing the prompt's KV cache. Taught in notebook 05.
+"""Fast evaluation: every class name scored as the answer, with the prompt run once. Taught in notebook 05.
 
 The seed evaluates by ``generate(max_new_tokens=128)`` and then searches the text for the longest class
 name. For a closed set of labels that is slow (one decoding step per generated token, up to 128) and can
-answer "Unknown". Here each prompt (image + question) is run once; its KV cache is then reused to score
-each class name's tokens followed by the end-of-turn token ``<turn|>``, and the label with the highest
-log-likelihood is the prediction. Every answer is a valid label; the scores are real log-likelihoods, so
+answer "Unknown". Here each prompt (image + question) is run once, with every class name's tokens followed by
+the end-of-turn token ``<turn|>`` scored in the same pass, and the label with the highest log-likelihood is the
+prediction. Every answer is a valid label; the scores are real log-likelihoods, so
 they also give a ranking (top-k) and a calibrated-looking confidence.
 
 How the names are scored (``method``):

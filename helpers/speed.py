@@ -1,5 +1,5 @@
-"""The speed switches, in one place: each changes a forward or the batch, is a ``RunConfig`` parameter, is
-printed when applied, and is undone here. Notebook 04 and the launcher call ``switch_on`` before building the
+"""The speed switches, in one place: each changes a forward or the batch, is printed when applied, and what
+evaluation should not see is undone here. Notebook 04 and the launcher call ``switch_on`` before building the
 ``Trainer`` and ``switch_off`` after training; what each buys is measured in ``benchmarks/README.md``.
 
 - **fast clamps** (``fast_clamps``, on by default): ``Gemma4ClippableLinear``'s clamps (E2B/E4B's vision and
@@ -11,8 +11,9 @@ printed when applied, and is undone here. Notebook 04 and the launcher call ``sw
   batch.
 - **data-loader workers** (``dataloader_workers``; ``None``: up to 4 on a GPU, 0 on a CPU): the collator runs in
   worker processes, so batches are ready before each step.
-- **no NaN filter**: transformers' ``logging_nan_inf_filter`` reads every micro-batch's loss on the host (a device
-  sync each time); ``helpers.training.StopOnNonFiniteLoss`` stops on a non-finite loss once per step instead.
+- **no NaN filter** (with ``helpers.training.StopOnNonFiniteLoss``, always): transformers' ``logging_nan_inf_filter``
+  reads every micro-batch's loss on the host (a device sync each time); the callback reads the gradients once a
+  step instead, and stops on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -111,9 +112,8 @@ def fast_clamp_count(model) -> int:
 
 # Dynamo's recompile limit while the layers are compiled. Every layer's compiled call is the same code
 # (``nn.Module._call_impl``), so its graphs count against one limit, 8 by default: E4B's seven layer kinds at one
-# sequence length, then a second length (real images give 253-266 soft tokens, so a batch's length varies) hit
-# it and layers fell back to eager (1.13 s a step instead of 0.91 on an H200). With the limit raised, E4B settled
-# at 14 graphs (each kind static, then dynamic) and image files trained at the synthetic stream's speed.
+# sequence length, then a second length (real images give 253-266 soft tokens, so a batch's length varies), would
+# pass it, and layers would fall back to eager. E4B needs 14 graphs (each kind static, then dynamic).
 COMPILED_RECOMPILE_LIMIT = 64
 
 
@@ -136,7 +136,7 @@ def compile_layers(model, dynamic: bool | None = None) -> int:
     and the clamps, which also makes larger micro-batches fit. The clamps go back to transformers' own forward,
     which the compiler fuses better than it traces ours. ``dynamic``: ``torch.compile``'s; ``None`` compiles a
     layer kind for the first sequence length and once more, dynamic, when a second one comes (``True`` from the
-    start compiled E4B's first step in 194 s instead of 70-100 and ran ~1.0 s a step instead of 0.87). Dynamo's
+    start compiled longer and ran slower: benchmarks/README.md, "What was tried and is not used"). Dynamo's
     recompile limit is raised to ``COMPILED_RECOMPILE_LIMIT`` until ``uncompile_layers``."""
     inner = unwrap_gemma4(model).model
     model._fast_clamps_were_on = use_stock_clamps(inner) > 0  # uncompile_layers puts them back
@@ -235,7 +235,7 @@ def switch_on(model, args: TrainingArguments, config, liger: bool = False) -> tu
     clamps = (f"off while compiled (the compiler fuses transformers' own clamps), {fast} back after training"
               if fast and compiled else f"{'on' if fast else 'off'} ({fast} Gemma4ClippableLinear forwards patched)")
     lines = [f"fast clamps: {clamps}",
-             f"compiled layers: {f'on ({compiled} layers, during training)' if compiled else 'off'}",
+             f"compiled layers: {f'on ({compiled} layers, during training; dynamo recompile limit {COMPILED_RECOMPILE_LIMIT})' if compiled else 'off'}",
              f"micro-batch: {micro} x gradient accumulation {accumulation} ({how})",
              f"data-loader workers: {workers}",
              "NaN filter: off (StopOnNonFiniteLoss reads the gradients once a step)"]

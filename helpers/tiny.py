@@ -1,7 +1,7 @@
 """The embedded offline default: a tiny, randomly initialised Gemma 4 saved as an ordinary checkpoint.
 
 It is loaded through exactly the same ``AutoProcessor.from_pretrained`` /
-``AutoModelForMultimodalLM.from_pretrained`` path as ``google/gemma-4-31b-it``, so every notebook, the
+``AutoModelForMultimodalLM.from_pretrained`` path as ``google/gemma-4-31B-it``, so every notebook, the
 runner and the tests run with no GPU, no token and no network. Taught in notebook 01 (what the laptop
 runs) and used by every other notebook as the default ``model_id``.
 

@@ -22,11 +22,12 @@ from helpers.run.folder import (
     acquire_lock,
     holding_lock,
     manifest_differences,
+    run_manifest,
     saved_class_names,
     start_run,
     write_class_names,
 )
-from helpers.runner import check_data, main, run_manifest
+from helpers.runner import check_data, main
 
 
 def manifest_of(**params) -> dict:

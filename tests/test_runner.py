@@ -80,7 +80,7 @@ def test_rerun_does_not_train_a_finished_run_again(run_dir, capsys):
 
 def test_notebook_04_on_a_finished_run_loads_it_instead_of_training(run_dir, tmp_path):
     """A learner opening notebook 04 after the main job: the Trainer resumes from the last checkpoint, which
-    ends the run (and an epoch), so no step is taken and the trained weights are in memory."""
+    ends the run, so no step is taken, the trained weights are in memory, and the main job's record stays."""
     from helpers.run.command_line import parameters_from_command_line
     from helpers.runner import notebook_parameters, notebook_path
     from notebooks import execute
@@ -89,9 +89,10 @@ def test_notebook_04_on_a_finished_run_loads_it_instead_of_training(run_dir, tmp
     notebook = execute("04_training.ipynb", tmp_path, notebook_parameters(notebook_path("04_training"), params))
     text = output_text(notebook)
     assert f"resuming from {run_dir / f'checkpoint-{STEPS}'}" in text
-    assert f"{STEPS} optimizer steps; this call trained 0 s" in text
+    assert f"trained no step (the run had finished at step {STEPS}): its training record is kept" in text
+    assert "this call trained 0 s" in text and "same settings and data as the folder's manifest" in text
     train = json.loads((run_dir / "train_result.json").read_text())["train"]
-    assert train["global_step"] == STEPS and train["resumed_from"].endswith(f"checkpoint-{STEPS}")
+    assert train["global_step"] == STEPS and train["resumed_from"] is None  # the runner's record, kept
 
 
 def test_unknown_parameter_is_an_error(tmp_path, capsys):

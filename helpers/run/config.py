@@ -62,14 +62,14 @@ class RunConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
     quantization: str = "none"  # "none" (bf16 on GPU, fp32 on CPU) or "4bit" (NF4, QLoRA)
-    quantize_towers: bool = False  # with "4bit": the vision/audio towers in NF4 too (31B: -0.88 GB)
+    quantize_towers: bool = False  # with "4bit": the vision/audio towers in NF4 too (a little less memory)
     optimizer: str = "adamw_torch"  # or "adamw_8bit" (bitsandbytes: 8-bit AdamW states, GPU only)
     compile_layers: bool | None = None  # torch.compile each layer; None: on for bf16 LoRA on a GPU
     fast_clamps: bool = True  # Gemma4ClippableLinear's clamps with a cheaper forward, same numbers (helpers.speed)
     plan_micro_batch: bool = True  # on a GPU, the largest micro-batch the memory plan fits (helpers.speed)
     dataloader_workers: int | None = None  # processes running the collator (image processor); None: up to 4 on a GPU, 0 on a CPU
-    # The main job's recipe on the tiny model (benchmarks/README.md, "Gemma 4 in miniature"): 7 epochs of
-    # 16 = 595 steps reach 0.951 / 0.964 / 0.951 on seeds 0-2 and train in 199 s (8 epochs of 32: 223 s).
+    # The main job's recipe on the tiny model: 7 epochs of 16 = 595 steps (benchmarks/README.md, "The offline
+    # main job on a CPU" and "Gemma 4 in miniature": what it reaches, and the recipes tried beside it).
     learning_rate: float = 1.5e-3
     warmup_steps: int = 30  # linear warm-up, then a cosine decay to zero
     epochs: float = 7.0

@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from helpers.chat import PROMPT_FIELDS
+from helpers.data import describe_source
 from helpers.run.config import RunConfig, resolve_model_id
 
 MANIFEST = "manifest.json"
@@ -344,6 +345,32 @@ def clear_run_files(run_dir) -> list[str]:
             continue
         removed.append(path.name)
     return removed
+
+
+def run_manifest(config: RunConfig, source) -> dict:
+    """What a run is made of (``build_manifest``): its parameters, its data (``helpers.data.DataSource``) and model."""
+    return build_manifest(config.to_dict(), source.fingerprint(), {"model_id": config.model_id})
+
+
+def open_run(config: RunConfig, trains: bool = True) -> tuple[str, str]:
+    """(the run folder, what happened, in words) for a notebook: the folder made absolute (``resolve_output_dir``),
+    its manifest written or checked against ``config`` and the data (``start_run``), as the runner does before
+    it starts; a folder holding another run is refused (``RunFolderError``) with the differences listed."""
+    run_dir = resolve_output_dir(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str(run_dir), start_run(run_dir, run_manifest(config, describe_source(config.dataset,
+                                                                                 **config.data_options())), trains)
+
+
+def record_training(run_dir, result, config: RunConfig, model_path: str) -> str:
+    """Write the training record (``result``: a ``helpers.training.TrainResult``) for evaluation and metrics.json;
+    returns what was done, in words. A finished run reopened trains no step: the record of the run that trained
+    it is kept, with its wall time and peak memory."""
+    resumed = checkpoint_step(result.resumed_from) if result.resumed_from else 0
+    if result.global_step == resumed and read_train_result(run_dir):
+        return f"trained no step (the run had finished at step {resumed}): its training record is kept"
+    write_train_result(run_dir, {"config": config.to_dict(), "model_path": model_path, "train": result.to_dict()})
+    return f"{result.global_step} optimizer steps; the training record is written"
 
 
 def start_run(run_dir, manifest: dict, trains: bool = True, fresh: bool = False) -> str:

@@ -1,1 +1,2 @@
-"""What notebooks 01 and 02 use to teach: the published sizes, the memory planner, clippable inspection, plots."""
+"""What the lessons use to teach: the published sizes, the memory planner (which also plans the training
+micro-batch, ``helpers.speed``), clippable inspection, plots."""

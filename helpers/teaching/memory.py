@@ -161,7 +161,7 @@ def _preset_lora_parameters_per_rank(size: str) -> int:
 # exact (module by module, above). The activation term is a model: "activation units" per sample,
 #   U = text layers x text tokens x (hidden + intermediate) + vision layers x patches x (hidden + intermediate)
 # (the MoE's routed width is top-k x expert width), times bytes per unit measured on an H200
-# (benchmarks/results/, 2026-11-28; transformers 5.23, peft 0.21.2, bitsandbytes 0.50.2, SDPA, bf16 autocast).
+# (benchmarks/README.md, "How much memory"; transformers 5.23, peft 0.21.2, bitsandbytes 0.50.2, SDPA, bf16 autocast).
 # They are large because Gemma 4's RMSNorm computes in float32 and autograd keeps those float32 copies, and
 # because the vision tower runs on all 9 x budget patches (2,520 at the default 280), padding included.
 # The 12B has no vision tower: its image path is one patch embedder over budget merged patches (280), each
@@ -169,7 +169,7 @@ def _preset_lora_parameters_per_rank(size: str) -> int:
 ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in benchmarks/README.md
     "E2B": 19.0,  # not measured: E4B's value (same clipped vision tower family)
     "E4B": 19.0,  # with the fast clamps (helpers.speed, the default); transformers' own clamps: 20.5
-    "12B": 14.8,  # H200, 2026-12-01: 14.0 (NF4, mb 32) and 15.6 (bf16, mb 16) fitted; between, all within 6%
+    "12B": 14.8,  # between 14.0 (NF4, mb 32) and 15.6 (bf16, mb 16), as fitted on an H200: all within 6%
     "26B-A4B": 18.2,
     "31B": 16.0,
 }
@@ -177,11 +177,11 @@ ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in b
 # only; 31B QLoRA mb 8, H200); patching the classes instead (which also reached other norms) kept 0.78
 LIGER_ACTIVATION_FACTOR = 0.85
 FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own loss (bf16 logits, fp32
-# upcast, softmax and gradient): 1.5 GB for one 31B sample of 290 tokens; the labelled-position loss: ~0
+# upcast, softmax and gradient): 1.5 GB for one 31B sample of 290 tokens; the answer-only loss: ~0
 LORA_STATE_BYTES = {"bf16": 8, "fp32": 16}  # parameter + gradient + AdamW's two moments
 EIGHT_BIT_STATE_SAVING = {"bf16": 2, "fp32": 6}  # bitsandbytes' 8-bit AdamW: two 1-byte moments per parameter
 # compile_layers fuses the float32 RMSNorm copies: E4B bf16 mb 32 measured 0.61 (the 12B's row fits it too), the 31B
-# in NF4 mb 8 0.69 (H200, 2026-12-02); E2B, not measured compiled, takes E4B's (the same E-series layers); the other
+# in NF4 mb 8 0.69 (on an H200); E2B, not measured compiled, takes E4B's (the same E-series layers); the other
 # sizes not measured compiled take the larger
 COMPILED_ACTIVATION_FACTOR = {"E2B": 0.61, "E4B": 0.61, "12B": 0.61, "31B": 0.69}
 COMPILED_ACTIVATION_FACTOR_UNMEASURED = 0.69
