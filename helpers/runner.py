@@ -170,6 +170,14 @@ def run(argv=None) -> Path:
     return output_dir
 
 
+def train_briefly(output_dir: Path, model_id: str, max_steps: int, train_size: int, eval_size: int) -> Path:
+    """Notebook 04 alone for ``max_steps`` optimizer steps, without warm-up: a run folder with an adapter, for
+    notebook 06 when no finished run is at hand (the model barely learns in so few steps)."""
+    return run(["--output-dir", str(output_dir), "--notebook", TRAINING_NOTEBOOK, "-p", "model_id", model_id,
+                "-p", "max_steps", str(max_steps), "-p", "train_size", str(train_size),
+                "-p", "eval_size", str(eval_size), "-p", "warmup_steps", "0"])
+
+
 def main(argv=None) -> int:
     try:
         run(argv)

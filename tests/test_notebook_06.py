@@ -56,7 +56,7 @@ def test_notebook_06_trains_a_short_run_or_uses_a_finished_one(tmp_path):
     notebook = execute(NOTEBOOK.name, tmp_path / "again", relative)
     assert_clean(notebook)
     text = output_text(notebook)
-    used = re.search(r"the main job's finished run: (\S+)", text).group(1)
+    used = re.search(r"run folder: (\S+) \(\d+ optimizer steps\)", text).group(1)
     assert Path(used).resolve() == (tmp_path / "work" / "run").resolve()
     assert "training" not in text and "barely trained" not in text and "has not learnt" not in text
     check_predictions_and_exports(text, tmp_path / "again")
