@@ -283,7 +283,7 @@ setup_secret() {
 }
 
 do_copy_model() {
-  note "copy-model: a local copy of the model (e.g. hf download google/gemma-4-31b-it --local-dir DIR) into the model bucket"
+  note "copy-model: a local copy of the model (e.g. hf download google/gemma-4-31B-it --local-dir DIR) into the model bucket"
   local src="${MODEL_SRC:-}"
   if [[ -z "${src}" ]]; then
     (( dry_run )) || fail "copy-model needs MODEL_SRC=<local model folder>"
