@@ -479,21 +479,13 @@ def compiled_layer_count(model) -> int:
 def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, waits):
     """The variant trained as ``helpers.launch.train_on_this_rank`` trains one process, from the shipped pieces:
     ``training_arguments`` for its ``RunConfig``, ``speed.switch_on`` (on a GPU it plans the micro-batch for
-    ``mb x ga`` samples a step), the adapters image training never runs frozen, transformers' ``Trainer`` with
-    ``answer_only_loss`` and the two callbacks, ``trainer.train()``, ``speed.switch_off``. ``callbacks``: the
+    ``mb x ga`` samples a step), the adapters image training never runs frozen, ``helpers.training.build_trainer``
+    (``answer_only_loss`` and the two callbacks), ``trainer.train()``, ``speed.switch_off``. ``callbacks``: the
     benchmark's timer and profiler; ``waits`` gets each step's data fetch time. No adapter is saved.
     Returns (``TrainResult``, the config, how many layers ran compiled)."""
-    from transformers import Trainer
-
     from helpers import speed
     from helpers.launch import freeze_unused_adapters
-    from helpers.training import (
-        CompleteCheckpoints,
-        StopOnNonFiniteLoss,
-        TrainResult,
-        answer_only_loss,
-        training_arguments,
-    )
+    from helpers.training import TrainResult, build_trainer, training_arguments
 
     shutil.rmtree(run_dir, ignore_errors=True)
     config = ours_config(v, mb, ga, run_dir)
@@ -501,9 +493,7 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
                                      liger=liger_kernel_count(model) > 0)
     print(switched, flush=True)
     freeze_unused_adapters(model)
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
-                      compute_loss_func=answer_only_loss,
-                      callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss(), *callbacks])
+    trainer = build_trainer(model, args, examples, collator, callbacks)
     trainer.get_batch_samples = timed_data_fetch(trainer.get_batch_samples, waits)
     compiled = compiled_layer_count(model)
     try:

@@ -3,8 +3,8 @@
 Real-shape Gemma 4 (``helpers.teaching.presets``) with random weights (``benchmarks.realshape``): speed and memory
 are real, accuracy is not. Each worker trains as ``helpers.launch`` trains a process (``worker``):
 ``helpers.modeling.apply_lora``, ``helpers.training.training_arguments``, ``helpers.speed.switch_on``, the
-adapters image training never runs frozen, transformers' ``Trainer`` with ``answer_only_loss`` and the two
-callbacks (DDP or FSDP from accelerate), on a synthetic stream shaped like Oxford-IIIT Pet (one 224×224 image ->
+adapters image training never runs frozen, ``helpers.training.build_trainer`` (``answer_only_loss`` and the two
+callbacks; DDP or FSDP from accelerate), on a synthetic stream shaped like Oxford-IIIT Pet (one 224×224 image ->
 256 soft tokens, 2,520 padded patches; a short prompt; a 1-4 token class name). Cases:
 
 - ``E4B-qlora`` and ``31B-qlora``: NF4 QLoRA, one 4-bit copy per GPU, DDP (``torchrun``), weak scaling:
@@ -120,18 +120,11 @@ def worker(name: str, args) -> None:
     and adapter saving aside), gather per-rank numbers; rank 0 writes."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-    from transformers import Trainer
 
     from helpers import speed
     from helpers.launch import freeze_unused_adapters, fsdp_launch
     from helpers.run.config import RunConfig
-    from helpers.training import (
-        CompleteCheckpoints,
-        StopOnNonFiniteLoss,
-        TrainResult,
-        answer_only_loss,
-        training_arguments,
-    )
+    from helpers.training import TrainResult, build_trainer, training_arguments
 
     case = CASES[name]
     start = time.perf_counter()
@@ -155,9 +148,8 @@ def worker(name: str, args) -> None:
     freeze_unused_adapters(model)
     if state.is_main_process:
         print(switched, flush=True)
-    trainer = Trainer(model=model, args=training_args, train_dataset=[rows[i % len(rows)] for i in range(n)],
-                      data_collator=collate_answer_only, compute_loss_func=answer_only_loss,
-                      callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss(), timer])
+    trainer = build_trainer(model, training_args, [rows[i % len(rows)] for i in range(n)], collate_answer_only,
+                            [timer])
     if training_args.world_size != processes:  # else each process would train alone, and the row would lie
         raise RuntimeError(f"the training arguments see {training_args.world_size} process(es) of the "
                            f"{processes} launched ({training_args.parallel_mode}): no data parallelism")

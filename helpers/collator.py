@@ -160,6 +160,12 @@ def naive_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
     return torch.where(keep, input_ids, IGNORE_INDEX)
 
 
+def answer_order(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, every position, those whose next token is labelled first and in their order (a stable sort): the
+    order ``answer_logit_positions`` hands the model and ``helpers.training.answer_only_loss`` reads targets in."""
+    return (labels[:, 1:] != IGNORE_INDEX).int().sort(dim=1, descending=True, stable=True).indices
+
+
 def answer_logit_positions(labels: torch.Tensor) -> torch.Tensor:
     """Where the answer's logits are needed: per row, the positions whose *next* token is labelled, first ones
     first, as an integer ``[batch, K]`` tensor (K: the most labelled tokens in a row). A row with fewer fills its
@@ -167,10 +173,9 @@ def answer_logit_positions(labels: torch.Tensor) -> torch.Tensor:
 
     Passed to the model as ``logits_to_keep``, it makes transformers apply ``lm_head`` at those positions only,
     instead of at every position with Gemma 4's 262,144-entry vocabulary; ``helpers.training.answer_only_loss``
-    finds the same positions in the labels, in the same order (a stable sort). Integer positions, not a boolean
+    finds the same positions in the labels, in the same order (``answer_order``). Integer positions, not a boolean
     mask: selecting by a mask inside the forward would make the CPU wait for the GPU there, every micro-batch."""
-    predicts = (labels[:, 1:] != IGNORE_INDEX).int()
-    return predicts.sort(dim=1, descending=True, stable=True).indices[:, :int(predicts.sum(dim=1).max())]
+    return answer_order(labels)[:, :int((labels[:, 1:] != IGNORE_INDEX).sum(dim=1).max())]
 
 
 # What each position of a batch is, for notebook 03's picture: padding, prompt, image, trained.

@@ -45,7 +45,7 @@ from helpers.run.folder import (
     prompt_for_adapter,
     publish_adapter,
     read_train_result,
-    write_train_result,
+    record_training,
 )
 from helpers.run.report import SYSTEMS, write_metrics
 from helpers.run.shards import shard_indices
@@ -142,15 +142,14 @@ def train_on_this_rank(config: RunConfig, model, processor, state, model_path: s
     trainer.train(resume_from_checkpoint=resume_from)
     speed.switch_off(model)
     lora = gathered_lora_state(trainer.model_wrapped) if trainer.is_fsdp_enabled else None  # every rank gathers
-    summary = {"config": config.to_dict(), "model_path": model_path,
-               "train": TrainResult.of(trainer, resume_from).to_dict(), "processes": state.num_processes}
+    result = TrainResult.of(trainer, resume_from)
     if state.is_main_process:
         staging = adapter_staging(run_dir)
         model.save_pretrained(staging, state_dict=lora)
         publish_adapter(run_dir, staging, collator.chat.settings())
-        write_train_result(run_dir, summary)
+        print(record_training(run_dir, result, config, model_path), flush=True)
     state.wait_for_everyone()
-    return summary
+    return read_train_result(run_dir)
 
 
 def score_shard(model, processor, examples, class_names, batch_size: int, progress: bool,

@@ -31,6 +31,7 @@ from helpers.data import DataError, describe_source
 from helpers.run.command_line import parameters_from_command_line
 from helpers.run.config import ConfigError, RunConfig
 from helpers.run.folder import (
+    REPOSITORY,
     RunFolderError,
     holding_lock,
     is_trained,
@@ -41,7 +42,7 @@ from helpers.run.folder import (
     start_run,
 )
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = REPOSITORY / "notebooks"
 TRAINING_NOTEBOOK = "04_training"
 DEFAULT_NOTEBOOKS = (TRAINING_NOTEBOOK, "05_evaluation")
 SETTINGS = "settings"  # the parameters cell's dict of every other RunConfig field

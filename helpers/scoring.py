@@ -27,13 +27,12 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from helpers.collator import IGNORE_INDEX
+from helpers.collator import IGNORE_INDEX, MODEL_INPUT_KEYS
 from helpers.modeling import unwrap_gemma4
 
 END_OF_TURN = "<turn|>"
 # What the model's forward takes from a prompt batch (the processor's keys, and the positions scoring sets).
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids",
-                "position_ids")
+MODEL_INPUTS = (*MODEL_INPUT_KEYS, "position_ids")
 
 
 def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from helpers.collator import IGNORE_INDEX
+from helpers.collator import IGNORE_INDEX, answer_order
 from helpers.run.folder import CHECKPOINT_PREFIX, mark_complete
 
 
@@ -47,8 +47,8 @@ def answer_only_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> 
                          f"{tuple(logits.shape)} for labels {tuple(labels.shape)}: build the collator with "
                          "logits_to_keep=True")
     following = labels[:, 1:]  # the token each position predicts
-    order = (following != IGNORE_INDEX).int().sort(dim=1, descending=True, stable=True).indices[:, :logits.shape[1]]
-    targets = following.gather(1, order)  # IGNORE_INDEX where a row has fewer labelled tokens than K
+    # IGNORE_INDEX where a row has fewer labelled tokens than K
+    targets = following.gather(1, answer_order(labels)[:, :logits.shape[1]])
     logits, targets = logits.flatten(0, 1).float(), targets.flatten()
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
@@ -140,12 +140,13 @@ def training_arguments(config, run_dir) -> TrainingArguments:
     )
 
 
-def build_trainer(model, args: TrainingArguments, train_examples, collator) -> Trainer:
+def build_trainer(model, args: TrainingArguments, train_examples, collator, callbacks=()) -> Trainer:
     """The ``Trainer`` notebook 04 ends with: the recipe's, with ``answer_only_loss`` (the collator marking the
-    answer's positions) and the two callbacks."""
+    answer's positions) and the two callbacks, then ``callbacks`` (a benchmark's timers)."""
     collator.logits_to_keep = True
     return Trainer(model=model, args=args, train_dataset=train_examples, data_collator=collator,
-                   compute_loss_func=answer_only_loss, callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss()])
+                   compute_loss_func=answer_only_loss,
+                   callbacks=[CompleteCheckpoints(), StopOnNonFiniteLoss(), *callbacks])
 
 
 def peak_memory() -> tuple[int, str]:
@@ -161,7 +162,7 @@ class TrainResult:
 
     global_step: int
     resumed_from: str | None
-    wall_seconds: float  # this call of trainer.train(): 0 for a run that was already finished
+    wall_seconds: float  # this call of trainer.train() (a finished run reopened: the seconds of a call that trained no step)
     peak_memory_bytes: int
     peak_memory_kind: str
     train_samples: int

@@ -115,6 +115,18 @@ def test_rerun_resumed_from_the_checkpoint(two_ranks):
     assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 3
 
 
+def test_a_finished_run_launched_again_keeps_its_training_record(one_process, tiny_path, capsys):
+    before = json.loads((one_process / "train_result.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert launch_main(launcher_args(one_process, tiny_path, 4, 3, "--skip-eval")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "trained no step (the run had finished at step 3): its training record is kept" in capsys.readouterr().out
+    assert json.loads((one_process / "train_result.json").read_text()) == before
+
+
 def test_bad_parameter_fails_before_any_process_work(capsys):
     assert launch_main(["-p", "lora_rank", "8"]) == 2
     assert "lora_rank" in capsys.readouterr().err

@@ -102,7 +102,7 @@ def test_the_launcher_builds_training_from_the_notebooks_functions():
     for call in ("load_model(", "quantization_config(config)", "lora_config(", "apply_lora(", "VisionChatCollator(",
                  "training_arguments(config", "speed.switch_on(", "build_trainer(", "last_complete_checkpoint(",
                  "trainer.train(resume_from_checkpoint=", "speed.switch_off(", "publish_adapter(",
-                 "write_train_result("):
+                 "record_training("):
         assert call in source, call
 
 

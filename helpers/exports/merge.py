@@ -9,7 +9,6 @@ was trained on a 4-bit base and is merged into the bf16 base: the agreement says
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,15 +19,16 @@ from transformers import AutoConfig
 
 from helpers.data import load_examples
 from helpers.evaluation import constrained_scores
-from helpers.modeling import load_model, load_processor, nf4_config
+from helpers.modeling import load_model, load_processor, quantization_config
 from helpers.run.folder import (
     CLASS_NAMES,
     EXPORT_RECORD,
-    METRICS,
     MODEL_CARD,
     SavedRun,
     atomic_write_json,
+    metrics_file,
     package_versions,
+    read_json,
     save_prompt,
     write_class_names,
 )
@@ -92,7 +92,7 @@ def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
     if examples and qlora and not torch.cuda.is_available():
         check["not_measured"] = "the adapter's 4-bit base needs a CUDA GPU (bitsandbytes); this export ran on a CPU"
     elif examples and qlora:  # the adapter as trained: on the 4-bit base, loaded separately and freed
-        base = load_model(saved.model_path, nf4_config(quantize_towers=saved.config.quantize_towers))
+        base = load_model(saved.model_path, quantization_config(saved.config))
         trained = PeftModel.from_pretrained(base, saved.adapter)
         adapter_says = constrained_predictions(trained.eval(), processor, saved, examples)
         del trained
@@ -109,8 +109,8 @@ def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
 
 
 def run_metrics(saved: SavedRun) -> dict:
-    path = saved.folder / METRICS
-    return json.loads(path.read_text()).get("summary", {}) if path.exists() else {}
+    """The summary of the run's metrics.json (notebook 05's accuracies), or ``{}`` before evaluation."""
+    return (read_json(metrics_file(saved.folder)) or {}).get("summary", {})
 
 
 def model_card(record: dict) -> str:

@@ -28,7 +28,7 @@ def parse_value(text: str):
 
 
 def parameters_from_command_line(pairs, output_dir=None, model_id=None, train_size=None) -> dict:
-    """``-p NAME VALUE`` pairs and the seed's flags as parameters, validated once through ``RunConfig``.
+    """``-p NAME VALUE`` pairs and the seed's flags as parameters, validated through ``RunConfig``.
 
     Tokens never travel as parameters (papermill writes parameters into the executed notebook): an unknown
     name that looks like a secret is refused as one, and so is any parameter carrying the value of ``HF_TOKEN``

@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from helpers.modeling import NF4_SKIP_MODULES, nf4_skip_modules
+from helpers.modeling import nf4_skip_modules
 from helpers.teaching.presets import (
     PRESET_NAMES,
     TOWERS,
@@ -60,11 +60,6 @@ def nf4_weight_bytes(numel: int, double_quant: bool = True, blocksize: int = NF4
     return packed + absmax + NF4_CODE_BYTES
 
 
-def default_skip_modules() -> list[str]:
-
-    return list(NF4_SKIP_MODULES)
-
-
 def is_quantized_by_bnb(module_name: str, module: nn.Module, skip_modules: list[str]) -> bool:
     """transformers' rule: exactly ``nn.Linear`` (not a subclass wrapper) and not matched by the skip list."""
     from transformers.quantizers.quantizers_utils import should_convert_module
@@ -73,8 +68,8 @@ def is_quantized_by_bnb(module_name: str, module: nn.Module, skip_modules: list[
 
 
 def quantized_linear_names(model, skip_modules: list[str] | None = None) -> list[str]:
-    """Names of the modules ``load_model(..., quantization="4bit")`` turns into ``bnb.nn.Linear4bit``."""
-    skip_modules = default_skip_modules() if skip_modules is None else skip_modules
+    """Names of the modules ``load_model(..., quantization_config=nf4_config())`` turns into ``bnb.nn.Linear4bit``."""
+    skip_modules = nf4_skip_modules() if skip_modules is None else skip_modules
     return [name for name, module in model.named_modules() if is_quantized_by_bnb(name, module, skip_modules)]
 
 
@@ -84,7 +79,7 @@ def empty_row() -> dict:
 
 def nf4_breakdown_of_model(model, skip_modules: list[str] | None = None, double_quant: bool = True) -> dict:
     """Per tower: parameters, how many are NF4-quantized, and the bytes in bf16 vs in the 4-bit load."""
-    skip_modules = default_skip_modules() if skip_modules is None else skip_modules
+    skip_modules = nf4_skip_modules() if skip_modules is None else skip_modules
     quantized = set(quantized_linear_names(model, skip_modules))
     rows = OrderedDict((tower, empty_row()) for tower in TOWERS)
     for name, parameter in model.named_parameters():  # the tied lm_head is listed once, as embed_tokens
