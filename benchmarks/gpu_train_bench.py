@@ -160,6 +160,18 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             # compiled: 32 first, 16 when 32 does not fit
             ours("ours-bf16-compile", "bf16", (32, 16), lora_dtype="fp32", steps=5, compile=True),
         ]
+    elif size == "26B-A4B":
+        out += [
+            # LoRA on the experts (lora_experts) beside the same rank without, both at rank 16 with checkpointing
+            # (the experts' folded copy of every layer does not fit 80 GB without it: helpers.teaching.memory),
+            # then the seed's recipe on the same model, then the rest
+            ours("ours-q-r16-ckpt", "nf4", (8, 4, 2), ckpt=1, r=16),
+            ours("ours-q-experts-r16-ckpt", "nf4", (8, 4, 2), ckpt=1, r=16, experts=True),
+            ref,
+            ours("ours-q-experts-r16", "nf4", (4, 2, 1), r=16, experts=True),
+            ours("ours-q", "nf4", BEST_MB[(size, "nf4")]),
+            ours("ours-bf16", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=4),
+        ]
     else:
         out += [
             ref,
@@ -170,6 +182,8 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-bf16-compile", "bf16", BEST_MB[(size, "bf16")], lora_dtype="fp32", steps=5, compile=True),
             ours("ours-bf16-lora16", "bf16", BEST_MB[(size, "bf16")], steps=4),
         ]
+    if size in ("E2B", "E4B", "12B", "26B-A4B"):  # compile_layers on the 4-bit model, beside ours-q
+        out.append(ours("ours-q-compile", "nf4", BEST_MB[(size, "nf4")], steps=5, compile=True))
     if quick:
         for v in out:
             v["steps"] = min(v["steps"], 3 if v.get("stream") else 2)
@@ -274,7 +288,8 @@ def ours_lora(model, v: dict):
     from helpers.modeling import apply_lora
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v["lora_dtype"]]
-    return apply_lora(model, r=v["r"], alpha=v["r"], dropout=v["dropout"], lora_dtype=dtype)
+    return apply_lora(model, r=v["r"], alpha=v["r"], dropout=v["dropout"], lora_dtype=dtype,
+                      experts=bool(v.get("experts")))
 
 
 def ours_config(v: dict, mb: int, ga: int, out_dir: str):
@@ -288,6 +303,7 @@ def ours_config(v: dict, mb: int, ga: int, out_dir: str):
         optimizer="adamw_8bit" if v.get("optim") == "adamw_bnb_8bit" else "adamw_torch",
         compile_layers=bool(v.get("compile")), gradient_checkpointing=bool(v["ckpt"]),
         save_steps=10**6, output_dir=out_dir, dataloader_workers=v.get("workers", 0),
+        lora_experts=bool(v.get("experts")),
     )
 
 
@@ -655,7 +671,8 @@ def cleanup():
 
 
 def model_key(size, v):
-    return (size, v["quant"], v["r"], v["dropout"], v["ckpt"], v["lora_dtype"], bool(v.get("liger")))
+    return (size, v["quant"], v["r"], v["dropout"], v["ckpt"], v["lora_dtype"], bool(v.get("liger")),
+            bool(v.get("experts")))
 
 
 def median_after_warmup(values: list, skip: int = 1):
@@ -673,7 +690,8 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
     device = "cpu" if cpu else "cuda"
     result = {"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"], "loss": v["loss"],
               "dropout": v["dropout"], "liger": bool(v.get("liger")), "stream": v.get("stream", "synthetic"),
-              "workers": v.get("workers", 0), "compile": bool(v.get("compile")), "inductor": v.get("inductor")}
+              "workers": v.get("workers", 0), "compile": bool(v.get("compile")), "inductor": v.get("inductor"),
+              "experts": bool(v.get("experts"))}
     key = model_key(size, v)
     if kept and kept.get("key") != key or not v.get("reuse"):
         kept.clear()
@@ -749,6 +767,13 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                 result["peak_alloc"] = torch.cuda.max_memory_allocated()
                 result["peak_reserved"] = torch.cuda.max_memory_reserved()
             result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            if v["name"] != "ref" and v["trainer"] != "trl" and not args.shrink:  # the planner, asked as trained
+                from helpers.teaching.memory import plan
+
+                result["planned_peak"] = plan(size, "none" if v["quant"] == "bf16" else "4bit", v["r"], mb,
+                                              gradient_checkpointing=bool(v["ckpt"]), lora_dtype=v["lora_dtype"],
+                                              quantize_towers=v["quant"] == "nf4-towers", compiled=bool(v.get("compile")),
+                                              liger=bool(v.get("liger")), lora_experts=bool(v.get("experts")))["total"]
             if v.get("profile") and not cpu and args.profile:
                 try:
                     result["profile_top"] = profile_step(model, v, rows, mb, out_dir / f"profile_{size}_{v['name']}.txt")
@@ -786,8 +811,14 @@ def gib(x):
     return f"{x / 2**30:.1f}" if x else "-"
 
 
+def millions(x):
+    return f"{x / 1e6:.1f}" if x else "-"
+
+
 def print_table(results: list[dict]) -> str:
-    lines = ["size     variant           q    r  mb×ga  ckpt  samp/s  ×ref   alloc GiB  resv GiB  MFU%989  MFU%790  status"]
+    header = ("size     variant           q    r  mb×ga  ckpt  samp/s  ×ref   alloc GiB  resv GiB  plan GiB  trainable M  "
+              "MFU%989  MFU%790  status")
+    lines = [header]
     ref = {r["size"]: r.get("samples_per_s") for r in results if r["variant"] == "ref"}
     for r in results:
         sps = r.get("samples_per_s")
@@ -795,7 +826,9 @@ def print_table(results: list[dict]) -> str:
         lines.append(
             f"{r['size']:<8} {r['variant']:<17} {r['quant']:<4} {r['r']:>2} {str(r.get('mb'))+'×'+str(r.get('ga')):>6} "
             f"{r['ckpt']:>4}  {sps if sps else '-':>6}  {ratio:>4}   {gib(r.get('peak_alloc')):>8}  "
-            f"{gib(r.get('peak_reserved')):>8}  {100 * r.get('mfu_989', 0):>7.1f}  {100 * r.get('mfu_790', 0):>7.1f}  "
+            f"{gib(r.get('peak_reserved')):>8}  {gib(r.get('planned_peak')):>8}  "
+            f"{millions(r.get('trainable')):>11}  "
+            f"{100 * r.get('mfu_989', 0):>7.1f}  {100 * r.get('mfu_790', 0):>7.1f}  "
             f"{r.get('status')}")
     text = "\n".join(lines)
     print(text, flush=True)
@@ -892,7 +925,8 @@ def main(argv=None):
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("size", "variant", "mb", "ga", "status", "samples_per_s",
                                                      "wall_samples_per_s", "data_wait_s", "workers", "peak_alloc",
-                                                     "mfu_989", "wall_s", "error")}), flush=True)
+                                                     "planned_peak", "trainable", "mfu_989", "wall_s", "error")}),
+                  flush=True)
             (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results,
                                                                      "fwd_flops_per_sample": flops_cache}, indent=1))
         kept.clear()

@@ -1,13 +1,22 @@
-"""Kill the main job with SIGKILL at random moments of training, rerun the same command, and check the outcome.
+"""Faults in a run folder: kills at random moments of training, checkpoints damaged afterwards, a bucket mount,
+and processes racing for one stale lock. Each is followed by the same command, whose outcome is checked.
 
 From the repository root:
 
     python -m benchmarks.kill_resume                       # 8 trials, the tiny offline default, ~1.5 min each on 2 cores
     python -m benchmarks.kill_resume --trials 20 --seed 3 --max-steps 12 --save-steps 3
+    python -m benchmarks.kill_resume --damage random       # after the kills, damage the newest complete checkpoint
+    python -m benchmarks.kill_resume --gcsfuse             # run folders on a simulated Cloud Storage FUSE mount
+    python -m benchmarks.kill_resume --race-lock 20        # 8 processes race for one stale run.lock, 20 rounds
 
 What it checks: that a run killed as a machine failure or an out-of-memory kill would (no handler runs) finishes
-with the same command, resuming only from a checkpoint that was whole. ``tests/test_kill_resume.py`` uses the
-functions below at fixed kill points; this script draws them at random.
+with the same command, resuming only from a checkpoint that was whole, and with the adapter an uninterrupted run
+trains. ``tests/test_kill_resume.py`` and ``tests/test_run_faults.py`` use the functions below at fixed points;
+this script draws them at random.
+
+``--damage``: after the last kill, the newest complete checkpoint loses files or bytes as a user or a full disk
+might do it (``DAMAGES``). The rerun must say it is damaged and resume from the complete checkpoint before it;
+with none before it, it must stop before the model loads, and the trial then reruns with ``--fresh``.
 
 A trial: a fresh run folder; ``python -m helpers.runner --notebook 04_training ...`` is started and, at a kill
 point drawn at random, SIGKILLed together with its notebook kernel. The same command is then rerun, possibly
@@ -31,7 +40,9 @@ and then published to ``RUN_DIR/adapter`` (``helpers.run.folder.publish_adapter`
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -48,6 +59,7 @@ from helpers.run.folder import (
     COMPLETE_MARKER,
     PROMPT_FILE,
     TRAIN_RESULT,
+    acquire_lock,
     checkpoint_folders,
     checkpoint_step,
     is_complete,
@@ -136,6 +148,27 @@ def runner_command(out: Path, train_size=24, max_steps=6, save_steps=2, batch_si
     return [sys.executable, "-m", "helpers.runner", "--output-dir", str(out), "--notebook", "04_training",
             "-p", "train_size", str(train_size), "-p", "eval_size", "12", "-p", "max_steps", str(max_steps),
             "-p", "save_steps", str(save_steps), "-p", "batch_size", str(batch_size)]
+
+
+# Damage done to a complete checkpoint after a kill: what the marker must catch.
+DAMAGES = {
+    "optimizer": "optimizer.pt and scheduler.pt deleted",
+    "weights": "adapter_model.safetensors truncated to half",
+    "state": "trainer_state.json deleted",
+}
+
+
+def damage_checkpoint(folder: Path, how: str) -> None:
+    """Damage a checkpoint as ``DAMAGES[how]`` says."""
+    if how == "optimizer":
+        for name in ("optimizer.pt", "scheduler.pt"):
+            (folder / name).unlink()
+    elif how == "weights":
+        weights = folder / "adapter_model.safetensors"
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+    else:
+        (folder / "trainer_state.json").unlink()
 
 
 def run_env(hook_dir: Path, hold_marker: Path | None = None, hold_step: int | None = None,
@@ -272,10 +305,10 @@ def adapter_difference(a: Path, b: Path) -> float | None:
 
 def reference_run(root: Path, args) -> dict:
     """An uninterrupted run: its timings calibrate the timed kills; its adapter is the comparison."""
-    out, hook = root / "reference", root / "hook"
+    out, hook = args.runs / "reference", root / "hook"
     hook.mkdir(exist_ok=True)
     proc = start(runner_command(out, args.train_size, args.max_steps, args.save_steps, args.batch_size),
-                 run_env(hook), root / "reference.log")
+                 run_env(hook, gcsfuse_root=args.bucket), root / "reference.log")
     t0, seen = time.monotonic(), {}
     while proc.poll() is None:
         for step in complete_checkpoints(out):
@@ -300,30 +333,30 @@ def one_kill(kind: str, out: Path, hook: Path, log: Path, args, rng: random.Rand
     if kind == "held":
         step = rng.choice(pending)
         marker = hook / f"held-{time.monotonic_ns()}"
-        proc = start(command, run_env(hook, marker, step), log)
+        proc = start(command, run_env(hook, marker, step, gcsfuse_root=args.bucket), log)
         ok = wait_for(proc, marker.exists, args.timeout)
         what = f"checkpoint-{step} written, its marker held"
     elif kind == "adapter":
         marker = hook / f"held-{time.monotonic_ns()}"
-        proc = start(command, run_env(hook, marker, hold_adapter=True), log)
+        proc = start(command, run_env(hook, marker, hold_adapter=True, gcsfuse_root=args.bucket), log)
         ok = wait_for(proc, marker.exists, args.timeout)
         what = f"adapter held in {ADAPTER_STAGING}"
     elif kind == "writing":
         existing = max((checkpoint_step(p) for p in checkpoint_folders(out)), default=0)
-        proc = start(command, run_env(hook), log)
+        proc = start(command, run_env(hook, gcsfuse_root=args.bucket), log)
         ok = wait_for(proc, lambda: any(step > existing for step in unmarked_checkpoints(out)), args.timeout,
                       poll=0.001)
         what = "as a new checkpoint folder appeared"
     elif kind == "after":
         step = rng.choice(pending)
-        proc = start(command, run_env(hook), log)
+        proc = start(command, run_env(hook, gcsfuse_root=args.bucket), log)
         ok = wait_for(proc, lambda: step in complete_checkpoints(out), args.timeout, poll=0.002)
         delay = rng.uniform(0, 0.3)
         time.sleep(delay)
         what = f"{delay:.2f} s after checkpoint-{step}"
     else:  # timed, relative to the reference run's training window (the rerun's start-up is similar)
         at = rng.uniform(reference["train_start"], reference["train_end"])
-        proc = start(command, run_env(hook), log)
+        proc = start(command, run_env(hook, gcsfuse_root=args.bucket), log)
         ok = wait_for(proc, lambda: False, at) or proc.poll() is None
         what = f"t={at:.1f} s"
     if proc.poll() is not None:
@@ -335,8 +368,31 @@ def one_kill(kind: str, out: Path, hook: Path, log: Path, args, rng: random.Rand
     return what
 
 
+def expected_resume(out: Path) -> int | None:
+    """The checkpoint step the rerun must end up resumed from: the newest complete one, or, when the killed run
+    had already written its training record (a kill just after the last checkpoint), the one that record names:
+    the rerun finds the run finished and keeps it."""
+    if (out / TRAIN_RESULT).exists():
+        recorded = json.loads((out / TRAIN_RESULT).read_text())["train"]["resumed_from"]
+        return checkpoint_step(recorded) if recorded else None
+    return max(complete_checkpoints(out), default=None)
+
+
+def damage_newest(out: Path, how: str, moments: list[str]) -> tuple[int | None, bool]:
+    """Damage the newest complete checkpoint (when the run left one and has no adapter yet); returns (the step
+    the rerun must resume from, whether the rerun must stop because no whole checkpoint is left)."""
+    complete = complete_checkpoints(out)
+    if not complete or (out / TRAIN_RESULT).exists():
+        moments.append(f"damage: nothing to damage (complete {complete}, training record: "
+                       f"{(out / TRAIN_RESULT).exists()})")
+        return expected_resume(out), False
+    damage_checkpoint(out / f"{CHECKPOINT_PREFIX}{complete[-1]}", how)
+    moments.append(f"damage: checkpoint-{complete[-1]}: {DAMAGES[how]}")
+    return (complete[-2], False) if len(complete) > 1 else (None, True)
+
+
 def trial(index: int, root: Path, args, rng: random.Random, reference: dict) -> dict:
-    out, hook, log = root / f"trial-{index:02d}", root / "hook", root / f"trial-{index:02d}.log"
+    out, hook, log = args.runs / f"trial-{index:02d}", root / "hook", root / f"trial-{index:02d}.log"
     kinds = [rng.choice(args.kinds) for _ in range(args.kills)]
     moments = []
     for kind in kinds:
@@ -345,16 +401,84 @@ def trial(index: int, root: Path, args, rng: random.Random, reference: dict) -> 
         unmarked = f", unmarked: {len(snap['unmarked'])} files" if snap["unmarked"] else ""
         staged = f", {ADAPTER_STAGING}: {len(snap['adapter_staging'])} files" if snap["adapter_staging"] else ""
         moments.append(f"{kind}: {what} -> complete {snap['complete']}{unmarked}{staged}")
-    expected = max(complete_checkpoints(out), default=None)
-    final = subprocess.run(runner_command(out, args.train_size, args.max_steps, args.save_steps, args.batch_size),
-                           env=run_env(hook), cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
-                           check=False)
-    problems = [f"rerun exit {final.returncode}: {final.stderr[-300:]}"] if final.returncode else []
+    expected, refused = expected_resume(out), False
+    if args.damage:
+        expected, refused = damage_newest(out, rng.choice(list(DAMAGES)) if args.damage == "random" else args.damage,
+                                          moments)
+    command = runner_command(out, args.train_size, args.max_steps, args.save_steps, args.batch_size)
+    problems = []
+    if refused:  # no whole checkpoint left: refused before the model loads, then started over with --fresh
+        stopped = subprocess.run(command, env=run_env(hook, gcsfuse_root=args.bucket), cwd=REPO, capture_output=True,
+                                 text=True, timeout=args.timeout, check=False)
+        if stopped.returncode == 0 or "every complete checkpoint" not in stopped.stderr:
+            problems.append(f"not refused with every checkpoint damaged (exit {stopped.returncode})")
+        command = [*command, "--fresh"]
+    final = subprocess.run(command, env=run_env(hook, gcsfuse_root=args.bucket), cwd=REPO, capture_output=True,
+                           text=True, timeout=args.timeout, check=False)
+    problems += [f"rerun exit {final.returncode}: {final.stderr[-300:]}"] if final.returncode else []
     problems += verify(out, args.max_steps, expected) if not problems else []
+    if args.damage and moments[-1].startswith("damage: checkpoint") and not refused and "is damaged" not in final.stdout:
+        problems.append("the rerun did not say the checkpoint was damaged")
     train = json.loads((out / TRAIN_RESULT).read_text())["train"] if (out / TRAIN_RESULT).exists() else {}
     return {"trial": index, "kills": moments, "resumed_from": Path(train["resumed_from"]).name
             if train.get("resumed_from") else None, "global_step": train.get("global_step"),
             "adapter_max_diff": adapter_difference(out, reference["out"]), "problems": problems}
+
+
+def _race_for_lock(run_dir: str, barrier, holders, no_flock: bool) -> None:
+    """One racer: wait for the others, try to take ``run.lock``, and when it wins, hold it while they look."""
+    if no_flock:  # as on a bucket mounted with gcsfuse: file locks are refused
+        import fcntl
+
+        def refused(*args, **kwargs):
+            raise OSError(errno.ENOLCK, "no file locking (simulated gcsfuse)")
+
+        fcntl.flock = refused
+    barrier.wait()
+    try:
+        acquire_lock(run_dir)
+    except Exception:  # noqa: BLE001 - a live holder's refusal: this racer lost
+        return
+    holders.put(os.getpid())
+    time.sleep(0.3)
+
+
+def race_for_stale_lock(run_dir: Path, racers: int = 8, no_flock: bool = False) -> int:
+    """How many of ``racers`` processes, started together on a folder whose ``run.lock`` is stale (its process
+    has ended), end up holding the lock: exactly one is right."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid whose process has ended, as a killed runner's
+    (run_dir / "run.lock").write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename, "started": "then"}))
+    context = multiprocessing.get_context("fork")
+    barrier, holders = context.Barrier(racers), context.Queue()
+    procs = [context.Process(target=_race_for_lock, args=(str(run_dir), barrier, holders, no_flock))
+             for _ in range(racers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    count = 0
+    while not holders.empty():
+        holders.get()
+        count += 1
+    return count
+
+
+def race_rounds(root: Path, rounds: int, racers: int) -> int:
+    """``rounds`` races with file locks and as many without (gcsfuse); prints a table, returns failed rounds."""
+    print("\n| locking | rounds | racers | rounds with exactly one holder | with more | with none |")
+    print("|---|---|---|---|---|---|")
+    failed = 0
+    for no_flock, label in ((False, "flock"), (True, "guard file (no flock, as gcsfuse)")):
+        counts = []
+        for i in range(rounds):
+            run_dir = root / f"race-{int(no_flock)}-{i:03d}"
+            run_dir.mkdir(parents=True)
+            counts.append(race_for_stale_lock(run_dir, racers, no_flock))
+        more, none = sum(c > 1 for c in counts), sum(c == 0 for c in counts)
+        failed += more + none
+        print(f"| {label} | {rounds} | {racers} | {counts.count(1)} | {more} | {none} |")
+    return failed
 
 
 def main(argv=None) -> int:
@@ -372,10 +496,24 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--keep", default=None, help="keep run folders here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--damage", default=None, choices=[*DAMAGES, "random"],
+                        help="after the kills, damage the newest complete checkpoint so (described above)")
+    parser.add_argument("--gcsfuse", action="store_true",
+                        help="run folders on a simulated Cloud Storage FUSE mount (no directory rename, no locks)")
+    parser.add_argument("--race-lock", type=int, default=0, metavar="ROUNDS",
+                        help="only race --racers processes for one stale lock, ROUNDS times with and without flock")
+    parser.add_argument("--racers", type=int, default=8)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     root = Path(args.keep or tempfile.mkdtemp(prefix="kill-resume-"))
     root.mkdir(parents=True, exist_ok=True)
+    if args.race_lock:
+        failed = race_rounds(root, args.race_lock, args.racers)
+        print(f"\n{failed} rounds without exactly one holder")
+        return 1 if failed else 0
+    args.bucket = root / "bucket" if args.gcsfuse else None
+    args.runs = args.bucket / "runs" if args.gcsfuse else root
+    args.runs.mkdir(parents=True, exist_ok=True)
     start_time = time.monotonic()
     reference = reference_run(root, args)
     print(f"reference run: {reference['total']:.0f} s, training ~{reference['train_start']:.0f}-"

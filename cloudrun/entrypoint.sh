@@ -9,6 +9,9 @@
 #                             and whichever task finds all N shard files present merges them into
 #                             <eval dir>/metrics.json (helpers.run.shards).
 #   JOB_MODE=merge            merge the shard files under $EVAL_DIR again (e.g. after fixing one task).
+#   JOB_MODE=export           merge the adapter of the finished run ADAPTER_RUN into its bf16 base:
+#                             <run>/merged, with export.json (python -m helpers.export). MERGE_AFTER_TRAINING=1
+#                             does the same at the end of a training task.
 #
 # Arguments ("--args" of the job or of `jobs execute`) are passed through to the runner, e.g.
 #   --model-id /mnt/gcs/gemma-4-31b-it/ --train-size 4000
@@ -23,12 +26,15 @@
 #                   The copy lives in the container's in-memory file system: it needs MEMORY beside training.
 #   GCLOUD_CMD      the gcloud command for that copy (default gcloud; tests point it at a fake)
 #   RUN_ID          run folder name (default $CLOUD_RUN_EXECUTION; outside Cloud Run a timestamp)
-#   ADAPTER_RUN     eval-shard (required): the training run folder whose adapter/ is evaluated (its
-#                   execution id under RUNS_DIR, or absolute); results go to $ADAPTER_RUN/eval-$RUN_ID
+#   ADAPTER_RUN     eval-shard and export (required): the training run folder whose adapter/ is used (its
+#                   execution id under RUNS_DIR, or absolute); eval results go to $ADAPTER_RUN/eval-$RUN_ID
 #   EVAL_NOTEBOOK   eval-shard: the runner's --notebook value (default 05_evaluation)
 #   EVAL_DIR, EXPECT_SHARDS   merge mode: the eval folder and the number of shards
 #   RUNNER_CMD      the runner command (default "python -m helpers.runner"; tests point it at a stub)
 #   MERGE_CMD       the merge command (default "python -m helpers.run.shards")
+#   EXPORT_CMD      the export command (default "python -m helpers.export")
+#   MERGE_AFTER_TRAINING   1: train mode merges the adapter into its base once the runner has finished
+#   MERGE_CHECK_ROWS       held-out rows on which the merged model is compared with the adapter (default 100)
 #   HF_TOKEN        read by huggingface_hub from the environment (Secret Manager); never printed and
 #                   never passed as an argument: this script refuses arguments that carry it.
 set -euo pipefail
@@ -41,6 +47,9 @@ RUNS_DIR="${RUNS_DIR:-${GCS_MOUNT}/runs}"
 JOB_MODE="${JOB_MODE:-train}"
 RUNNER_CMD="${RUNNER_CMD:-python -m helpers.runner}"
 MERGE_CMD="${MERGE_CMD:-python -m helpers.run.shards}"
+EXPORT_CMD="${EXPORT_CMD:-python -m helpers.export}"
+MERGE_AFTER_TRAINING="${MERGE_AFTER_TRAINING:-0}"
+MERGE_CHECK_ROWS="${MERGE_CHECK_ROWS:-100}"
 GCLOUD_CMD="${GCLOUD_CMD:-gcloud}"
 MODEL_BUCKET="${MODEL_BUCKET:-}"
 MODEL_COPY_DIR="${MODEL_COPY_DIR:-}"
@@ -52,6 +61,7 @@ task_index="${CLOUD_RUN_TASK_INDEX:-0}"
 task_count="${CLOUD_RUN_TASK_COUNT:-1}"
 read -r -a runner <<< "${RUNNER_CMD}"
 read -r -a merger <<< "${MERGE_CMD}"
+read -r -a exporter <<< "${EXPORT_CMD}"
 HF_TOKEN="${HF_TOKEN:-}"
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
@@ -78,6 +88,19 @@ if [[ "${REQUIRE_MOUNT}" == "1" ]]; then
     [[ "${mount}" == "${GCS_MOUNT}"/* || -d "${mount}" ]] || die "bucket mount ${mount} not found: mount the bucket there (--add-volume type=cloud-storage + --add-volume-mount, as cloudrun/deploy.sh does), set GCS_MOUNT / RUNS_DIR, or REQUIRE_MOUNT=0"
   done
 fi
+
+# A first write to the output mount, before any model loads: a mount this user cannot write (gcsfuse owns its
+# files as its own process's uid unless the mount's uid/gid options say otherwise) or a service account
+# without object write access fails here in seconds, not after the weights have loaded.
+check_writable() {  # $1: a folder that must take new files
+  local probe="$1/.write-check-$$-${RANDOM}"
+  if mkdir -p "$1" 2>/dev/null && { printf 'ok\n' > "${probe}"; } 2>/dev/null; then
+    rm -f "${probe}"
+    return 0
+  fi
+  die "cannot write to $1 as uid $(id -u): the output bucket must be mounted so that this user can write (cloudrun/deploy.sh mounts it with mount-options uid=$(id -u);gid=$(id -g)) and the job's service account needs roles/storage.objectUser on the bucket"
+}
+check_writable "${RUNS_DIR}"
 
 run_id="${RUN_ID:-${CLOUD_RUN_EXECUTION:-}}"
 if [[ -z "${run_id}" ]]; then
@@ -158,6 +181,41 @@ local_model() {  # $1: the --model-id value; prints the path the runner should l
   printf '%s' "${MODEL_COPY_DIR}/${relative##*/}"
 }
 
+# The merge reads the base model through the mount, at the path the run's manifest recorded: where that path
+# is the in-memory copy (MODEL_COPY_DIR), the copy gives way to a link to the mount: loading the bf16 base
+# (onto the GPU when it fits, else into host memory) needs the host memory that the copy holds.
+base_from_mount() {  # $@: the job's runner arguments (their --model-id names the model)
+  local arg expect=0 path relative
+  [[ -n "${MODEL_COPY_DIR}" ]] || return 0
+  for arg in "$@"; do
+    if (( expect )); then path="${arg%/}"; expect=0
+    elif [[ "${arg}" == --model-id ]]; then expect=1
+    elif [[ "${arg}" == --model-id=* ]]; then path="${arg#--model-id=}"; path="${path%/}"
+    fi
+  done
+  [[ -n "${path:-}" && "${path}" == "${GCS_MOUNT}"/* ]] || return 0
+  relative="${path#"${GCS_MOUNT}"/}"
+  mkdir -p "${MODEL_COPY_DIR}"
+  rm -rf "${MODEL_COPY_DIR:?}/${relative##*/}"
+  ln -s "${path}" "${MODEL_COPY_DIR}/${relative##*/}"
+  log "merge: the base model is read through the mount (${MODEL_COPY_DIR}/${relative##*/} -> ${path})"
+}
+
+# Writes <run>/merged: the adapter merged into its bf16 base, and export.json (after the weights) with the
+# agreement with the adapter on MERGE_CHECK_ROWS held-out rows. A folder without export.json is what a killed
+# merge left: it is removed and merged again (helpers.export refuses to write into it).
+export_merged() {  # $1: the run folder; the rest: the job's runner arguments
+  local run_dir="$1" merged="$1/merged"
+  shift
+  if [[ -f "${merged}/export.json" ]]; then
+    log "${merged} is already merged (export.json): kept"
+    return 0
+  fi
+  rm -rf "${merged}"
+  base_from_mount "$@"
+  run_forwarding "${exporter[@]}" --run "${run_dir}" --merged "${merged}" --check-size "${MERGE_CHECK_ROWS}"
+}
+
 # Sets the array runner_args from "$@" (model_args runs in a subshell: its failure must stop the task here).
 set_runner_args() {
   local listed
@@ -170,6 +228,9 @@ case "${JOB_MODE}" in
   train)
     (( task_count == 1 )) || die "training runs as one task (got CLOUD_RUN_TASK_COUNT=${task_count}); parallel tasks are for JOB_MODE=eval-shard"
     out="${RUNS_DIR}/${run_id}"
+    if [[ "${MERGE_AFTER_TRAINING}" == "1" ]] && (( has_output_dir )); then
+      die "MERGE_AFTER_TRAINING merges the run folder the entrypoint chooses: drop --output-dir"
+    fi
     if (( has_output_dir )); then
       log "--output-dir given in the arguments: using it instead of ${out}"
     else
@@ -183,6 +244,7 @@ case "${JOB_MODE}" in
     (( has_output_dir )) || note_attempt "${out}"
     set_runner_args "$@"
     run_forwarding "${runner[@]}" "${runner_args[@]}"
+    [[ "${MERGE_AFTER_TRAINING}" != "1" ]] || export_merged "${out}" "$@"
     ;;
 
   eval-shard)
@@ -222,7 +284,16 @@ case "${JOB_MODE}" in
     run_forwarding "${merger[@]}" merge "${eval_dir}" --out "${eval_dir}/metrics.json" "${expect[@]}"
     ;;
 
+  export)
+    (( task_count == 1 )) || die "export runs as one task (got CLOUD_RUN_TASK_COUNT=${task_count})"
+    [[ -n "${ADAPTER_RUN:-}" ]] || die "export mode needs ADAPTER_RUN: the training run whose adapter/ is merged (its folder name under ${RUNS_DIR}, i.e. the training execution id, or an absolute path)"
+    adapter_run="$(abs_under "${ADAPTER_RUN}" "${RUNS_DIR}")"
+    [[ -f "${adapter_run}/adapter/${COMPLETE_MARKER}" ]] || die "no complete adapter/ in ${adapter_run} (ADAPTER_RUN): the training run has not finished"
+    note_attempt "${adapter_run}"
+    export_merged "${adapter_run}" "$@"
+    ;;
+
   *)
-    die "JOB_MODE must be train, eval-shard or merge (got '${JOB_MODE}')"
+    die "JOB_MODE must be train, eval-shard, merge or export (got '${JOB_MODE}')"
     ;;
 esac

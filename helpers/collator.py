@@ -85,6 +85,22 @@ def check_prompt_is_prefix(tokenizer, chat: ChatFormat, answers) -> None:
                                 f"end {tokenizer.convert_ids_to_tokens(prompt[-2:])} + {tokenizer.convert_ids_to_tokens(alone)}")
 
 
+def image_sequence_length(processor) -> int:
+    """The most tokens one image can take in a sequence: ``<|image>``, up to the budget's soft tokens
+    (``max_soft_tokens``; fewer when the image's shape does not fill it), ``<image|>``."""
+    return processor.image_processor.max_soft_tokens + 2
+
+
+def longest_training_sequence(processor, class_names, question: str = QUESTION, system_prompt: str | None = None,
+                              enable_thinking: bool = False) -> int:
+    """The most tokens a training sequence of these class names can take, measured without an image: the
+    longest answer's training text, its one ``<|image|>`` placeholder counted as the whole image at the
+    processor's budget (``image_sequence_length``). No example the collator builds is longer."""
+    chat = chat_format(processor, question, system_prompt, enable_thinking)
+    text = max(len(text_ids(processor.tokenizer, chat.training_text(answer))) for answer in class_names)
+    return text - 1 + image_sequence_length(processor)
+
+
 # -- the backward search, one small step per function (notebook 03 shows each) ------------------------
 
 def last_marker_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker_id: int) -> torch.Tensor:

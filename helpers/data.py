@@ -15,14 +15,23 @@ Class names come from the data (ClassLabel names, folder names, label strings, o
 ``readable_class_name`` or renamed by a ``class_map_file`` (JSON: ``{"raw label": "class name"}``).
 ``describe_source`` reads a source without decoding any image and raises ``DataError`` naming the path,
 split, column or class for what would make the run meaningless (a missing or empty path, class names that
-collide, a class with no training row, an evaluation label training never saw); the runner calls it
-before the model loads, and its ``fingerprint()`` goes into the run folder's manifest.
+collide or hold one of Gemma 4's control tokens, fewer than two classes, a class with no training row, an
+evaluation label training never saw, a held-out split with no rows); the runner calls it before the model
+loads, and its ``fingerprint()`` goes into the run folder's manifest.
+
+Images are told apart by content (a hash of their stored bytes), so one file listed twice, or one image
+under two names, is one image: a held-out share is carved by image, not by row, and a held-out row whose
+image training also has, or that an earlier held-out row already shows, is left out and counted.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +42,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from helpers.validation import validate_examples
+from helpers.chat import ALL_SPECIAL_TOKENS
+from helpers.validation import ALSO_IN_TRAINING, REPEATED_IMAGE, validate_examples
+
+log = logging.getLogger(__name__)
 
 DIGITS = "digits"
 
@@ -56,7 +68,8 @@ class ExampleSet:
     """One split of one data set: examples in the shared schema and the class names.
 
     ``skipped`` counts the rows left out, by reason (``helpers.validation``: corrupt image, label outside
-    the class list...); notebooks 04 and 05 print it and ``metrics.json`` records it.
+    the class list, a held-out image that training also has...); notebooks 04 and 05 print it and
+    ``metrics.json`` records it.
     """
 
     name: str
@@ -106,12 +119,20 @@ class DataError(ValueError):
 @dataclass
 class SplitRows:
     """One split's rows before any image is decoded: labels (class indices, ``None`` where missing) and,
-    per row, how to read its image as stored and a short identity (a path, or a hash of the bytes)."""
+    per row, how to read its image as stored, a short identity (a path, or a hash of the bytes) and its
+    content key (``content_key``: ``None`` where nothing can be read, a missing file counted when loaded).
+
+    ``dropped``: rows left out of this split, by skip reason (``drop_shared_images``); ``load_examples``
+    adds them to the split's skip counts. ``repeats``: rows kept that show an image an earlier row shows.
+    """
 
     name: str
     labels: list
     read: Callable[[int], object]
     identity: Callable[[int], str]
+    content: list
+    dropped: dict[str, int] = field(default_factory=dict)
+    repeats: int = 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -119,13 +140,23 @@ class SplitRows:
     def subset(self, indices, name: str) -> SplitRows:
         indices = [int(i) for i in indices]
         return SplitRows(name, [self.labels[i] for i in indices], lambda k: self.read(indices[k]),
-                         lambda k: self.identity(indices[k]))
+                         lambda k: self.identity(indices[k]), [self.content[i] for i in indices])
 
     def fingerprint(self) -> dict:
-        digest = hashlib.sha256()
+        """Name, row count, a hash of the rows' identities and labels, and one of their images' content keys
+        (a difference there says an image changed under the same name)."""
+        rows, content = hashlib.sha256(), hashlib.sha256()
         for i, label in enumerate(self.labels):
-            digest.update(f"{self.identity(i)}\t{label}\n".encode())
-        return {"name": self.name, "rows": len(self), "rows_sha256": digest.hexdigest()}
+            rows.update(f"{self.identity(i)}\t{label}\n".encode())
+            content.update(f"{self.content[i]}\n".encode())
+        return {"name": self.name, "rows": len(self), "rows_sha256": rows.hexdigest(),
+                "content_sha256": content.hexdigest()}
+
+    def summary(self) -> str:
+        notes = [f"{self.repeats} repeat an image of another row"] if self.repeats else []
+        if self.dropped:
+            notes.append("left out: " + ", ".join(f"{n} {reason}" for reason, n in self.dropped.items()))
+        return f"{self.name!r} {len(self)} row{'s' * (len(self) != 1)}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @dataclass
@@ -151,8 +182,7 @@ class DataSource:
 
     def summary(self) -> str:
         return (f"{self.name} ({self.kind}): {len(self.class_names)} classes; training split "
-                f"{self.train.name!r} {len(self.train)} rows, held-out split {self.held_out.name!r} "
-                f"{len(self.held_out)} rows")
+                f"{self.train.summary()}, held-out split {self.held_out.summary()}")
 
 
 TRAIN, HELD_OUT = "train", "test"  # the two roles a run loads; "test" is the held-out rows, whatever their split
@@ -164,27 +194,87 @@ TABLE_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 SPLIT_COLUMN = "split"  # in a table file: each row's split, when the file holds more than one
 
 
-def stratified_held_out(labels: list, test_fraction: float, seed: int = SPLIT_SEED) -> tuple[list, list]:
-    """(training indices, held-out indices): ``test_fraction`` of each class held out, at least one row of
-    each class kept for training (a class with one row is trained on, not held out)."""
+def stratified_held_out(labels: list, test_fraction: float, seed: int = SPLIT_SEED,
+                        groups: list | None = None) -> tuple[list, list]:
+    """(training indices, held-out indices): ``test_fraction`` of each class held out, at least one image of
+    each class kept for training (a class with one image is trained on, not held out).
+
+    ``groups``: a key per row (``content_key``); rows with one key are one image and go to the same side, so
+    a repeated image is never both trained on and scored. ``None`` keys are rows of their own. A group is
+    stratified under its first row's label; with every key distinct this is a split of rows.
+    """
+    members: dict[int, list[int]] = {}  # first row of each image -> its rows
+    first_row: dict = {}
+    for i, key in enumerate(groups if groups is not None else [None] * len(labels)):
+        members.setdefault(i if key is None else first_row.setdefault(key, i), []).append(i)
     rng = np.random.default_rng(seed)
     by_class: dict = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
+    for first in members:
+        by_class.setdefault(labels[first], []).append(first)
     held = []
     for label in sorted(by_class, key=str):
-        rows = rng.permutation(by_class[label])
-        held += rows[: min(round(len(rows) * test_fraction), len(rows) - 1)].tolist()
+        images = rng.permutation(by_class[label])
+        for first in images[: min(round(len(images) * test_fraction), len(images) - 1)].tolist():
+            held += members[first]
     held_set = set(held)
     return [i for i in range(len(labels)) if i not in held_set], sorted(held)
+
+
+def drop_shared_images(train: SplitRows, held: SplitRows) -> tuple[SplitRows, SplitRows]:
+    """(training rows, held-out rows) with every held-out row left out whose image training also has
+    (``also_in_training``) or an earlier held-out row already shows (``repeated_image``), counted in the
+    held-out rows' ``dropped``; the training rows' repeats are counted in ``repeats`` and kept.
+
+    A score on images the model was trained on measures memory, not learning, and an image scored twice
+    weighs twice in accuracy: both leave the held-out split. Repeats stay in training, where repeating rows is
+    a way to weight an image or a class; they are reported (``DataSource.summary``) in case they are a mistake.
+    """
+    trained, repeats = set(), 0
+    for key in train.content:
+        if key is not None:
+            repeats += key in trained
+            trained.add(key)
+    train.repeats = repeats
+    kept, scored, dropped = [], set(), Counter()
+    for i, key in enumerate(held.content):
+        if key is not None and key in trained:
+            dropped[ALSO_IN_TRAINING] += 1
+        elif key is not None and key in scored:
+            dropped[REPEATED_IMAGE] += 1
+        else:
+            kept.append(i)
+            scored.add(key)
+    if dropped:
+        held = held.subset(kept, held.name)
+        held.dropped = dict(sorted(dropped.items()))
+    return train, held
+
+
+def _checked_source(name: str, kind: str, class_names: list[str], train: SplitRows, held: SplitRows,
+                    carved: bool, test_fraction: float) -> DataSource:
+    """The ``DataSource``, or ``DataError`` naming the held-out split when it has no row to score."""
+    if not len(held):
+        where = f"the held-out split {held.name!r} of {name!r}"
+        if held.dropped:  # the first row of each image stays unless training has the image: all of them did
+            reasons = ", ".join(f"{n} {reason}" for reason, n in held.dropped.items())
+            raise DataError(f"{where} has no row left ({reasons}): every image in it is also in the training split "
+                            f"{train.name!r} (the same file, or the same bytes under another name), and a score "
+                            "on trained images measures memory, not learning; give it images of its own")
+        if carved:
+            raise DataError(f"{where} is empty: with test_fraction {test_fraction}, no class has enough distinct "
+                            "images to hold one out (a class's last image is kept for training); add images or "
+                            "give the data a test split")
+        raise DataError(f"{where} has no rows: add images to it, or name another split in eval_split")
+    return DataSource(name, kind, class_names, train, held)
 
 
 def _digits_source(test_fraction: float = 0.25) -> DataSource:
     digits = load_digits()
     train_idx, test_idx = _stratified_split(digits.target, test_fraction, seed=0)
-    every = SplitRows("all", [int(t) for t in digits.target], lambda i: digit_image(digits.data[i]), str)
-    return DataSource(DIGITS, "digits", list(DIGIT_NAMES), every.subset(train_idx, TRAIN),
-                      every.subset(test_idx, "test"))
+    every = SplitRows("all", [int(t) for t in digits.target], lambda i: digit_image(digits.data[i]), str,
+                      [content_key(row) for row in digits.data])
+    train, held = drop_shared_images(every.subset(train_idx, TRAIN), every.subset(test_idx, "test"))
+    return _checked_source(DIGITS, "digits", list(DIGIT_NAMES), train, held, True, test_fraction)
 
 
 def load_digits_examples(split: str = "train", size: int | None = None, seed: int = 0,
@@ -227,9 +317,19 @@ def read_class_map(path) -> dict[str, str]:
     return {str(k): v.strip() for k, v in mapping.items()}
 
 
+# Text a class name must not hold: it is the answer the model learns to write. Gemma 4's special tokens
+# (helpers.chat) are cut out of a generated answer before it is matched, and in a training answer they would
+# be read as control tokens (a "<turn|>" ends the turn). Every Gemma 4 control token has the shape "<|name>",
+# "<name|>" or "<|name|>", and checkpoints add new ones of it (tool calls, video), so "<|" and "|>" are refused
+# as such; so are the "<start_of_...>"/"<end_of_...>" markers of the Gemma 3 chat format.
+CONTROL_TEXT = re.compile("|".join([*(re.escape(t) for t in ALL_SPECIAL_TOKENS), r"<(?:start|end)_of_\w+>",
+                                    r"<\|[^<>|]*\|?>", r"<[^<>|]*\|>", r"<\|", r"\|>"]))
+
+
 def class_names_for(raw_names: list[str], class_map: dict[str, str], what: str) -> list[str]:
     """Each raw name renamed by ``class_map`` or tidied (``readable_class_name``); ``DataError`` when a map
-    key names no class or when two classes end up with one name (case and spacing ignored, as matching is)."""
+    key names no class, when two classes end up with one name (case and spacing ignored, as matching is), or
+    when a name holds a control token of the model (``CONTROL_TEXT``)."""
     unknown = sorted(set(class_map) - set(raw_names))
     if unknown:
         raise DataError(f"class_map_file names {unknown}, which are not {what}s of this data; they are "
@@ -242,6 +342,13 @@ def class_names_for(raw_names: list[str], class_map: dict[str, str], what: str) 
             raise DataError(f"{what}s {seen[key]!r} and {raw!r} both become the class name {name!r}: rename one, "
                             "or give them distinct names in a class_map_file")
         seen[key] = raw
+    for raw, name in zip(raw_names, names):
+        token = CONTROL_TEXT.search(name)
+        if token:
+            raise DataError(f"class name {name!r}" + (f" ({what} {raw!r})" if raw != name else "")
+                            + f" holds {token.group()!r}, which Gemma 4 reads as (part of) a control token, not "
+                            "text: the model could not learn to write that answer; rename the class in a "
+                            "class_map_file")
     return names
 
 
@@ -266,6 +373,11 @@ def resolve_labels(train_raw: list, held_raw: list, class_map: dict, what: str =
         _refuse_unseen([str(v) for v in held_raw if v is not None and str(v) not in position], declared, what)
         train, held = ([None if v is None else position.get(str(v)) for v in raw] for raw in (train_raw, held_raw))
     names = class_names_for(declared, class_map, what)
+    if len(names) < 2:
+        found = f"only {names[0]!r}" + (f" ({what} {declared[0]!r})" if declared[0] != names[0] else "") \
+            if names else "none"
+        raise DataError(f"a classifier needs at least two classes; this data has {found}: with one class every "
+                        "answer is right and the accuracy says nothing. Add images of another class")
     _check_every_class_trained(names, declared, train, what)
     return names, train, held
 
@@ -287,8 +399,8 @@ def _check_every_class_trained(names: list[str], raw_names: list[str], train: li
 
 
 def held_out_rows(rows: SplitRows, eval_split: str | None, test_fraction: float) -> tuple[SplitRows, SplitRows]:
-    """(training rows, held-out rows) carved from one split: ``test_fraction`` of each class, seeded."""
-    train_idx, held_idx = stratified_held_out(rows.labels, test_fraction)
+    """(training rows, held-out rows) carved from one split: ``test_fraction`` of each class's images, seeded."""
+    train_idx, held_idx = stratified_held_out(rows.labels, test_fraction, groups=rows.content)
     return rows.subset(train_idx, rows.name), rows.subset(held_idx, eval_split or CARVED_SPLIT)
 
 
@@ -332,7 +444,8 @@ def _class_folder_rows(folder: Path, root: Path, name: str) -> tuple[SplitRows, 
         files = image_files(class_dir)
         paths += files
         labels += [class_name] * len(files)
-    rows = SplitRows(name, labels, lambda i: str(paths[i]), lambda i: paths[i].relative_to(root).as_posix())
+    rows = SplitRows(name, labels, lambda i: str(paths[i]), lambda i: paths[i].relative_to(root).as_posix(),
+                     [content_key(p) for p in paths])
     return rows, list(classes)
 
 
@@ -358,11 +471,13 @@ def folder_source(root: Path, train_split: str = "train", eval_split: str | None
                             f"{eval_split!r} names nothing: drop it (a share is held out) or add {train_split}/")
         train, declared = _class_folder_rows(root, root, train_split)
         held = None
-    if held is None:
+    carved = held is None
+    if carved:
         train, held = held_out_rows(train, None, test_fraction)
+    train, held = drop_shared_images(train, held)
     names, train.labels, held.labels = resolve_labels(train.labels, held.labels, class_map or {},
                                                       "class folder", declared)
-    return DataSource(str(root), "image folder", names, train, held)
+    return _checked_source(str(root), "image folder", names, train, held, carved, test_fraction)
 
 
 # --------------------------------------------------------------------------- table files
@@ -382,11 +497,49 @@ def read_table(path: Path):
         raise DataError(f"{path} cannot be read as {suffix[1:].upper()} ({type(err).__name__}: {err})") from None
 
 
+# The first bytes of the formats an image cell's base64 text may hold (JPEG, PNG, GIF, BMP, TIFF, WebP).
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+DATA_URI = re.compile(r"data:[\w.+/-]*(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
+BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")  # no "." nor "-": a file name with an extension never matches
+
+
+def is_image_signature(data: bytes) -> bool:
+    return data.startswith(IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def decode_base64_image(text: str, strict: bool = True) -> bytes | None:
+    """The bytes of an image written as text: a data URI (``data:image/png;base64,...``), or, when ``strict``
+    is false (the cell says it holds bytes) or the text is base64 of a known image format, bare base64.
+    ``None``: not image text (a path, say). A data URI whose payload is not base64 gives ``b""``, which
+    reading counts as an unreadable image."""
+    text = "".join(text.split())  # base64 is often wrapped at 76 characters
+    uri = DATA_URI.match(text)
+    if uri:
+        text, strict = text[uri.end():], False
+    elif strict and not BASE64_TEXT.fullmatch(text):
+        return None
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None if strict else b""
+    return data if not strict or is_image_signature(data) else None
+
+
 def _table_image(value, folder: Path):
-    """An image cell: a path (relative to the table's folder), bytes, or ``{"bytes", "path"}``."""
-    if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
-        value = value["path"]
+    """An image cell: a path (relative to the table's folder), bytes, base64 text (``decode_base64_image``),
+    or ``{"bytes", "path"}`` (with ``bytes`` as bytes, base64 text or a list of byte values)."""
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if isinstance(data, str):
+            return decode_base64_image(data, strict=False)
+        if isinstance(data, list) and all(isinstance(b, int) and 0 <= b < 256 for b in data):
+            return bytes(data)  # bytes as a JSON writer without base64 writes them
+        if data is None and value.get("path"):
+            value = value["path"]
     if isinstance(value, str) and value.strip():
+        data = decode_base64_image(value)
+        if data is not None and not (len(value) < 256 and (folder / value.strip()).is_file()):
+            return data
         return str(folder / value.strip())  # an absolute path stays as it is
     return None if isinstance(value, float) else value  # NaN: an empty cell
 
@@ -400,6 +553,27 @@ def image_identity(value) -> str:
     return str(value)
 
 
+def content_key(value) -> str | None:
+    """What tells one image from another: a hash of its stored bytes (a file's bytes, encoded bytes, an
+    in-memory image's or array's pixels), so one file listed twice, or one image saved under two names, has
+    one key. A re-encoded or resized copy has another (catching it would mean decoding every image).
+    ``None`` when there is nothing to read (a missing file: counted as such when its row is loaded)."""
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (str, Path)):
+        try:
+            value = Path(value).read_bytes()
+        except (OSError, ValueError):
+            return None
+    if isinstance(value, Image.Image):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        value = f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "sha1:" + hashlib.sha1(bytes(value)).hexdigest()
+    return None
+
+
 def table_source(path: Path, image_column: str = "image", label_column: str = "label", train_split: str = "train",
                  eval_split: str | None = None, test_fraction: float = 0.25,
                  class_map: dict | None = None) -> DataSource:
@@ -411,10 +585,12 @@ def table_source(path: Path, image_column: str = "image", label_column: str = "l
                         f"its columns are {list(table.columns)}")
     if table.empty:
         raise DataError(f"{path} has no rows")
-    cells = list(table[image_column])
-    written = [None if isinstance(c, float) else c for c in cells]
-    every = SplitRows("all", [_raw_label(v) for v in table[label_column]],
-                      lambda i: _table_image(cells[i], path.parent), lambda i: image_identity(written[i]))
+    images = [_table_image(cell, path.parent) for cell in table[image_column]]
+    # a path as written in the file (relative paths stay the same on another machine); bytes by their hash
+    written = [image if isinstance(image, bytes) else None if isinstance(cell, float) else cell
+               for cell, image in zip(table[image_column], images)]
+    every = SplitRows("all", [_raw_label(v) for v in table[label_column]], images.__getitem__,
+                      lambda i: image_identity(written[i]), [content_key(image) for image in images])
     if SPLIT_COLUMN in table.columns:
         split_of = [str(v) for v in table[SPLIT_COLUMN]]
         _require_split(set(split_of), train_split, f"{path} ({SPLIT_COLUMN!r} column)")
@@ -426,11 +602,13 @@ def table_source(path: Path, image_column: str = "image", label_column: str = "l
                         "drop it (a share is held out) or add the column")
     else:
         train, held = every.subset(range(len(every)), train_split), None
-    if held is None:
+    carved = held is None
+    if carved:
         train, held = held_out_rows(train, None, test_fraction)
+    train, held = drop_shared_images(train, held)
     names, train.labels, held.labels = resolve_labels(train.labels, held.labels, class_map or {},
                                                       f"{label_column!r} value")
-    return DataSource(str(path), "table file", names, train, held)
+    return _checked_source(str(path), "table file", names, train, held, carved, test_fraction)
 
 
 # --------------------------------------------------------------------------- datasets (hub or local)
@@ -454,8 +632,9 @@ def dataset_rows(dataset, split: str, image_column: str = "image",
     declared = getattr(dataset.features[label_column], "names", None)
     images = _undecoded(dataset.select_columns([image_column]), image_column)
     labels = [_raw_label(v) for v in dataset[label_column]]
-    return SplitRows(split, labels, lambda i: images[i][image_column],
-                     lambda i: image_identity(images[i][image_column])), list(declared) if declared else None
+    content = [content_key(row[image_column]) for row in images]  # one pass, row by row: bytes stay on disk
+    return SplitRows(split, labels, lambda i: images[i][image_column], lambda i: image_identity(images[i][image_column]),
+                     content), list(declared) if declared else None
 
 
 def _load_dataset_dict(name: str):
@@ -487,9 +666,10 @@ def datasets_source(name: str, image_column: str = "image", label_column: str = 
             train, held = held_out_rows(train, None, test_fraction)
     except DataError as err:
         raise DataError(where + str(err)) from None
+    train, held = drop_shared_images(train, held)
     names, train.labels, held.labels = resolve_labels(train.labels, held.labels, class_map or {},
                                                       f"{label_column!r} value", declared)
-    return DataSource(name, "datasets", names, train, held)
+    return _checked_source(name, "datasets", names, train, held, not eval_name, test_fraction)
 
 
 # --------------------------------------------------------------------------- one entry point
@@ -539,7 +719,11 @@ def load_examples(name: str = DIGITS, split: str = TRAIN, size: int | None = Non
         order = _sample_order(len(rows), size, seed)
         candidates = ({"image": rows.read(i), "label": rows.labels[i], "row": int(i)} for i in order)
         kept, skipped = validate_examples(candidates, source.class_names, name, rows.name, limit=size)
+        skipped = dict(sorted((Counter(skipped) + Counter(rows.dropped)).items()))
         examples = ExampleSet(name, rows.name, sorted(kept, key=lambda e: e["row"]), source.class_names, skipped)
+        if rows.repeats:
+            log.warning("data set %r split %r: %d rows repeat an image of another row (kept: a repeat weights "
+                        "an image more in training)", name, rows.name, rows.repeats)
     if size is not None and len(examples) < size:
         print(f"{name} {split}: {size} examples asked for, the split has {len(examples)} usable rows: using all of them")
     return examples

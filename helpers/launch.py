@@ -95,7 +95,8 @@ def load_lora_model(config: RunConfig, model_path: str, local_rank: int, adapter
     model = load_model(model_path, quantization_config(config), device_map=device_map_for(local_rank, config.quantization))
     if adapter_dir is not None:
         return processor, PeftModel.from_pretrained(model, adapter_dir)
-    lora = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    lora = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                       experts=config.lora_experts)
     return processor, apply_lora(model, lora)
 
 
@@ -138,7 +139,7 @@ def train_on_this_rank(config: RunConfig, model, processor, state, model_path: s
     if state.is_main_process:
         print(switched, flush=True)
     trainer = build_trainer(model, args, train_set.examples, collator)
-    resume_from = last_complete_checkpoint(run_dir)
+    resume_from = last_complete_checkpoint(run_dir, report=print if state.is_main_process else lambda line: None)
     trainer.train(resume_from_checkpoint=resume_from)
     speed.switch_off(model)
     lora = gathered_lora_state(trainer.model_wrapped) if trainer.is_fsdp_enabled else None  # every rank gathers

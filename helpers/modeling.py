@@ -9,11 +9,13 @@ they are all ``from_pretrained`` paths. The 12B (``gemma4_unified``) loads throu
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForMultimodalLM, AutoProcessor, BitsAndBytesConfig
+from peft.tuners.lora import LoraLayer
+from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor, BitsAndBytesConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
 
 # The model types of Gemma 4 and the class each loads as: the 12B is ``gemma4_unified`` (encoder-free).
@@ -128,11 +130,42 @@ def load_model(model_id: str, quantization_config: BitsAndBytesConfig | None = N
         raise ModelLoadError(f"could not load {model_id!r} as a Gemma 4 model: {err}") from err
 
 
+# The 26B-A4B's experts are 3-D nn.Parameters of Gemma4TextExperts (22.8B of its 25.2B parameters), not Linear
+# layers: target_modules, "all-linear" included, never reaches them. PEFT wraps parameters by name through
+# target_parameters, with a LoRA of rank r per expert (ParamWrapper, which takes no dropout).
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
 def lora_config(r: int = 16, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
-                modules_to_save=None) -> LoraConfig:
-    """The ``LoraConfig`` notebook 04 shows as plain code."""
+                modules_to_save=None, experts: bool = False) -> LoraConfig:
+    """The ``LoraConfig`` notebook 04 shows as plain code; ``experts``: LoRA on the experts too
+    (``EXPERT_PARAMETERS``, ``RunConfig.lora_experts``)."""
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      target_parameters=EXPERT_PARAMETERS if experts else None,
                       modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+
+
+def meta_model(model_config):
+    """The model ``model_config`` describes, built on the ``meta`` device: every shape, no weights, no memory."""
+    with torch.device("meta"):
+        return AutoModelForMultimodalLM.from_config(model_config)
+
+
+def lora_layer_widths(model, lora: LoraConfig) -> dict[str, tuple[int, int]]:
+    """Every layer ``lora`` wraps in ``model`` (a ``meta_model``: a second or two for the 31B), with its (in, out)
+    widths. PEFT itself picks the layers; a ``target_modules`` it cannot wrap raises its ValueError."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft reads a property transformers renamed
+        model = get_peft_model(model, lora)
+    return {name.removeprefix("base_model.model."): (module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and getattr(module, "in_features", None)}
+
+
+def read_model_config(model_id: str):
+    """The model's ``config.json`` as transformers reads it (``AutoConfig``): no weights are read."""
+    check_model_source(model_id)
+    return AutoConfig.from_pretrained(model_id)
 
 
 def cast_adapters(model, lora_dtype: torch.dtype | None = None):

@@ -5,6 +5,7 @@
 
 ``--run``: a run folder (its base model + adapter); ``--model``: a merged folder written by ``helpers.export``.
 The model is asked as it was trained (``helpers.exports.predictor``); unusable files are reported and skipped.
+A run or merged folder that cannot be used (missing, or a damaged adapter) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import argparse
 import sys
 
 from helpers.exports.predictor import (
+    LOAD_ERRORS,
     PredictError,
     check_output_path,
     describe,
+    how_to_replace,
     load_predictor,
     predict_images,
+    read_saved,
     write_predictions,
 )
-from helpers.run.folder import RunFolderError, read_merged, read_run
+from helpers.run.folder import RunFolderError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +46,19 @@ def main(argv=None) -> int:
         if not args.run and not args.model:
             raise PredictError("give --run RUN_DIR (base + adapter) or --model MERGED_DIR")
         output = check_output_path(args.output) if args.output else None
-        saved = read_merged(args.model) if args.model else read_run(args.run)
+        saved = read_saved(args.run, args.model)
     except (PredictError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"model: {saved.model_path}" + (f" + adapter {saved.adapter}" if saved.adapter else "")
           + f" | {len(saved.class_names)} classes | prompt {saved.prompt}")
-    report = predict_images(load_predictor(saved, args.quantization), args.images, args.generate, args.batch_size)
+    try:
+        predictor = load_predictor(saved, args.quantization)
+    except LOAD_ERRORS as err:  # a file damaged in a way check_readable does not see
+        print(f"error: {saved.adapter or saved.folder} cannot be loaded ({type(err).__name__}: "
+              f"{' '.join(str(err).split())}): {how_to_replace(saved)}", file=sys.stderr)
+        return 2
+    report = predict_images(predictor, args.images, args.generate, args.batch_size)
     for prediction in report.predictions:
         print(describe(prediction))
     for skipped in report.skipped:

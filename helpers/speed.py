@@ -118,14 +118,14 @@ COMPILED_RECOMPILE_LIMIT = 64
 
 
 def should_compile_layers(config) -> bool:
-    """``compile_layers`` as asked; ``None`` means on for bf16 LoRA on one GPU without checkpointing: measured
-    faster there (E4B 13.0 -> 34.9 samples/s on an H200). Checkpointing and several processes are not measured
-    compiled; in 4-bit only the 31B was (1.5x faster than eager, no graph break), so 4-bit stays off by default."""
+    """``compile_layers`` as asked; ``None`` means on for one GPU without checkpointing, in bf16 and in 4-bit:
+    measured faster there for every size tried (benchmarks/README.md, "Fastest settings per size" and "4-bit,
+    compiled and eager"; E2B not measured in 4-bit). Checkpointing and several processes are not measured
+    compiled, so they stay eager."""
     if config.compile_layers is not None:
         return config.compile_layers
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    return (torch.cuda.is_available() and config.quantization == "none" and not config.gradient_checkpointing
-            and one_process)
+    return torch.cuda.is_available() and not config.gradient_checkpointing and one_process
 
 
 def compile_layers(model, dynamic: bool | None = None) -> int:

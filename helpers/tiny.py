@@ -93,7 +93,7 @@ TINY_VISION_HEAD_DIM = 32
 TINY_HEAD_DIM, TINY_GLOBAL_HEAD_DIM = 32, 64  # sliding vs full attention, distinct as in every released size
 # Bumped whenever build_tiny_model draws different weights or the folder's format changes, so
 # ensure_tiny_gemma4 rebuilds an older folder.
-TINY_INIT_VERSION = 4
+TINY_INIT_VERSION = 5
 
 
 def tokenizer_training_corpus() -> list[str]:
@@ -160,22 +160,36 @@ def family_text_config(family: str) -> dict:
     """What differs between the families' text models, in miniature.
 
     Large (26B-A4B, 31B): keys equal values on full-attention layers (``attention_k_eq_v``) with their own KV
-    head count, bidirectional attention over an image's soft tokens, no per-layer inputs. E-series (E2B, E4B):
-    per-layer input embeddings. (E-series KV sharing needs more than two layers; the miniature has none.)
+    head count, bidirectional attention over an image's soft tokens, no per-layer inputs, two layers. E-series
+    (E2B, E4B): per-layer input embeddings, and KV sharing: four layers (sliding, full, sliding, full), of which
+    the last two compute no keys or values of their own and reuse those of the last earlier layer of their type
+    (E2B: 20 of 35 layers, E4B: 18 of 42), with the double-wide MLP that E2B gives its shared layers. Training
+    runs without a cache, so these two layers are where a forward that drops the shared keys and values shows.
     """
     if family == LARGE:
         return {"attention_k_eq_v": True, "num_global_key_value_heads": 1, "use_bidirectional_attention": "vision",
                 "hidden_size_per_layer_input": 0}
-    return {"hidden_size_per_layer_input": 16}
+    return {"hidden_size_per_layer_input": 16, "num_hidden_layers": 4, "num_kv_shared_layers": 2,
+            "layer_types": ["sliding_attention", "full_attention"] * 2, "use_double_wide_mlp": True}
+
+
+# The 26B-A4B's text model in miniature (offline id "tiny-moe"): each layer runs a dense MLP (2112 wide in the
+# 26B-A4B, 0.75 of its width) beside a block of experts (128 of 704, 0.25 of its width; 8 of them per token).
+# The miniature keeps those widths' ratios to its width of 64, with 16 experts of which a token takes 2: fewer
+# than 16 would make the router (width -> experts) narrower than the default LoRA rank.
+TINY_MOE_TEXT = {"enable_moe_block": True, "num_experts": 16, "top_k_experts": 2, "moe_intermediate_size": 16,
+                 "intermediate_size": 48}
 
 
 def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION_LAYERS,
                 text_hidden: int = TINY_TEXT_HIDDEN, patch_size: int = TINY_PATCH_SIZE,
                 vision_hidden: int = TINY_VISION_HIDDEN, vision_heads: int = TINY_VISION_HEADS,
-                vision_head_dim: int = TINY_VISION_HEAD_DIM):
-    """A small Gemma4Config: 2 text layers (sliding then full), a vision tower of ``vision_layers`` layers, no audio.
+                vision_head_dim: int = TINY_VISION_HEAD_DIM, moe: bool = False):
+    """A small Gemma4Config: 2 text layers (sliding then full; 4 for the E-series, ``family_text_config``), a
+    vision tower of ``vision_layers`` layers, no audio.
 
     The vision tower clips as the family's releases do: on for the E-series, off (standardized) for the large.
+    ``moe``: the large family's text model with the 26B-A4B's experts (``TINY_MOE_TEXT``).
     """
     from transformers import Gemma4Config
 
@@ -199,6 +213,7 @@ def tiny_config(tokenizer, family: str = LARGE, vision_layers: int = TINY_VISION
         "eos_token_id": [tokenizer.eos_token_id, ids["eot_token"]],
         "bos_token_id": tokenizer.bos_token_id,
         **family_text_config(family),
+        **(TINY_MOE_TEXT if moe else {}),
     }
     vision = {
         "hidden_size": vision_hidden,
@@ -296,10 +311,11 @@ def build_tiny_model(tokenizer, seed: int = TINY_SEED, **shape):
     return model
 
 
-def tiny_path(family: str = LARGE) -> Path:
-    """Where the tiny checkpoint of a family is built: ``artifacts/tiny-gemma4`` (large, the default) or
-    ``artifacts/tiny-gemma4-e-series``."""
-    return DEFAULT_TINY_PATH if family == LARGE else DEFAULT_TINY_PATH.with_name(f"{DEFAULT_TINY_PATH.name}-{family}")
+def tiny_path(family: str = LARGE, moe: bool = False) -> Path:
+    """Where the tiny checkpoint of a family is built: ``artifacts/tiny-gemma4`` (large, the default),
+    ``artifacts/tiny-gemma4-e-series``, or ``artifacts/tiny-gemma4-moe`` (large, with experts)."""
+    suffix = "-moe" if moe else "" if family == LARGE else f"-{family}"
+    return DEFAULT_TINY_PATH.with_name(DEFAULT_TINY_PATH.name + suffix)
 
 
 def build_tiny_gemma4(path: str | Path | None = None, seed: int = TINY_SEED, family: str = LARGE, **shape) -> Path:
@@ -315,7 +331,7 @@ def build_tiny_gemma4(path: str | Path | None = None, seed: int = TINY_SEED, fam
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    path = Path(path) if path is not None else tiny_path(family)
+    path = Path(path) if path is not None else tiny_path(family, shape.get("moe", False))
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer, family, patch_size=shape.get("patch_size", TINY_PATCH_SIZE))
@@ -327,14 +343,15 @@ def build_tiny_gemma4(path: str | Path | None = None, seed: int = TINY_SEED, fam
     return path
 
 
-def ensure_tiny_gemma4(path: str | Path | None = None, family: str = LARGE) -> Path:
+def ensure_tiny_gemma4(path: str | Path | None = None, family: str = LARGE, moe: bool = False) -> Path:
     """Build the tiny checkpoint once; later calls reuse the folder, unless an older ``helpers.tiny`` built it
     (its ``TINY_GEMMA4.json`` names another ``init_version``): then it is rebuilt in place."""
-    path = Path(path) if path is not None else tiny_path(family)
+    path = Path(path) if path is not None else tiny_path(family, moe)
     marker = path / "TINY_GEMMA4.json"
     built = json.loads(marker.read_text()) if marker.exists() and (path / "config.json").exists() else {}
-    if built.get("init_version") != TINY_INIT_VERSION or built.get("family", family) != family:
-        build_tiny_gemma4(path, family=family)
+    if (built.get("init_version") != TINY_INIT_VERSION or built.get("family", family) != family
+            or built.get("moe", False) != moe):
+        build_tiny_gemma4(path, family=family, **({"moe": True} if moe else {}))
     return path
 
 

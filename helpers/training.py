@@ -8,8 +8,8 @@ each addition then comes in a cell of its own:
   the model's own loss materialises logits for every position (one 31B sample of ~300 tokens: ~315 MB in float32,
   and as much again for their gradient), where the answer is a few tokens.
 - ``CompleteCheckpoints``, a callback: each checkpoint is marked complete once transformers has written all of it,
-  and a rerun resumes only from a marked one (``helpers.run.folder.last_complete_checkpoint``), so a run killed
-  while saving resumes from the checkpoint before.
+  and a rerun resumes only from a marked one whose files still match the marker
+  (``helpers.run.folder.last_complete_checkpoint``), so a run killed while saving resumes from the checkpoint before.
 - ``StopOnNonFiniteLoss``, a callback: a NaN or infinite loss stops training in the step that produced it,
   before the optimizer changes the weights, with the step named.
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from helpers.collator import IGNORE_INDEX, answer_order
-from helpers.run.folder import CHECKPOINT_PREFIX, mark_complete
+from helpers.run.folder import CHECKPOINT_PREFIX, mark_complete, unmark
 
 
 def answer_only_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -56,10 +56,12 @@ def answer_only_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> 
 
 
 class CompleteCheckpoints(TrainerCallback):
-    """Writes the completion marker into each checkpoint once transformers has saved all of it.
+    """Writes the completion marker into each checkpoint once transformers has saved all of it: the name and a
+    signature of every file (``helpers.run.folder.mark_complete``).
 
-    ``helpers.run.folder.last_complete_checkpoint`` resumes only from marked ones: a folder a kill left half
-    written, or written but not yet marked, is never resumed from. Transformers removes old checkpoints (down to
+    ``helpers.run.folder.last_complete_checkpoint`` resumes only from marked ones whose files still match: a folder
+    a kill left half written, or written but not yet marked, is never resumed from, and one whose files were
+    lost or truncated afterwards is passed over for the one before. Transformers removes old checkpoints (down to
     ``save_total_limit``) before the new one is marked, so at least 2 are kept: with 1, a kill in between would
     leave no complete checkpoint. Works on a bucket mount too: nothing is renamed.
 
@@ -85,12 +87,19 @@ class CompleteCheckpoints(TrainerCallback):
             state.global_step -= 1
             control.should_save = control.should_log = control.should_evaluate = False
             control.should_training_stop = True
+        elif control.should_save and state.is_world_process_zero:
+            # A run resumed from before a damaged checkpoint writes that folder again: its old marker goes first.
+            unmark(self.checkpoint(args, state))
 
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every process has written its part of the checkpoint
         if state.is_world_process_zero:
-            mark_complete(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+            mark_complete(self.checkpoint(args, state))
+
+    @staticmethod
+    def checkpoint(args, state) -> Path:
+        return Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
 
 
 class NonFiniteLossError(FloatingPointError):

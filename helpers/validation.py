@@ -43,6 +43,9 @@ MISSING_LABEL = "missing_label"
 BAD_LABEL = "bad_label"  # not an integer
 LABEL_OUT_OF_RANGE = "label_out_of_range"  # not an index into the class list
 EMPTY_ANSWER = "empty_answer"  # an explicit "answer" that is not a non-empty string
+# Held-out rows left out before loading (helpers.data.drop_shared_images), by content, not by name:
+ALSO_IN_TRAINING = "also_in_training"  # its image is also a training image
+REPEATED_IMAGE = "repeated_image"  # an earlier held-out row shows the same image
 
 EXIF_ORIENTATION = 0x0112  # 1: upright; 6: a phone held upright (rotate 90° clockwise to view)
 

@@ -25,6 +25,14 @@ def tiny_e_series_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_path(tmp_path_factory):
+    """The 26B-A4B in miniature: the large family's format, with a block of experts in every layer."""
+    from helpers.tiny import build_tiny_gemma4
+
+    return build_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4-moe"), moe=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_e_series_processor(tiny_e_series_path):
     from transformers import AutoProcessor
 

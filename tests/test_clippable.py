@@ -80,11 +80,13 @@ def test_all_linear_wraps_inner_linear_never_lm_head(tiny_model):
 
 def test_alternative_targets_counts(tiny_model):
     results = trainable_by_target(tiny_model, r=16)
-    assert results["language model only (regex)"]["wrapped per tower"] == {"decoder": 14}
+    text = tiny_model.config.text_config
+    decoder = 7 * text.num_hidden_layers - 2 * text.num_kv_shared_layers  # KV-shared layers have no k/v_proj
+    assert results["language model only (regex)"]["wrapped per tower"] == {"decoder": decoder}
     attention = 4 * tiny_model.config.vision_config.num_hidden_layers
     assert results["vision + audio attention .linear (list)"]["wrapped per tower"] == {"vision": attention}
     combined = results["language model + every .linear (regex)"]["wrapped per tower"]
-    assert combined == {"decoder": 14, "vision": vision_clippables(tiny_model)}
+    assert combined == {"decoder": decoder, "vision": vision_clippables(tiny_model)}
     assert results["all-linear"]["trainable"] > results["language model + every .linear (regex)"]["trainable"]
     assert set(results) == set(TARGET_ALTERNATIVES)
 

@@ -1,5 +1,7 @@
-"""cloudrun/: deploy.sh --dry-run prints the right gcloud commands; the entrypoint maps Cloud Run's environment
-to runner flags (stub runner), resumes on retry, shards evaluation, and never leaks HF_TOKEN; linters pass.
+"""cloudrun/: deploy.sh --dry-run prints the right gcloud commands (beta track where preview features need it, a
+secret only where one exists); the entrypoint maps Cloud Run's environment to runner flags (stub runner), checks
+that it can write, resumes on retry, shards evaluation, merges the adapter, and never leaks HF_TOKEN; the weight
+staging script resumes; linters pass.
 
 No gcloud or docker here: a fake `gcloud` on PATH records what deploy.sh would run. The end-to-end test with
 the real runner switches on when helpers.runner exists.
@@ -76,8 +78,9 @@ def find(cmds, *prefix):
 
 
 # Flags each gcloud subcommand accepts, from the gcloud reference (cloud.google.com/sdk/gcloud/reference/...,
-# read 2026-12-01 through the docs search; GA commands): a command of cloudrun/ or its README using a flag
-# outside its row is an error a user would hit. `run jobs execute` has no GPU, CPU or memory flag.
+# read 2026-12-01 and 2026-12-08 through the docs search; `beta run jobs deploy` and `beta run deploy` also
+# against gcloud 528's --help): a command of cloudrun/ or its README using a flag outside its row is an error a
+# user would hit. `run jobs execute` has no GPU, CPU or memory flag.
 GLOBAL_FLAGS = {"project", "quiet", "format", "account", "billing-project", "configuration", "flags-file",
                 "flatten", "help", "impersonate-service-account", "log-http", "trace-token", "verbosity"}
 ACCEPTED_FLAGS = {
@@ -103,7 +106,13 @@ ACCEPTED_FLAGS = {
     ("secrets", "delete"): {"etag"},
     ("secrets", "versions", "add"): {"data-file"},
     ("secrets", "add-iam-policy-binding"): {"member", "role", "condition", "condition-from-file"},
-    ("builds", "submit"): {"config", "substitutions", "tag", "region", "async", "timeout", "machine-type"},
+    ("builds", "submit"): {"config", "substitutions", "tag", "region", "async", "timeout", "machine-type",
+                           "disk-size", "service-account", "no-source", "ignore-file"},
+    ("builds", "list"): {"filter", "limit", "ongoing", "page-size", "region", "sort-by", "uri"},
+    ("builds", "get-default-service-account"): {"region"},
+    ("projects", "add-iam-policy-binding"): {"member", "role", "condition", "condition-from-file"},
+    ("secrets", "versions", "access"): {"secret", "location", "out-file"},
+    ("run", "services", "describe"): {"region"},
     ("auth", "configure-docker"): set(),
     ("run", "jobs", "deploy"): {
         "binary-authorization", "breakglass", "container", "gpu-type", "gpu-zonal-redundancy",
@@ -130,7 +139,6 @@ ACCEPTED_FLAGS = {
         "vpc-egress", "add-volume", "clear-volumes", "remove-volume", "add-volume-mount", "args", "command",
         "cpu", "depends-on", "gpu", "memory", "port", "image", "source", "labels", "set-env-vars",
         "update-env-vars", "set-secrets", "update-secrets", "startup-probe", "liveness-probe"},
-    ("run", "services", "describe"): {"region"},
     ("run", "services", "delete"): {"region", "async"},
     ("logging", "read"): {"limit", "freshness", "order", "bucket", "location", "view", "resource-names"},
     ("monitoring", "policies", "create"): {
@@ -143,6 +151,13 @@ ACCEPTED_FLAGS = {
 }
 
 
+# The beta reference lists the same flags for these two (the deploys that need the beta track: the RTX PRO 6000
+# for jobs and the 12 h timeout are Preview, and gcloud 528 has --add-volume's mount-options key on beta only).
+ACCEPTED_FLAGS[("beta", "run", "jobs", "deploy")] = ACCEPTED_FLAGS[("run", "jobs", "deploy")]
+ACCEPTED_FLAGS[("beta", "run", "deploy")] = ACCEPTED_FLAGS[("run", "deploy")]
+BETA_COMMANDS = {("run", "jobs", "deploy"), ("run", "deploy")}  # every deploy of a job or the service
+
+
 def unaccepted_flags(argv):
     """The flags of one gcloud command (argv without 'gcloud') that its subcommand does not accept."""
     path = next((key for key in sorted(ACCEPTED_FLAGS, key=len, reverse=True) if tuple(argv[:len(key)]) == key), None)
@@ -153,7 +168,8 @@ def unaccepted_flags(argv):
 
 # A `gcloud` that records each call's argv (and standard input, for secrets) as JSON lines, and keeps state like
 # the real one: `X describe NAME` succeeds only once `X create NAME` has run; the first FAKE_BINDING_FAILURES
-# add-iam-policy-binding calls fail (a service account that has not propagated yet).
+# add-iam-policy-binding calls fail (a service account that has not propagated yet); `builds
+# get-default-service-account` answers with a Compute Engine default account, as in a project made since 2024.
 FAKE_GCLOUD = r"""
 import json, os, sys
 argv = sys.argv[1:]
@@ -164,6 +180,8 @@ with open(log, "a") as fh:
 state = log + ".state"
 created = set(open(state).read().splitlines()) if os.path.exists(state) else set()
 words = [w for w in argv if not w.startswith("--")]
+if words[:2] == ["builds", "get-default-service-account"]:
+    print("123456789-compute@developer.gserviceaccount.com")
 verb = next((w for w in ("create", "describe", "add-iam-policy-binding") if w in words), None)
 if verb:
     i = words.index(verb)
@@ -204,8 +222,14 @@ def gcloud_env(fake, **extra):
     return {"PATH": fake["PATH"], "FAKE_GCLOUD_LOG": fake["FAKE_GCLOUD_LOG"], "RETRY_DELAY": "0", **extra}
 
 
-ALL_COMMANDS = ["setup", "copy-model", "build", "deploy", "execute", "eval", "status", "logs", "alert", "serve",
-                "teardown"]
+ALL_COMMANDS = ["setup", "stage", "copy-model", "build", "deploy", "execute", "merge", "eval", "status", "logs",
+                "alert", "serve", "teardown"]
+BUILD_SA = "123456789-compute@developer.gserviceaccount.com"  # what the fake's get-default-service-account says
+
+
+def deploys(cmds):
+    """The `gcloud beta run ... deploy` commands."""
+    return [c for c in cmds if c[:3] == ["gcloud", "beta", "run"] and "deploy" in c[3:5]]
 
 
 def test_every_gcloud_command_uses_only_flags_its_subcommand_accepts():
@@ -213,10 +237,15 @@ def test_every_gcloud_command_uses_only_flags_its_subcommand_accepts():
                DELETE_BUCKETS="1")
     assert r.returncode == 0, r.stderr
     gcloud_cmds = [c[1:] for c in commands(r.stdout) if c[0] == "gcloud"]
-    assert len(gcloud_cmds) > 25
-    assert {tuple(c[:3]) for c in gcloud_cmds} >= {("run", "jobs", "deploy"), ("run", "jobs", "execute"),
-                                                   ("run", "deploy", "gemma4-serve")}
+    assert len(gcloud_cmds) > 30
+    assert {tuple(c[:4]) for c in gcloud_cmds} >= {
+        ("beta", "run", "jobs", "deploy"), ("run", "jobs", "execute", "gemma4-finetuning-job"),
+        ("beta", "run", "deploy", "gemma4-serve"), ("builds", "submit", "cloudrun", "--config=cloudrun/stage.yaml")}
     assert {" ".join(c): unaccepted_flags(c) for c in gcloud_cmds if unaccepted_flags(c)} == {}
+    # every job and service deploy on the beta track, and nothing else
+    assert {tuple(c[1:4]) for c in gcloud_cmds if c[0] == "beta"} == {("run", "jobs", "deploy"),
+                                                                     ("run", "deploy", "gemma4-serve")}
+    assert not [c for c in gcloud_cmds if tuple(c[:3]) in BETA_COMMANDS or tuple(c[:2]) in BETA_COMMANDS]
 
 
 def readme_gcloud_commands():
@@ -233,22 +262,40 @@ def readme_gcloud_commands():
 
 def test_the_readme_gcloud_commands_use_only_accepted_flags():
     cmds = readme_gcloud_commands()
-    assert len(cmds) >= 10
-    assert not [c for c in cmds if c[0] in ("beta", "alpha") and c[1] == "run"]  # GA gcloud has the GPU flags
+    assert len(cmds) >= 12
+    assert not [c for c in cmds if tuple(c[:3]) in BETA_COMMANDS or tuple(c[:2]) in BETA_COMMANDS]  # beta there
     assert {" ".join(c): unaccepted_flags(c) for c in cmds if unaccepted_flags(c)} == {}
+
+
+def test_the_readme_shows_the_commands_deploy_sh_prints():
+    """The training job, the stage build and the service in cloudrun/README.md are deploy.sh's, word for word."""
+    def words(argv):  # --project aside: the README leaves it out where gcloud's configured project serves
+        return sorted(w for w in argv if not w.startswith("--project="))
+
+    shown = {tuple(c[:5]): words(c) for c in readme_gcloud_commands()}
+    r = deploy("--dry-run", "stage", "deploy", "serve", PROJECT_ID="my-project", ADAPTER_RUN="gemma4-finetuning-job-x7k2p")
+    printed = {tuple(c[1:6]): words(c[1:]) for c in commands(r.stdout) if c[0] == "gcloud"}
+    for key in [("beta", "run", "jobs", "deploy", "gemma4-finetuning-job"),
+                ("beta", "run", "deploy", "gemma4-serve", "--image=vllm/vllm-openai:v0.32.0"),
+                ("builds", "submit", "cloudrun", "--config=cloudrun/stage.yaml", "--machine-type=e2-highcpu-8")]:
+        assert shown[key] == printed[key], key
 
 
 def test_the_flag_check_catches_a_gpu_flag_on_jobs_execute():
     assert unaccepted_flags(["run", "jobs", "execute", "j", "--gpu=1", "--gpu-type=nvidia-rtx-pro-6000"]) == \
         ["gpu", "gpu-type"]
-    assert unaccepted_flags(["run", "jobs", "deploy", "j", "--gpu=1", "--gpu-type=nvidia-rtx-pro-6000"]) == []
+    assert unaccepted_flags(["beta", "run", "jobs", "deploy", "j", "--gpu=1", "--gpu-type=nvidia-rtx-pro-6000"]) == []
 
 
-def test_dry_run_training_job_has_gpu_flags_mounts_secret_region_retries_timeout():
+def dockerfile_uid():
+    return int(re.search(r"^USER (\d+):\1$", DOCKERFILE.read_text(), re.MULTILINE)[1])
+
+
+def test_dry_run_training_job_has_gpu_flags_mounts_region_retries_timeout_and_no_absent_secret():
     r = deploy("--dry-run", PROJECT_ID="my-proj")
     assert r.returncode == 0, r.stderr
     cmds = commands(r.stdout)
-    job = find(cmds, "gcloud", "run", "jobs", "deploy", "gemma4-finetuning-job")
+    job = find(cmds, "gcloud", "beta", "run", "jobs", "deploy", "gemma4-finetuning-job")
     f = flags(job)
     assert f["gpu"] == "1" and f["gpu-type"] == "nvidia-rtx-pro-6000"
     assert f["no-gpu-zonal-redundancy"] is True
@@ -257,19 +304,26 @@ def test_dry_run_training_job_has_gpu_flags_mounts_secret_region_retries_timeout
     assert f["max-retries"] == "3" and f["task-timeout"] == "12h" and f["tasks"] == "1"
     volumes = [w.split("=", 1)[1] for w in job if w.startswith("--add-volume=")]
     mounts = [w.split("=", 1)[1] for w in job if w.startswith("--add-volume-mount=")]
-    # the model read-only; the runs with gcsfuse's rename-dir-limit (directory renames on a flat bucket)
-    assert volumes == ["name=models,type=cloud-storage,bucket=my-proj-gemma4-models,readonly=true",
-                       "name=runs,type=cloud-storage,bucket=my-proj-gemma4-finetune,mount-options=rename-dir-limit=200"]
+    # the model read-only; the runs with gcsfuse's rename-dir-limit (directory renames on a flat bucket); both
+    # owned by the image's user, so that it can write (gcsfuse's --uid/--gid; ';' separates gcsfuse flags)
+    uid = dockerfile_uid()
+    assert volumes == [f"name=models,type=cloud-storage,bucket=my-proj-gemma4-models,readonly=true,mount-options=uid={uid};gid={uid}",
+                       f"name=runs,type=cloud-storage,bucket=my-proj-gemma4-finetune,mount-options=uid={uid};gid={uid};rename-dir-limit=200"]
     assert mounts == ["volume=models,mount-path=/mnt/gcs", "volume=runs,mount-path=/mnt/runs"]
-    assert f["set-secrets"] == "HF_TOKEN=hf-token:latest"
+    assert "set-secrets" not in f  # a dry run takes the secret as absent, and says so
+    assert "no secret hf-token (a dry run takes it as absent)" in r.stdout
+    find(cmds, "gcloud", "secrets", "describe", "hf-token")  # checked at deploy time
+    assert "gcloud beta run: the API takes preview features only from the beta track" in r.stdout
+    assert "the nvidia-rtx-pro-6000 for jobs" in r.stdout and "a GPU task timeout of 12h" in r.stdout
     assert f["image"] == "europe-west4-docker.pkg.dev/my-proj/gemma4-finetune/gemma4-finetune:latest"
     assert f["set-env-vars"] == ("JOB_MODE=train,GCS_MOUNT=/mnt/gcs,RUNS_DIR=/mnt/runs,"
-                                 "MODEL_BUCKET=my-proj-gemma4-models,MODEL_COPY_DIR=/tmp/models")
+                                 "MODEL_BUCKET=my-proj-gemma4-models,MODEL_COPY_DIR=/tmp/models,"
+                                 "MERGE_AFTER_TRAINING=1,MERGE_CHECK_ROWS=100")
     assert f["args"].startswith("--model-id,/mnt/gcs/gemma-4-31b-it/,--train-size,4000,")
     assert f["service-account"] == "gemma4-finetune-job@my-proj.iam.gserviceaccount.com"
-    build = find(cmds, "gcloud", "builds", "submit")
+    build = find(cmds, "gcloud", "builds", "submit", ".")
     assert flags(build)["config"].endswith("cloudrun/cloudbuild.yaml")
-    assert flags(build)["substitutions"] == f"_IMAGE={f['image']}"
+    assert flags(build)["substitutions"] == f"_IMAGE={f['image']},_CACHE_IMAGE={f['image']}"
 
 
 def runner_parameters(args_list):
@@ -286,7 +340,7 @@ def test_default_job_is_the_seeds_pet_job_and_fits_the_gpu_by_the_planner():
     from helpers.teaching.memory import fits
 
     r = deploy("--dry-run", "deploy", PROJECT_ID="p")
-    job = flags(find(commands(r.stdout), "gcloud", "run", "jobs", "deploy", "gemma4-finetuning-job"))
+    job = flags(find(commands(r.stdout), "gcloud", "beta", "run", "jobs", "deploy", "gemma4-finetuning-job"))
     model_id, train_size, params = runner_parameters(job["args"])
     assert (model_id, train_size) == ("/mnt/gcs/gemma-4-31b-it/", 4000)  # the seed's flags
     config = RunConfig.from_params({**params, "model_id": model_id, "train_size": train_size})  # valid values
@@ -295,7 +349,7 @@ def test_default_job_is_the_seeds_pet_job_and_fits_the_gpu_by_the_planner():
                 gradient_checkpointing=config.gradient_checkpointing, optimizer=config.optimizer,
                 quantize_towers=config.quantize_towers)
     assert config.batch_size * config.gradient_accumulation == 16  # the seed's global batch
-    ev = flags(find(commands(r.stdout), "gcloud", "run", "jobs", "deploy", "gemma4-eval-shards-job"))
+    ev = flags(find(commands(r.stdout), "gcloud", "beta", "run", "jobs", "deploy", "gemma4-eval-shards-job"))
     eval_model, _, eval_params = runner_parameters(ev["args"])
     assert eval_model == model_id and all(eval_params[k] == params[k] for k in ("dataset", "quantization"))
 
@@ -312,37 +366,40 @@ def test_train_size_above_the_split_uses_every_row_and_says_so(capsys):
 
 def test_weights_are_read_through_the_mount_when_memory_leaves_no_room_for_a_copy():
     r = deploy("--dry-run", "deploy", PROJECT_ID="p", MEMORY="80Gi", CPU="20")
-    job = flags(find(commands(r.stdout), "gcloud", "run", "jobs", "deploy", "gemma4-finetuning-job"))
+    job = flags(find(commands(r.stdout), "gcloud", "beta", "run", "jobs", "deploy", "gemma4-finetuning-job"))
     assert "MODEL_COPY_DIR" not in job["set-env-vars"] and "MODEL_COPY=0" in r.stdout
     r = deploy("--dry-run", "deploy", PROJECT_ID="p", MEMORY="80Gi", CPU="20", MODEL_COPY="1")
-    job = flags(find(commands(r.stdout), "gcloud", "run", "jobs", "deploy", "gemma4-finetuning-job"))
+    job = flags(find(commands(r.stdout), "gcloud", "beta", "run", "jobs", "deploy", "gemma4-finetuning-job"))
     assert "MODEL_COPY_DIR=/tmp/models" in job["set-env-vars"]
 
 
 def test_dry_run_eval_job_shards_over_tasks():
     r = deploy("--dry-run", "deploy", PROJECT_ID="p", EVAL_TASKS="6", EVAL_PARALLELISM="2")
     assert r.returncode == 0, r.stderr
-    f = flags(find(commands(r.stdout), "gcloud", "run", "jobs", "deploy", "gemma4-eval-shards-job"))
+    f = flags(find(commands(r.stdout), "gcloud", "beta", "run", "jobs", "deploy", "gemma4-eval-shards-job"))
     assert f["tasks"] == "6" and f["parallelism"] == "2"
-    assert f["set-env-vars"].startswith("JOB_MODE=eval-shard,GCS_MOUNT=/mnt/gcs,RUNS_DIR=/mnt/runs")
+    assert f["set-env-vars"] == "JOB_MODE=eval-shard,GCS_MOUNT=/mnt/gcs,RUNS_DIR=/mnt/runs,MODEL_BUCKET=p-gemma4-models,MODEL_COPY_DIR=/tmp/models"
     assert f["gpu-type"] == "nvidia-rtx-pro-6000" and f["no-gpu-zonal-redundancy"] is True
 
 
 def test_dry_run_all_prints_every_step_and_runs_nothing(fake_gcloud):
-    r = deploy("--dry-run", "all", "eval", PROJECT_ID="p", HF_TOKEN=TOKEN, **gcloud_env(fake_gcloud))
+    r = deploy("--dry-run", "all", "eval", "merge", "serve", PROJECT_ID="p", HF_TOKEN=TOKEN, **gcloud_env(fake_gcloud))
     assert r.returncode == 0, r.stderr
     cmds = commands(r.stdout)
     for prefix in [("gcloud", "services", "enable"), ("gcloud", "artifacts", "repositories", "create"),
                    ("gcloud", "storage", "buckets", "create", "gs://p-gemma4-models"),
                    ("gcloud", "storage", "buckets", "create", "gs://p-gemma4-finetune"),
-                   ("gcloud", "secrets", "create", "hf-token"), ("gcloud", "storage", "rsync"),
-                   ("gcloud", "builds", "submit"), ("gcloud", "run", "jobs", "execute", "gemma4-finetuning-job"),
-                   ("gcloud", "run", "jobs", "execute", "gemma4-eval-shards-job")]:
+                   ("gcloud", "secrets", "create", "hf-token"), ("gcloud", "builds", "get-default-service-account"),
+                   ("gcloud", "builds", "submit", "cloudrun"), ("gcloud", "builds", "submit", "."),
+                   ("gcloud", "run", "jobs", "execute", "gemma4-eval-shards-job"),
+                   ("gcloud", "beta", "run", "deploy", "gemma4-serve")]:
         find(cmds, *prefix)
+    assert not [c for c in cmds if c[:3] == ["gcloud", "storage", "rsync"]]  # `all` stages in the cloud
     runs = flags(find(cmds, "gcloud", "storage", "buckets", "create", "gs://p-gemma4-finetune"))
     assert runs["enable-hierarchical-namespace"] is True and runs["uniform-bucket-level-access"] is True
-    execute = flags(find(cmds, "gcloud", "run", "jobs", "execute", "gemma4-finetuning-job"))
-    assert execute["region"] == "europe-west4" and "args" not in execute  # the job's own arguments
+    train, merge = [c for c in cmds if c[:5] == ["gcloud", "run", "jobs", "execute", "gemma4-finetuning-job"]]
+    assert flags(train)["region"] == "europe-west4" and "args" not in flags(train)  # the job's own arguments
+    assert flags(merge)["update-env-vars"] == "JOB_MODE=export,ADAPTER_RUN=TRAINING_EXECUTION_ID,MERGE_CHECK_ROWS=100"
     ev = flags(find(cmds, "gcloud", "run", "jobs", "execute", "gemma4-eval-shards-job"))
     assert ev["tasks"] == "4" and ev["update-env-vars"].startswith("ADAPTER_RUN=")
     assert calls(fake_gcloud["log"]) == []  # dry run: nothing executed
@@ -351,15 +408,32 @@ def test_dry_run_all_prints_every_step_and_runs_nothing(fake_gcloud):
 
 def test_setup_least_privilege_roles():
     r = deploy("--dry-run", "setup", PROJECT_ID="p")
-    bindings = {c[4]: flags(c)["role"] for c in commands(r.stdout)
+    bindings = {(c[4], flags(c)["member"]): flags(c)["role"] for c in commands(r.stdout)
                 if c[:4] == ["gcloud", "storage", "buckets", "add-iam-policy-binding"]}
-    assert bindings == {"gs://p-gemma4-models": "roles/storage.objectViewer",
-                        "gs://p-gemma4-finetune": "roles/storage.objectUser"}
+    job, build = "serviceAccount:gemma4-finetune-job@p.iam.gserviceaccount.com", "serviceAccount:CLOUD_BUILD_SERVICE_ACCOUNT"
+    assert bindings == {("gs://p-gemma4-models", job): "roles/storage.objectViewer",
+                        ("gs://p-gemma4-finetune", job): "roles/storage.objectUser",
+                        ("gs://p-gemma4-models", build): "roles/storage.objectUser"}  # stage writes the weights
     assert "roles/storage.admin" not in r.stdout
 
 
+def test_setup_grants_cloud_builds_default_account_what_builds_need(fake_gcloud):
+    """New projects' default build account (the Compute Engine one) may lack Artifact Registry, logging and source
+    access: setup asks which account builds run as and grants it the Cloud Build Service Account role."""
+    r = deploy("setup", PROJECT_ID="p", HF_TOKEN=TOKEN, **gcloud_env(fake_gcloud))
+    assert r.returncode == 0, r.stderr
+    recorded = [c["argv"] for c in calls(fake_gcloud["log"])]
+    member = f"--member=serviceAccount:{BUILD_SA}"
+    project = [a for a in recorded if a[:2] == ["projects", "add-iam-policy-binding"]]
+    assert project == [["projects", "add-iam-policy-binding", "p", "--role=roles/cloudbuild.builds.builder",
+                        "--condition=None", member]]
+    assert ["secrets", "add-iam-policy-binding", "hf-token", "--role=roles/secretmanager.secretAccessor",
+            "--project=p", member] in recorded  # stage reads the token
+    assert f"Cloud Build runs as {BUILD_SA}" in r.stdout
+
+
 def test_without_dry_run_it_runs_exactly_what_it_prints(fake_gcloud):
-    r = deploy("setup", "deploy", "execute", PROJECT_ID="p", HF_TOKEN=TOKEN, **gcloud_env(fake_gcloud))
+    r = deploy("setup", "stage", "deploy", "execute", PROJECT_ID="p", HF_TOKEN=TOKEN, **gcloud_env(fake_gcloud))
     assert r.returncode == 0, r.stderr
     recorded = calls(fake_gcloud["log"])
     assert [["gcloud", *c["argv"]] for c in recorded] == commands(r.stdout)
@@ -368,6 +442,32 @@ def test_without_dry_run_it_runs_exactly_what_it_prints(fake_gcloud):
     assert secret and secret[0]["stdin"] == TOKEN
     assert all(TOKEN not in " ".join(c["argv"]) for c in recorded)
     assert TOKEN not in r.stdout + r.stderr
+
+
+def test_the_token_is_optional_end_to_end(fake_gcloud):
+    """No HF_TOKEN at setup: no secret is created, and no job, stage or service refers to one; once a token is
+    stored, deploy and stage find the secret and pass it."""
+    env = gcloud_env(fake_gcloud)
+    r = deploy("setup", "stage", "deploy", "serve", PROJECT_ID="p", ADAPTER_RUN="e1", **env)
+    assert r.returncode == 0, r.stderr
+    assert "HF_TOKEN is not set: no secret" in r.stdout and "no secret hf-token:" in r.stdout
+    recorded = [c["argv"] for c in calls(fake_gcloud["log"])]
+    assert not [a for a in recorded if a[0] == "secrets" and a[1] in ("create", "add-iam-policy-binding")]
+    assert not [a for a in recorded if any(w.startswith("--set-secrets") or "_HF_SECRET" in w for w in a)]
+    r = deploy("setup", "stage", "deploy", PROJECT_ID="p", HF_TOKEN=TOKEN, **env)
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    for job in deploys(cmds):
+        assert flags(job)["set-secrets"] == "HF_TOKEN=hf-token:latest"
+    stage = flags(find(cmds, "gcloud", "builds", "submit", "cloudrun"))
+    assert stage["substitutions"].endswith(",_HF_SECRET=hf-token")
+
+
+def test_a_hub_model_without_a_token_is_warned_about():
+    r = deploy("--dry-run", "deploy", "--", "--model-id", "google/gemma-4-E4B-it", PROJECT_ID="p")
+    assert r.returncode == 0 and "comes from the hub: without a token a gated model is refused" in r.stderr
+    r = deploy("--dry-run", "deploy", PROJECT_ID="p")
+    assert "comes from the hub" not in r.stderr  # the default job reads the bucket
 
 
 def test_setup_twice_creates_once_and_retries_bindings_that_race_a_new_service_account(fake_gcloud):
@@ -382,6 +482,10 @@ def test_setup_twice_creates_once_and_retries_bindings_that_race_a_new_service_a
         ["artifacts repositories create", "storage buckets create", "storage buckets create",
          "iam service-accounts create", "secrets create hf-token"])  # each once, over both runs
     assert "secret hf-token exists: kept" in second.stdout
+    # both runs ask for the same six bindings (three for the job's account, three for Cloud Build's): adding a
+    # binding that is there changes nothing
+    bindings = [" ".join(c["argv"]) for c in calls(fake_gcloud["log"]) if "add-iam-policy-binding" in c["argv"]]
+    assert len(set(bindings)) == 6 and len(bindings) == 2 * 6 + 2  # + the two refused attempts
 
 
 def test_bindings_give_up_after_five_attempts(fake_gcloud):
@@ -392,31 +496,117 @@ def test_bindings_give_up_after_five_attempts(fake_gcloud):
 def test_overrides_and_runner_args(fake_gcloud):
     r = deploy("--dry-run", "deploy", "execute", "--", "--model-id", "/mnt/gcs/m/", "-p", "max_steps", "10",
                PROJECT_ID="p", REGION="us-central1", CPU="20", MEMORY="80Gi", MAX_RETRIES="10",
-               TASK_TIMEOUT="1h", HF_SECRET="", SERVICE_ACCOUNT="", IMAGE_TAG="v1")
+               TASK_TIMEOUT="1h", HF_SECRET="", SERVICE_ACCOUNT="", IMAGE_TAG="v1", MERGE="0")
     assert r.returncode == 0, r.stderr
     cmds = commands(r.stdout)
-    job = flags(find(cmds, "gcloud", "run", "jobs", "deploy", "gemma4-finetuning-job"))
+    job = flags(find(cmds, "gcloud", "beta", "run", "jobs", "deploy", "gemma4-finetuning-job"))
     assert (job["region"], job["cpu"], job["memory"], job["max-retries"], job["task-timeout"]) == \
         ("us-central1", "20", "80Gi", "10", "1h")
-    assert "set-secrets" not in job and "service-account" not in job
+    assert "set-secrets" not in job and "service-account" not in job and "MERGE" not in job["set-env-vars"]
+    assert not [c for c in cmds if c[:3] == ["gcloud", "secrets", "describe"]]  # HF_SECRET= : never looked up
+    assert "a GPU task timeout" not in r.stdout  # 1 h is not the preview
     assert job["image"].endswith(":v1") and job["image"].startswith("us-central1-docker.pkg.dev/p/")
     assert job["args"] == "--model-id,/mnt/gcs/m/,-p,max_steps,10"
     assert flags(find(cmds, "gcloud", "run", "jobs", "execute", "gemma4-finetuning-job"))["args"] == \
         "--model-id,/mnt/gcs/m/,-p,max_steps,10"
 
 
-def test_serving_deploys_vllm_on_the_gpu_from_the_merged_folder():
-    r = deploy("--dry-run", "serve", PROJECT_ID="p", MERGED_DIR="merged/exec-7")
+def test_stage_copies_the_hub_model_on_a_cloud_build_worker():
+    import yaml
+
+    r = deploy("--dry-run", "stage", PROJECT_ID="p", HF_MODEL="google/gemma-4-E4B-it", MODEL_DIR="gemma-4-e4b-it")
     assert r.returncode == 0, r.stderr
-    svc = find(commands(r.stdout), "gcloud", "run", "deploy", "gemma4-serve")
+    stage = find(commands(r.stdout), "gcloud", "builds", "submit", "cloudrun")
+    f = flags(stage)
+    assert (f["config"], f["machine-type"]) == ("cloudrun/stage.yaml", "e2-highcpu-8")
+    assert f["substitutions"] == "_HF_MODEL=google/gemma-4-E4B-it,_HF_REVISION=main,_DEST=gs://p-gemma4-models/gemma-4-e4b-it"
+    assert "rerun to resume" in r.stdout
+    config = yaml.safe_load((CLOUDRUN / "stage.yaml").read_text())
+    used = set(re.findall(r"\$\{(_[A-Z_]+)\}", (CLOUDRUN / "stage.yaml").read_text()))
+    given = {kv.split("=")[0] for kv in (f["substitutions"] + ",_HF_SECRET=x").split(",")}
+    assert used == given and set(config["substitutions"]) <= used  # every substitution given or defaulted
+    token, copy = config["steps"]
+    assert "HF_TOKEN_PATH=/workspace/.hf_token" in copy["env"] and "stage_weights.py" in copy["args"][1]
+    access = shlex.split(re.search(r"gcloud (secrets versions access[^>]*)>", token["args"][1])[1])
+    assert unaccepted_flags(access) == []
+    assert deploy("--dry-run", "stage", PROJECT_ID="p", STAGE_MACHINE="n2-standard-8").returncode == 2
+
+
+def load_stage_weights():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_weights", CLOUDRUN / "stage_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_staging_resumes_and_copies_config_json_last(tmp_path):
+    stage = load_stage_weights()
+    hub = {"config.json": 2, "model-00001-of-00002.safetensors": 5, "model-00002-of-00002.safetensors": 7,
+           "tokenizer.json": 3}
+    bucket = {}
+
+    def download(name):
+        path = tmp_path / name
+        path.write_bytes(b"x" * hub[name])
+        return path
+
+    def upload(path, name, stop_at=None):
+        if name == stop_at:  # the worker stops mid-upload: an unfinished upload leaves no object
+            raise KeyboardInterrupt
+        bucket[name] = path.stat().st_size
+
+    copied = []
+    with pytest.raises(KeyboardInterrupt):
+        stage.copy_all(hub, {}, download, lambda p, n: upload(p, n, "model-00002-of-00002.safetensors"), copied.append)
+    assert bucket == {"model-00001-of-00002.safetensors": 5}  # and no config.json: not taken for a whole folder
+    bucket["tokenizer.json"] = 1  # another revision's file: copied again
+    names = stage.copy_all(hub, dict(bucket), download, upload, copied.append)
+    assert names == ["model-00002-of-00002.safetensors", "tokenizer.json", "config.json"]  # the rest, config last
+    assert bucket == hub and not list(tmp_path.iterdir())  # each file left the disk once uploaded
+    assert stage.copy_all(hub, dict(bucket), download, upload, copied.append) == []  # nothing left to do
+    assert stage.split_gs("gs://b/some/folder/") == ("b", "some/folder")
+    with pytest.raises(ValueError):
+        stage.split_gs("gs://bucket-only")
+
+
+def test_build_reuses_the_last_image_as_layer_cache():
+    import yaml
+
+    steps = yaml.safe_load((CLOUDRUN / "cloudbuild.yaml").read_text())["steps"]
+    args = steps[-1]["args"]
+    assert args[args.index("--cache-from") + 1] == "${_CACHE_IMAGE}"
+    assert args[args.index("--build-arg") + 1] == "BUILDKIT_INLINE_CACHE=1"  # the image carries its cache
+    r = deploy("--dry-run", "build", PROJECT_ID="p", CACHE_IMAGE="r/x:previous")
+    assert flags(find(commands(r.stdout), "gcloud", "builds", "submit", "."))["substitutions"].endswith(
+        ",_CACHE_IMAGE=r/x:previous")
+
+
+def test_serving_starts_vllm_from_the_merged_folder_within_the_probe_window():
+    r = deploy("--dry-run", "serve", PROJECT_ID="p", ADAPTER_RUN="exec-7")
+    assert r.returncode == 0, r.stderr
+    svc = find(commands(r.stdout), "gcloud", "beta", "run", "deploy", "gemma4-serve")
     f = flags(svc)
     assert (f["gpu"], f["gpu-type"], f["no-cpu-throttling"], f["max-instances"]) == \
         ("1", "nvidia-rtx-pro-6000", True, "1")
-    assert f["image"].startswith("vllm/vllm-openai:") and f["command"] == "vllm"
-    assert f["args"].split(",")[:2] == ["serve", "/mnt/runs/merged/exec-7"]
-    assert f["add-volume"] == "name=runs,type=cloud-storage,bucket=p-gemma4-finetune,readonly=true"
+    image, tag = f["image"].split(":")
+    assert image == "vllm/vllm-openai" and tuple(map(int, tag.lstrip("v").split("."))) >= (0, 19, 0)  # Gemma 4
+    assert f["command"] == "vllm" and "add-volume" not in f  # the streamer reads gs:// itself
+    args = f["args"].split(",")
+    assert args[:3] == ["serve", "gs://p-gemma4-finetune/runs/exec-7/merged", "--load-format=runai_streamer"]
+    assert "--chat-template-content-format=openai" in args and "--quantization=fp8" not in args
+    probe = dict(kv.split("=") for kv in f["startup-probe"].split(","))
+    assert (probe["httpGet.path"], probe["httpGet.port"]) == ("/health", "8000")
+    delay, period, failures = (int(probe[k]) for k in ("initialDelaySeconds", "periodSeconds", "failureThreshold"))
+    assert delay <= 240 and period <= 240 and failures * period <= 1800  # Cloud Run's limits (GPU)
+    assert delay + failures * period == 2040 and "allows 2040 s" in r.stdout
     assert f["no-allow-unauthenticated"] is True
-    assert deploy("serve", PROJECT_ID="p", PATH="/nonexistent").returncode == 2  # no MERGED_DIR: refused
+    assert deploy("serve", PROJECT_ID="p", PATH="/nonexistent").returncode == 2  # no ADAPTER_RUN: refused
+    r = deploy("--dry-run", "serve", PROJECT_ID="p", MERGED_DIR="merged/x", SERVE_LOAD="mount", SERVE_FP8="1")
+    f = flags(find(commands(r.stdout), "gcloud", "beta", "run", "deploy", "gemma4-serve"))
+    assert f["args"].split(",")[:4] == ["serve", "/mnt/runs/merged/x", "--quantization=fp8", "--kv-cache-dtype=fp8"]
+    assert f["add-volume"] == "name=runs,type=cloud-storage,bucket=p-gemma4-finetune,readonly=true"
 
 
 def test_status_logs_alert_teardown():
@@ -425,6 +615,7 @@ def test_status_logs_alert_teardown():
     assert r.returncode == 0, r.stderr
     cmds = commands(r.stdout)
     find(cmds, "gcloud", "run", "jobs", "executions", "describe", "gemma4-finetuning-job-x7")
+    find(cmds, "gcloud", "builds", "list")
     logs = find(cmds, "gcloud", "logging", "read")
     assert 'labels."run.googleapis.com/execution_name"="gemma4-finetuning-job-x7"' in logs[3]
     alert = flags(find(cmds, "gcloud", "monitoring", "policies", "create"))
@@ -445,6 +636,10 @@ def test_status_logs_alert_teardown():
     ({"TASK_TIMEOUT": "12 hours"}, "TASK_TIMEOUT must look like"),
     ({"MODEL_COPY": "yes"}, "MODEL_COPY must be"),
     ({"TRAIN_ARGS": "--model-id a,b"}, "contains a comma"),
+    ({"STARTUP_DELAY": "300"}, "at most 240"),
+    ({"STARTUP_FAILURES": "61"}, "at most 1800 s"),
+    ({"SERVE_LOAD": "disk"}, "SERVE_LOAD must be"),
+    ({"MERGE": "yes"}, "MERGE and SERVE_FP8 must be 0 or 1"),
 ])
 def test_refuses_bad_configuration(env, message):
     r = deploy("--dry-run", "deploy", PROJECT_ID="p", **env)
@@ -461,6 +656,7 @@ def test_docker_builder_alternative():
     cmds = commands(r.stdout)
     build = find(cmds, "env", "DOCKER_BUILDKIT=1", "docker", "build")
     assert build[build.index("-f") + 1].endswith("cloudrun/Dockerfile")
+    assert build[build.index("--cache-from") + 1] == build[build.index("-t") + 1]  # the last push is the cache
     find(cmds, "docker", "push")
 
 
@@ -800,6 +996,86 @@ def test_eval_needs_a_training_run_and_merge_mode_remerges(cloud):
     r = cloud["run"](env={"JOB_MODE": "merge", "EVAL_DIR": "tr/eval-ev", "EXPECT_SHARDS": "2"})
     assert r.returncode == 0, r.stderr
     assert json.loads(metrics.read_text())["summary"]["n_eval"] == 20
+
+
+def test_a_first_write_to_the_output_mount_is_checked_before_anything_loads(cloud):
+    """A mount this user cannot write (gcsfuse owns files as its own uid unless told otherwise) fails in seconds
+    with a message that names the fix, before the weights are copied or loaded."""
+    r = cloud["run"]("--model-id", "/mnt/gcs/m/", env={"CLOUD_RUN_EXECUTION": "e1", "RUNS_DIR": "/proc/self"})
+    assert r.returncode == 2 and cloud["calls"]() == []
+    assert "cannot write to /proc/self as uid" in r.stderr and "mount-options uid=" in r.stderr
+    assert "roles/storage.objectUser" in r.stderr
+    r = cloud["run"](env={"CLOUD_RUN_EXECUTION": "e2"})  # a writable mount: no trace of the check is left
+    assert r.returncode == 0 and not list((cloud["gcs"] / "runs").glob(".write-check-*"))
+
+
+EXPORT_STUB = r"""
+import json, os, sys
+argv = sys.argv[1:]
+with open(os.environ["EXPORT_LOG"], "a") as fh:
+    fh.write(json.dumps(argv) + "\n")
+merged = argv[argv.index("--merged") + 1]
+if os.path.isdir(merged) and os.listdir(merged):
+    sys.exit(9)  # helpers.export refuses a non-empty folder without export.json
+os.makedirs(merged, exist_ok=True)
+open(os.path.join(merged, "model.safetensors"), "w").write("weights")
+if os.environ.get("EXPORT_KILLED"):
+    sys.exit(137)  # killed before export.json
+open(os.path.join(merged, "export.json"), "w").write(json.dumps({"check": {"agreement": 1.0}}))
+"""
+
+
+@pytest.fixture()
+def exporter(cloud, tmp_path):
+    """A stub `python -m helpers.export` that records its arguments and writes a merged folder."""
+    stub = tmp_path / "export_stub.py"
+    stub.write_text(EXPORT_STUB)
+    log = tmp_path / "export-calls.jsonl"
+
+    def export_calls():
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return {"env": {"EXPORT_CMD": f"{sys.executable} {stub}", "EXPORT_LOG": log}, "calls": export_calls}
+
+
+def test_training_merges_the_adapter_in_the_same_task_when_asked(cloud, exporter):
+    env = {"CLOUD_RUN_EXECUTION": "e1", "MERGE_AFTER_TRAINING": "1", **exporter["env"]}
+    r = cloud["run"](*ISSUE_ARGS, env=env)
+    assert r.returncode == 0, r.stderr
+    run_dir = cloud["gcs"] / "runs" / "e1"
+    assert exporter["calls"]() == [["--run", str(run_dir), "--merged", str(run_dir / "merged"), "--check-size", "100"]]
+    assert json.loads((run_dir / "merged" / "export.json").read_text())["check"]["agreement"] == 1.0
+    r = cloud["run"](env={**env, "CLOUD_RUN_EXECUTION": "e2", "STUB_EXIT": "3"})  # training failed: no merge
+    assert r.returncode == 3 and len(exporter["calls"]()) == 1
+    r = cloud["run"](*ISSUE_ARGS, env={"CLOUD_RUN_EXECUTION": "e3", **exporter["env"]})  # not asked: no merge
+    assert r.returncode == 0 and len(exporter["calls"]()) == 1
+
+
+def test_export_mode_merges_a_finished_run_and_redoes_a_killed_merge(cloud, exporter, tmp_path):
+    run_dir = make_training_run(cloud["gcs"], "tr")
+    copy_dir = tmp_path / "models"
+    (copy_dir / "gemma-4-31b-it").mkdir(parents=True)
+    (copy_dir / "gemma-4-31b-it" / "model.safetensors").write_text("the in-memory copy")
+    (cloud["gcs"] / "gemma-4-31b-it").mkdir()
+    args = ["--model-id", f"{cloud['gcs']}/gemma-4-31b-it/", "-p", "lora_r", "64"]  # the job's own arguments
+    env = {"JOB_MODE": "export", "ADAPTER_RUN": "tr", "CLOUD_RUN_EXECUTION": "x1", "MODEL_BUCKET": "models-b",
+           "MODEL_COPY_DIR": copy_dir, "MERGE_CHECK_ROWS": "20", **exporter["env"]}
+    r = cloud["run"](*args, env={**env, "EXPORT_KILLED": "1"})
+    assert r.returncode == 137 and not (run_dir / "merged" / "export.json").exists()
+    r = cloud["run"](*args, env=env)  # the half-written folder is removed, then merged again
+    assert r.returncode == 0, r.stderr
+    assert exporter["calls"]()[-1] == ["--run", str(run_dir), "--merged", str(run_dir / "merged"), "--check-size", "20"]
+    assert (run_dir / "merged" / "export.json").exists()
+    # the base is read through the mount at the path the manifest recorded: the copy gave way to a link
+    link = copy_dir / "gemma-4-31b-it"
+    assert link.is_symlink() and link.resolve() == (cloud["gcs"] / "gemma-4-31b-it").resolve()
+    assert cloud["calls"]() == []  # the runner never ran, and no copy was made
+    r = cloud["run"](*args, env=env)
+    assert r.returncode == 0 and "already merged" in r.stderr and len(exporter["calls"]()) == 2
+    r = cloud["run"](*args, env={**env, "ADAPTER_RUN": "other"})
+    assert r.returncode == 2 and "no complete adapter/" in r.stderr
+    r = cloud["run"](*args, env={k: v for k, v in env.items() if k != "ADAPTER_RUN"})
+    assert r.returncode == 2 and "export mode needs ADAPTER_RUN" in r.stderr
 
 
 # ------------------------------------------------------------------- end to end with the real runner

@@ -99,11 +99,12 @@ def write_photo(path, colour, seed=0):
     return path
 
 
-def class_folders(root, per_class=8, classes=COLOURS):
-    """``root/<class>/<n>.jpg``: the most common layout there is."""
+def class_folders(root, per_class=8, classes=COLOURS, first_seed=0):
+    """``root/<class>/<n>.jpg``: the most common layout there is. Photos of one seed are the same image, so
+    a held-out folder beside a training one takes seeds of its own (``first_seed``)."""
     for name, colour in classes.items():
         for i in range(per_class):
-            write_photo(root / name / f"{i}.jpg", colour, seed=i)
+            write_photo(root / name / f"{i}.jpg", colour, seed=first_seed + i)
     return root
 
 
@@ -129,7 +130,7 @@ def test_class_folders_only_get_a_seeded_stratified_held_out_share(tmp_path):
 def test_train_and_test_or_validation_folders(tmp_path, held_out):
     root = tmp_path / "photos"
     class_folders(root / "train", per_class=4)
-    class_folders(root / held_out, per_class=2)
+    class_folders(root / held_out, per_class=2, first_seed=4)
     train, held = load_examples(str(root), "train"), load_examples(str(root), "test")
     assert (len(train), len(held), held.split) == (12, 6, held_out)
     assert train.class_names == held.class_names == ["Green Frog", "Blue Jay", "Red Fox"]
@@ -178,19 +179,19 @@ def test_a_datasets_set_with_its_own_columns_and_splits(tmp_path):
 
     features = Features({"picture": ImageFeature(), "kind": ClassLabel(names=["red_fox", "blue_jay"])})
 
-    def split(n):
-        return Dataset.from_dict({"picture": [{"bytes": write_photo(tmp_path / f"{i}.jpg", (200, 40, 30)).read_bytes(),
-                                               "path": None} for i in range(n)],
+    def split(n, first=0):
+        return Dataset.from_dict({"picture": [{"bytes": write_photo(tmp_path / f"{i}.jpg", (200, 40, 30), seed=i)
+                                               .read_bytes(), "path": None} for i in range(first, first + n)],
                                   "kind": [i % 2 for i in range(n)]}, features=features)
     saved = tmp_path / "saved"  # save_to_disk keeps any split names
-    DatasetDict({"training": split(6), "dev": split(4)}).save_to_disk(str(saved))
+    DatasetDict({"training": split(6), "dev": split(4, first=6)}).save_to_disk(str(saved))
     options = {"image_column": "picture", "label_column": "kind", "train_split": "training", "eval_split": "dev"}
     train, held = load_examples(str(saved), "train", **options), load_examples(str(saved), "test", **options)
     assert (len(train), len(held), held.split, train.class_names) == (6, 4, "dev", ["Red Fox", "Blue Jay"])
     parquet = tmp_path / "parquet" / "data"  # a hub-shaped folder: train and validation, no test split
     parquet.mkdir(parents=True)
     split(6).to_parquet(str(parquet / "train-00000.parquet"))
-    split(4).to_parquet(str(parquet / "validation-00000.parquet"))
+    split(4, first=6).to_parquet(str(parquet / "validation-00000.parquet"))
     held = load_examples(str(parquet.parent), "test", image_column="picture", label_column="kind")
     assert (held.split, len(held)) == ("validation", 4)  # eval_split None: "test", else "validation"
     folder = saved
@@ -230,7 +231,7 @@ def test_data_that_would_make_the_run_meaningless_is_refused_naming_it(tmp_path,
         class_folders(root, per_class=2, classes={"golden_retriever": (200, 150, 50), "Golden Retriever": (190, 140, 40)})
     elif case in ("no_training_row", "unseen_eval_label"):
         class_folders(root / "train", per_class=2)
-        class_folders(root / "test", per_class=1)
+        class_folders(root / "test", per_class=1, first_seed=2)
         (root / "train" / "owl").mkdir() if case == "no_training_row" else write_photo(root / "test" / "lion" / "0.jpg",
                                                                                       (90, 90, 0))
     elif case == "missing_path":

@@ -142,3 +142,25 @@ def test_liger_kernels_give_the_stock_loss_on_gpu():
         again = answer_loss(model, batch)
     torch.testing.assert_close(liger, stock, atol=2e-3, rtol=2e-3)
     assert torch.equal(again, stock)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no checkpointing", "activation checkpointing"])
+def test_e4b_training_forward_gives_the_served_logits_on_the_real_shape(checkpointing):
+    """E4B's released shape (42 layers, the last 18 sharing keys and values), random weights in float32: the
+    training forward's logits at the labelled positions equal the cached forward's
+    (tests/test_training_equals_serving.py on the miniatures)."""
+    from benchmarks.realshape import build_model, synthetic_batch
+    from helpers.collator import answer_logit_positions
+    from helpers.teaching.presets import preset_config
+    from tests.test_training_equals_serving import labelled_logits, with_random_lora
+
+    config = preset_config("E4B")
+    assert config.text_config.num_kv_shared_layers == 18
+    torch.manual_seed(0)
+    model = with_random_lora(build_model(config, "none", device="cuda", dtype=torch.float32))
+    batch = synthetic_batch(config, 2, device="cuda")
+    batch["logits_to_keep"] = answer_logit_positions(batch["labels"])
+    trained, served = labelled_logits(model, batch, checkpointing)
+    difference = float((trained - served).abs().max())
+    print(f"E4B, checkpointing {checkpointing}: max |training - serving| logit {difference:.3g}")
+    assert difference <= 1e-3 * max(1.0, float(served.abs().max()))

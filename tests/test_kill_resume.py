@@ -11,6 +11,7 @@ kill-and-retry is in tests/test_cloudrun.py.
 """
 
 import importlib.util
+import json
 import subprocess
 from pathlib import Path
 
@@ -53,6 +54,31 @@ def test_killed_twice_then_rerun_resumes_from_the_last_complete_checkpoint(tmp_p
     assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
     assert kr.verify(out, MAX_STEPS, expected_resume=2) == []
     assert (out / "04_training.ipynb").exists()
+
+
+def test_a_checkpoint_damaged_after_a_kill_is_passed_over_and_the_steps_after_it_are_trained_again(tmp_path):
+    """Killed just after checkpoint-4 is marked; then checkpoint-4 loses its optimizer and scheduler state. The
+    rerun says so, resumes from checkpoint-2, and trains steps 3 and 4 again with the losses of the first run:
+    the optimizer state it resumed with is the one those steps started from."""
+    out, hook, log = tmp_path / "run", tmp_path / "hook", tmp_path / "runner.log"
+    hook.mkdir()
+    command = kr.runner_command(out, train_size=24, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=6)
+    first = kr.start(command, kr.run_env(hook), log)
+    reached = kr.wait_for(first, lambda: 4 in kr.complete_checkpoints(out), timeout=600, poll=0.002)
+    assert reached and first.poll() is None, f"run 1 ended before checkpoint-4:\n{log.read_text()[-3000:]}"
+    kr.kill_tree(first)
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    first_losses = {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+    kr.damage_checkpoint(out / "checkpoint-4", "optimizer")
+
+    final = subprocess.run(command, env=kr.run_env(hook), cwd=REPO, capture_output=True, text=True, timeout=900,
+                           check=False)
+    assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
+    assert f"{out / 'checkpoint-4'} is damaged (optimizer.pt is missing" in final.stdout
+    assert "resuming from checkpoint-2 instead" in final.stdout
+    assert kr.verify(out, MAX_STEPS, expected_resume=2) == []
+    losses = dict(map(tuple, json.loads((out / "train_result.json").read_text())["train"]["loss_history"]))
+    assert [losses[step] for step in (3, 4)] == pytest.approx([first_losses[3], first_losses[4]], rel=1e-6)
 
 
 def test_on_a_bucket_mount_killed_mid_copy_of_the_adapter_then_rerun_publishes_it_without_a_step_more(tmp_path):

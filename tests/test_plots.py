@@ -1,12 +1,14 @@
 """The plots say what their titles claim: a grid of true labels shows no predictions."""
 
 import ast
+import io
 from pathlib import Path
 
 import nbformat
+import numpy as np
 from PIL import Image
 
-from helpers.teaching.plots import plot_sample_grid
+from helpers.teaching.plots import plot_accuracy_bars, plot_confusion, plot_loss, plot_sample_grid
 
 NAMES = ["zero", "one", "two"]
 EXAMPLES = [{"image": Image.new("RGB", (8, 8)), "label": label} for label in range(3)]
@@ -37,3 +39,16 @@ def test_notebook_04s_true_label_grid_passes_no_predictions():
     titled = {kw.arg: kw.value.value for kw in calls[0].keywords if isinstance(kw.value, ast.Constant)}
     assert "true labels" in titled["title"]
     assert len(calls[0].args) == 2 and "predictions" not in titled  # the true labels are not passed as predictions
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written():
+    names = ["a$b", "$x^2$", "$x^$"]  # "$x^$" is no valid math: read as math, the figure could not be saved
+    examples = [{"image": Image.new("RGB", (8, 8)), "label": label} for label in range(3)]
+    figures = [plot_confusion(np.eye(3), names, title="costs $x^$"), plot_sample_grid(examples, names, names[::-1]),
+               plot_loss([(1, 2.0), (2, 1.0)], title="$x^$"),
+               plot_accuracy_bars({"$x^$": {"constrained": {"accuracy": 0.5}, "generation": {"accuracy": 0.4}}})]
+    for fig in figures:
+        fig.savefig(io.BytesIO(), format="png")
+    assert tile_titles(figures[1])[1] == "true: $x^2$\npred: $x^2$"
+    labels = [t for t in figures[0].axes[0].get_xticklabels() if t.get_text()]
+    assert [t.get_text() for t in labels] == names and not any(t.get_parse_math() for t in labels)

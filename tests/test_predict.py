@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -78,3 +79,52 @@ def test_a_folder_without_adapter_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(RunFolderError, match="no trained adapter"):
         read_run(tmp_path)
+
+
+# -- a damaged run: one line naming the file, exit code 2, before any model loads ---------------------------------
+
+def damaged_copy(run_dir, tmp_path, file: str, damage: str, vouched: bool):
+    """A copy of ``run_dir`` whose adapter ``file`` is truncated or not JSON. ``vouched``: the completion marker is
+    written again over the damaged file, as when a file was cut before the adapter was marked (the marker's
+    signatures then match it, and only reading the file finds the damage)."""
+    from helpers.run.folder import mark_complete
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = copy / "adapter" / file
+    path.write_bytes(path.read_bytes()[:100] if damage == "truncated" else b"{not json")
+    if vouched:
+        mark_complete(copy / "adapter")
+    return copy, path
+
+
+DAMAGES = [("adapter_model.safetensors", "truncated"), ("adapter_config.json", "not json")]
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("vouched", [False, True])
+@pytest.mark.parametrize("file, damage", DAMAGES)
+def test_a_damaged_adapter_is_one_line_naming_it(random_adapter_run, tmp_path, capsys, file, damage, vouched):
+    run, path = damaged_copy(random_adapter_run, tmp_path, file, damage, vouched)
+    assert predict.main(["--run", str(run), "x.png"]) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert str(path.parent) in line and "rerun the training command" in line
+    assert file in line or not vouched  # a marker that vouches for the file: the file's own reading names it
+    assert captured.out == ""  # nothing loaded, nothing predicted
+
+
+@pytest.mark.parametrize("file, damage", DAMAGES)
+def test_loading_errors_the_check_misses_are_one_line_too(random_adapter_run, tmp_path, capsys, monkeypatch, file,
+                                                          damage):
+    """The last guard: PEFT's own error while loading, turned into one line."""
+    run, path = damaged_copy(random_adapter_run, tmp_path, file, damage, vouched=True)
+    monkeypatch.setattr(predictions, "check_readable", lambda saved: None)
+    assert predict.main(["--run", str(run), "x.png"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{path.parent} cannot be loaded" in line and "rerun the training command" in line

@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from transformers import AutoModelForMultimodalLM
 
 from helpers import launch, speed
 from helpers.collator import VisionChatCollator
@@ -58,12 +59,14 @@ def test_the_notebooks_training_arguments_are_training_arguments(tmp_path, setti
     assert shown.to_dict() == training_arguments(config, tmp_path).to_dict()
 
 
-@pytest.mark.parametrize("settings", [{}, {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1}])
-def test_the_notebooks_lora_steps_are_apply_lora(tiny_model, settings):
+@pytest.mark.parametrize("settings", [{}, {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
+                                      {"model_id": "tiny-moe", "lora_experts": True}])
+def test_the_notebooks_lora_steps_are_apply_lora(tiny_model, tiny_moe_path, settings):
     config = RunConfig(**settings)
-    shown = run_cell("get_peft_model(model, lora_config)", config=config, model=copy.deepcopy(tiny_model))["model"]
-    helper = apply_lora(copy.deepcopy(tiny_model), lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                               config.lora_targets))
+    base = AutoModelForMultimodalLM.from_pretrained(tiny_moe_path) if config.lora_experts else tiny_model
+    shown = run_cell("get_peft_model(model, lora_config)", config=config, model=copy.deepcopy(base))["model"]
+    helper = apply_lora(copy.deepcopy(base), lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                         config.lora_targets, experts=config.lora_experts))
     assert shown.peft_config["default"].to_dict() == helper.peft_config["default"].to_dict()
 
     def trainable(model):

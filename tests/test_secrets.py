@@ -19,7 +19,8 @@ import nbformat
 import pytest
 from test_validation import EXPECTED_SKIPS, bad_rows_dataset
 
-from helpers.run.config import RunConfig
+from helpers.run.command_line import parameters_from_command_line
+from helpers.run.config import ConfigError, RunConfig
 from helpers.runner import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,3 +108,35 @@ def test_a_parameter_carrying_the_token_is_refused_without_echoing_it(args, tmp_
     captured = capsys.readouterr()
     assert "carry the value of HF_TOKEN" in captured.err
     assert TOKEN not in captured.err + captured.out
+
+
+# -- the guard itself (helpers.run.command_line), shared by the runner and the launcher -------------------------
+
+def test_run_config_fields_with_secret_words_in_their_names_pass(tmp_path):
+    """The guard refuses unknown names that look like secrets; RunConfig's own fields (image_soft_tokens holds
+    "token") are parameters like any other."""
+    params = parameters_from_command_line([("image_soft_tokens", "280")], str(tmp_path))
+    assert params["image_soft_tokens"] == 280
+
+
+def test_a_secret_looking_name_is_refused_by_the_guard(tmp_path):
+    with pytest.raises(ConfigError, match=r"\['hf_token'\] look like secrets"):
+        parameters_from_command_line([("hf_token", "x")], str(tmp_path))
+
+
+def test_a_value_equal_to_hf_token_is_refused_without_echoing_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(ConfigError, match=r"\['question'\] carry the value of HF_TOKEN") as raised:
+        parameters_from_command_line([("question", TOKEN)], str(tmp_path))
+    assert TOKEN not in str(raised.value)
+
+
+@pytest.mark.parametrize("args, message", [(["-p", "hf_token", "x"], "look like secrets"),
+                                           (["-p", "question", TOKEN], "carry the value of HF_TOKEN")])
+def test_the_launcher_shares_the_guard(args, message, tmp_path, capsys, monkeypatch):
+    from helpers.launch import main as launch_main
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert launch_main(["--output-dir", str(tmp_path), *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and TOKEN not in captured.err + captured.out

@@ -19,6 +19,7 @@ from helpers.run.folder import (
     COMPLETE_MARKER,
     adapter_staging,
     last_complete_checkpoint,
+    mark_complete,
     publish_adapter,
 )
 from helpers.training import (
@@ -144,8 +145,10 @@ def test_trains_marks_checkpoints_saves_and_resumes(tmp_path, tiny_path, tiny_pr
 def test_an_unmarked_checkpoint_is_never_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path) is None
     (tmp_path / "checkpoint-3").mkdir()
-    (tmp_path / "checkpoint-3" / COMPLETE_MARKER).write_text("complete\n")
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    mark_complete(tmp_path / "checkpoint-3")
     (tmp_path / "checkpoint-5").mkdir()  # written in place but not marked: a kill while it was saved
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()  # not a step
     assert last_complete_checkpoint(tmp_path).endswith("checkpoint-3")
 

@@ -43,8 +43,8 @@ def photo(width=60, height=40, seed=0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def sixteen_bit() -> Image.Image:
-    ramp = np.linspace(0, 65535, 40 * 60).reshape(40, 60).astype(np.uint16)  # dark to bright
+def sixteen_bit(darkest: int = 0) -> Image.Image:
+    ramp = np.linspace(darkest, 65535, 40 * 60).reshape(40, 60).astype(np.uint16)  # dark to bright
     return Image.fromarray(ramp)
 
 
@@ -223,7 +223,8 @@ def test_empty_split_is_an_error_naming_the_data_set_and_split():
 
 def bad_rows_dataset(n_good: int = 6, offset: int = 0):
     """A ``datasets.Dataset`` shaped like the hub's (an Image column, a ClassLabel of the ten digit names) with
-    ``n_good`` digit rows and five known odd ones: three bad (counted skips), two converted (kept)."""
+    ``n_good`` digit rows and five known odd ones: three bad (counted skips), two converted (kept). The odd
+    rows' images depend on ``offset``, so a training and a test split built with two offsets share no image."""
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
     from sklearn.datasets import load_digits
@@ -234,12 +235,12 @@ def bad_rows_dataset(n_good: int = 6, offset: int = 0):
     good = range(offset, offset + n_good)
     images = [{"bytes": encode(digit_image(digits.data[i]), "PNG"), "path": None} for i in good]
     labels = [int(digits.target[i]) for i in good]
-    jpeg = encode(photo(), "JPEG")
-    odd = [({"bytes": b"corrupt bytes", "path": None}, 1),  # unreadable_image
+    jpeg = encode(photo(seed=offset), "JPEG")
+    odd = [({"bytes": b"corrupt bytes %d" % offset, "path": None}, 1),  # unreadable_image
            ({"bytes": jpeg[: len(jpeg) // 3], "path": None}, 2),  # unreadable_image (truncated JPEG)
-           ({"bytes": encode(photo(), "PNG"), "path": None}, 12),  # label_out_of_range
-           ({"bytes": encode(sixteen_bit(), "PNG"), "path": None}, 4),  # converted: kept
-           ({"bytes": encode(photo().convert("CMYK"), "JPEG"), "path": None}, 5)]  # converted: kept
+           ({"bytes": encode(photo(seed=offset), "PNG"), "path": None}, 12),  # label_out_of_range
+           ({"bytes": encode(sixteen_bit(offset), "PNG"), "path": None}, 4),  # converted: kept
+           ({"bytes": encode(photo(seed=offset).convert("CMYK"), "JPEG"), "path": None}, 5)]  # converted: kept
     features = Features({"image": ImageFeature(), "label": Value("int64")})
     rows = {"image": images + [o[0] for o in odd], "label": labels + [o[1] for o in odd]}
     # A ClassLabel column as the hub's; the cast does not check ranges, so label 12 survives as in a dirty file.
@@ -253,7 +254,8 @@ def test_hub_shaped_data_set_skips_and_counts_bad_rows(tmp_path):
     from datasets import DatasetDict
 
     dataset = bad_rows_dataset(n_good=10)  # every digit has a row to train on
-    DatasetDict({"train": dataset}).save_to_disk(tmp_path / "bad")  # a data set as datasets keeps one
+    # a data set as datasets keeps one; a test split of its own (a held-out share of one row per digit is empty)
+    DatasetDict({"train": dataset, "test": bad_rows_dataset(n_good=4, offset=50)}).save_to_disk(tmp_path / "bad")
     examples = load_examples(str(tmp_path / "bad"), "train")
     assert examples.class_names == [name.capitalize() for name in DIGIT_NAMES]
     assert examples.skipped == EXPECTED_SKIPS

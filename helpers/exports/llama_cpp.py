@@ -42,7 +42,7 @@ import urllib.request
 from pathlib import Path
 
 from helpers.chat import to_messages
-from helpers.exports.merge import check_target
+from helpers.exports.merge import ExportError, check_target, clear_earlier_export, written_files
 from helpers.run.folder import (
     EXPORT_RECORD,
     GGUF_PROJECTOR,
@@ -307,13 +307,19 @@ def gguf_outtype(merged: Path) -> str:
     return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
 
 
-def export_gguf(merged, folder, llama_cpp=None) -> Path:
+def export_gguf(merged, folder, llama_cpp=None, overwrite: bool = False) -> Path:
     """Convert a merged folder with llama.cpp's own converter: the text model and the vision projector,
-    plus the run's prompt, class names and the llama.cpp flags (image-token limits = training budget)."""
-    merged, folder = Path(merged), check_target(folder)
+    plus the run's prompt, class names and the llama.cpp flags (image-token limits = training budget).
+
+    ``folder`` as ``helpers.exports.merge.check_target`` allows (``overwrite``: a folder an export did not write),
+    and never the merged folder itself."""
+    merged, folder = Path(merged), check_target(folder, "gguf", overwrite)
+    if folder.resolve() == merged.resolve():
+        raise ExportError(f"{folder} is the merged folder being converted: give the GGUF export a folder of its own")
     source = find_llama_cpp(llama_cpp)
     record = json.loads((merged / EXPORT_RECORD).read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    kept = clear_earlier_export(folder, "gguf")
     outtype = gguf_outtype(merged)
     convert(merged, folder / GGUF_TEXT, source, outtype)
     convert(merged, folder / GGUF_PROJECTOR, source, outtype, projector=True)
@@ -329,5 +335,6 @@ def export_gguf(merged, folder, llama_cpp=None) -> Path:
         "files": {"text": GGUF_TEXT, "projector": GGUF_PROJECTOR},
         "llama_cpp": {"source": f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist (vendor/llama.cpp)",
                       "args": image_token_args(record["image_soft_tokens"]),
-                      "written_after_conversion": written}})
+                      "written_after_conversion": written},
+        "written": written_files(folder, kept)})
     return folder

@@ -5,11 +5,15 @@ processor with its chat template and the run's image budget, the run's prompt an
 and ``export.json``: what made it, and how often it agrees with the adapter on held-out rows. A QLoRA adapter
 was trained on a 4-bit base and is merged into the bf16 base: the agreement says what that changed.
 ``python -m helpers.export --run RUN_DIR --merged DIR`` is the command.
+
+An export writes only its own files (``check_target``): into a new or empty folder, or over an earlier export of
+the same kind, whose ``export.json`` (written last) lists the files it wrote; those are replaced and anything else
+in the folder is left as it is. A folder it did not write is refused unless asked (``overwrite``).
 """
 
 from __future__ import annotations
 
-import shutil
+import json
 import time
 from pathlib import Path
 
@@ -19,10 +23,12 @@ from transformers import AutoConfig
 
 from helpers.data import load_examples
 from helpers.evaluation import constrained_scores
-from helpers.modeling import load_model, load_processor, quantization_config
+from helpers.exports.predictor import check_readable
+from helpers.modeling import load_model, load_processor, meta_model, quantization_config, read_model_config
 from helpers.run.folder import (
     CLASS_NAMES,
     EXPORT_RECORD,
+    MANIFEST,
     MODEL_CARD,
     SavedRun,
     atomic_write_json,
@@ -46,15 +52,62 @@ class ExportError(ValueError):
     """The export cannot be made as asked; the message names the folder or option."""
 
 
-def check_target(folder) -> Path:
-    """An export folder that may be (re)written: new, empty, or a previous export of the same kind."""
+EXPORT_KINDS = ("merged", "gguf")  # the "kind" of an export.json: a merged folder, or a GGUF folder
+
+
+def export_record(folder) -> dict | None:
+    """The ``export.json`` of a folder an export wrote (a JSON object of a known kind), else None."""
+    try:
+        record = json.loads((Path(folder) / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("kind") in EXPORT_KINDS else None
+
+
+def check_target(folder, kind: str = "merged", overwrite: bool = False) -> Path:
+    """A folder an export of ``kind`` may write into: new, empty, or an earlier export of the same kind; with
+    ``overwrite`` any folder (the export's files replace those of the same names; nothing else is removed).
+    A run folder is refused either way: the export would mix its files with the run's."""
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{folder} is a file: give a folder to export into")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_RECORD).exists():
-        raise ExportError(f"{folder} is not empty and holds no {EXPORT_RECORD}: refusing to write into it; "
-                          "give a new folder")
+    if (folder / MANIFEST).exists():
+        raise ExportError(f"{folder} is a run folder (it holds {MANIFEST}): export into a folder of its own, "
+                          f"e.g. {folder / kind}")
+    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+        return folder
+    record = export_record(folder)
+    if record is None:
+        raise ExportError(f"{folder} is not empty and holds no {EXPORT_RECORD} of an earlier export: refusing to "
+                          "write into it; give a new folder, or pass --overwrite to write the export's files into "
+                          "it (files of the same names are replaced, the others kept)")
+    if record["kind"] != kind:
+        raise ExportError(f"{folder} holds a {record['kind']} export, not a {kind} one: refusing to write into it; "
+                          "give another folder, or pass --overwrite")
     return folder
+
+
+def folder_files(folder) -> set[str]:
+    """Every file under ``folder``, as paths relative to it."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+
+
+def clear_earlier_export(folder, kind: str) -> set[str]:
+    """Remove the files an earlier export of ``kind`` listed in its record, but not the record itself (replaced
+    last, so a killed export still reads as one); returns the files left, which the new export did not write."""
+    record = export_record(folder)
+    if record is not None and record["kind"] == kind:
+        for name in record.get("written", []):
+            path = Path(folder) / name
+            if name != EXPORT_RECORD and path.is_file() and path.resolve().is_relative_to(Path(folder).resolve()):
+                path.unlink()
+    return folder_files(folder) - {EXPORT_RECORD}
+
+
+def written_files(folder, kept: set[str]) -> list[str]:
+    """What an export wrote into ``folder``: every file but those ``clear_earlier_export`` left, and its record."""
+    return sorted((folder_files(folder) - kept) | {EXPORT_RECORD})
 
 
 def merge_dtype(model_path: str) -> torch.dtype:
@@ -65,6 +118,22 @@ def merge_dtype(model_path: str) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+# Room left beside the bf16 weights for the merge and the check's forward passes.
+GPU_MERGE_HEADROOM = 1.15
+
+
+def merge_device_map(model_path: str, dtype: torch.dtype):
+    """Where the base loads for the merge: the GPU when its bf16 weights (counted on the ``meta`` device) fit
+    its free memory with ``GPU_MERGE_HEADROOM``; else the CPU (``None``), slower but never out of GPU memory.
+    The 31B's 62 GB fit the RTX PRO 6000's 96 GB, and the check runs there in minutes instead of an hour."""
+    if not torch.cuda.is_available():
+        return None
+    model = meta_model(read_model_config(model_path))
+    needed = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info()
+    return {"": torch.cuda.current_device()} if needed * GPU_MERGE_HEADROOM < free else None
 
 
 def held_out_examples(saved: SavedRun, size: int) -> list[dict]:
@@ -83,6 +152,7 @@ def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
     """(merged model, processor, check): the adapter merged into its base in ``merge_dtype``; ``check``
     compares the merged model with the adapter as trained (a QLoRA adapter on its 4-bit base) on
     ``check_size`` held-out rows, or says why it was not measured."""
+    check_readable(saved)
     processor = load_processor(saved.model_path, saved.image_soft_tokens)
     dtype = merge_dtype(saved.model_path)
     qlora = saved.config.quantization == "4bit"
@@ -95,9 +165,10 @@ def merge_run(saved: SavedRun, check_size: int = DEFAULT_CHECK_SIZE):
         base = load_model(saved.model_path, quantization_config(saved.config))
         trained = PeftModel.from_pretrained(base, saved.adapter)
         adapter_says = constrained_predictions(trained.eval(), processor, saved, examples)
-        del trained
+        del trained, base  # the 4-bit model leaves the GPU before the bf16 one loads
         torch.cuda.empty_cache()
-    model = PeftModel.from_pretrained(load_model(saved.model_path, dtype=dtype), saved.adapter)
+    base = load_model(saved.model_path, dtype=dtype, device_map=merge_device_map(saved.model_path, dtype))
+    model = PeftModel.from_pretrained(base, saved.adapter)
     model.eval()
     if examples and not qlora:
         adapter_says = constrained_predictions(model, processor, saved, examples)
@@ -145,12 +216,13 @@ Loads with `AutoModelForMultimodalLM.from_pretrained` and `AutoProcessor.from_pr
 """
 
 
-def export_merged(saved: SavedRun, folder, check_size: int = DEFAULT_CHECK_SIZE) -> Path:
-    """Merge the run's adapter and save a folder that plain transformers loads; returns the folder."""
-    folder = check_target(folder)
+def export_merged(saved: SavedRun, folder, check_size: int = DEFAULT_CHECK_SIZE, overwrite: bool = False) -> Path:
+    """Merge the run's adapter and save a folder that plain transformers loads; returns the folder.
+
+    ``folder`` as ``check_target`` allows (``overwrite``: a folder an export did not write)."""
+    folder = check_target(folder, "merged", overwrite)
     model, processor, check = merge_run(saved, check_size)
-    if folder.exists():
-        shutil.rmtree(folder)
+    kept = clear_earlier_export(folder, "merged")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     save_prompt(folder, saved.prompt)
@@ -160,6 +232,6 @@ def export_merged(saved: SavedRun, folder, check_size: int = DEFAULT_CHECK_SIZE)
               "image_soft_tokens": processor.image_processor.max_soft_tokens, "prompt": saved.prompt,
               "class_names": saved.class_names, "check": check, "metrics": run_metrics(saved),
               "config": saved.config.to_dict(), "versions": package_versions()}
-    atomic_write_json(folder / EXPORT_RECORD, record)
     (folder / MODEL_CARD).write_text(model_card(record))
+    atomic_write_json(folder / EXPORT_RECORD, {**record, "written": written_files(folder, kept)})
     return folder

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from helpers.data import image_files
 from helpers.evaluation import constrained_scores, generate_answers
 from helpers.modeling import load_model, load_processor, nf4_config
-from helpers.run.folder import SavedRun
+from helpers.run.folder import RunFolderError, SavedRun, read_merged, read_run
 from helpers.validation import MISSING_IMAGE, BadExampleError, to_rgb_image
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
@@ -43,10 +44,71 @@ class Predictor:
     processor: object
 
 
+# The file of a saved model read before its weights: the config each loader parses first.
+ADAPTER_CONFIG, MERGED_CONFIG = "adapter_config.json", "config.json"
+LOAD_ERRORS = (json.JSONDecodeError, SafetensorError)  # what PEFT and transformers raise on a damaged file
+
+
+def how_to_replace(saved: SavedRun) -> str:
+    """What makes a damaged model folder whole again: training publishes an adapter, the export a merged folder."""
+    if saved.adapter is not None:
+        return (f"remove {saved.adapter} and rerun the training command (or notebook 04) with output_dir "
+                f"{saved.folder}: it publishes the adapter again from the last checkpoint")
+    return "export it again (python -m helpers.export --run RUN_DIR --merged DIR)"
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a config file (a JSON object) or a safetensors file cannot be read, or None when it can. safetensors
+    reads only the header and checks that the file covers every tensor it lists."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt"):
+                return None
+        return None if isinstance(json.loads(path.read_text()), dict) else "not a JSON object"
+    except (OSError, ValueError, SafetensorError) as err:
+        return " ".join(str(err).split())
+
+
+def check_readable(saved: SavedRun) -> None:
+    """The adapter (or merged folder) can be read: its config file is a JSON object and every safetensors file
+    opens. ``RunFolderError`` names the file and what makes it whole, before any model loads; without this a
+    damaged file ends in PEFT's or transformers' traceback after the base model has loaded."""
+    folder = saved.adapter if saved.adapter is not None else Path(saved.folder)
+    config_file = folder / (ADAPTER_CONFIG if saved.adapter is not None else MERGED_CONFIG)
+    for path in (config_file, *sorted(folder.glob("*.safetensors"))):
+        problem = unreadable(path)
+        if problem:
+            raise RunFolderError(f"{path} cannot be read ({problem}): {how_to_replace(saved)}")
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def read_saved(run_dir=None, merged_dir=None) -> SavedRun:
+    """A run folder (``read_run``) or a merged folder (``read_merged``), checked readable (``check_readable``):
+    ``RunFolderError`` naming the folder or the damaged file, before any model loads."""
+    folder = Path(merged_dir or run_dir).expanduser()
+    try:
+        saved = read_merged(folder) if merged_dir else read_run(folder)
+    except json.JSONDecodeError as err:  # a record of the folder (manifest, class names, prompt) is damaged
+        damaged = [str(p) for p in sorted(folder.rglob("*.json")) if not _parses(p)] or [str(folder)]
+        raise RunFolderError(f"{', '.join(damaged)} cannot be read ({err}): "
+                             + ("export it again" if merged_dir else "rerun the training command with this "
+                                "output_dir, or restore the file")) from None
+    check_readable(saved)
+    return saved
+
+
 def load_predictor(saved: SavedRun, quantization: str | None = None) -> Predictor:
     """The base + adapter (a run) or the merged model, and the processor at the run's image budget.
 
     ``quantization`` defaults to the run's own (a QLoRA adapter is asked on the 4-bit base it was trained on)."""
+    check_readable(saved)
     processor = load_processor(saved.model_path, saved.image_soft_tokens)
     if saved.adapter is None:
         return Predictor(saved, load_model(saved.model_path).eval(), processor)

@@ -1,8 +1,9 @@
 """The command line of the runner and the launcher: ``-p NAME VALUE`` pairs and the seed's flags, validated once.
 
 Tokens never travel as parameters (papermill writes parameters into the executed notebook). Local paths are made
-absolute, the output folder is proven writable and a local model folder is checked to be Gemma 4, all before
-anything loads.
+absolute, the output folder is proven writable, a local model folder is checked to be Gemma 4, and ``max_length``,
+``lora_r`` and the prompt's length are checked against the model's processor and config (``check_lengths``), all
+before any weights load.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from helpers.data import DIGITS
-from helpers.run.config import OFFLINE_MODELS, ConfigError, RunConfig
+from helpers.data import DIGITS, DataError, describe_source
+from helpers.run.config import OFFLINE_MODELS, ConfigError, RunConfig, check_lengths, resolve_model_id
 from helpers.run.folder import RunFolderError, check_output_dir
 
 SECRET_WORDS = ("token", "secret", "password", "api_key")
@@ -32,8 +33,9 @@ def parameters_from_command_line(pairs, output_dir=None, model_id=None, train_si
 
     Tokens never travel as parameters (papermill writes parameters into the executed notebook): an unknown
     name that looks like a secret is refused as one, and so is any parameter carrying the value of ``HF_TOKEN``
-    (named, its value never echoed). Local paths are made absolute, the output folder is proven writable and a
-    local model folder is checked to be Gemma 4, all before anything loads."""
+    (named, its value never echoed). Local paths are made absolute, the output folder is proven writable, a
+    local model folder is checked to be Gemma 4 and the run's lengths and rank against the model
+    (``check_run_against_model``), all before any weights load."""
     params = {name: parse_value(value) for name, value in pairs}
     secret = [n for n in params if n not in RunConfig.field_names() and any(w in n.lower() for w in SECRET_WORDS)]
     if secret:
@@ -65,7 +67,31 @@ def parameters_from_command_line(pairs, output_dir=None, model_id=None, train_si
             check_model_source(config.model_id)
         except ModelLoadError as err:
             raise ConfigError(f"model_id: {err}") from None
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        check_run_against_model(config)
     return params
+
+
+def check_run_against_model(config: RunConfig) -> int:
+    """``check_lengths`` with what it needs, none of it model weights: the model's processor and config (an
+    offline tiny model is built first) and the data's class names (``helpers.data.describe_source``, which
+    decodes no image). Returns the longest training sequence, in tokens.
+
+    Under a launcher with several processes only the first of each machine checks (the parameters are the same
+    for all): the others would build the tiny checkpoint into the same folder at the same time."""
+    from helpers.modeling import load_processor
+
+    try:
+        class_names = describe_source(config.dataset, **config.data_options()).class_names
+    except DataError as err:
+        raise ConfigError(f"dataset: {err}") from None
+    model_path = resolve_model_id(config.model_id)
+    try:
+        processor = load_processor(model_path, config.image_soft_tokens)
+    except (OSError, ValueError) as err:  # a hub id not in the cache and not reachable, a folder without one
+        raise ConfigError(f"model_id: could not load the processor of {config.model_id!r} "
+                          f"({' '.join(str(err).split())})") from None
+    return check_lengths(config, processor, class_names, model_path)
 
 
 def check_device(config: RunConfig) -> None:

@@ -17,18 +17,21 @@ from helpers.data import DIGITS
 
 OFFLINE_MODEL = "tiny"  # resolved to the tiny checkpoint folder, built on first use (helpers.tiny)
 TINY_12B = "tiny-12b"  # the 12B's architecture in miniature (Gemma4UnifiedForConditionalGeneration, encoder-free)
+TINY_MOE = "tiny-moe"  # the 26B-A4B's in miniature: a block of experts beside each layer's MLP
 # The offline model ids and the chat-template family of each (helpers.chat): "tiny" is the large family's
-# format (12B, 26B-A4B, 31B, as the seed's 31B), "tiny-e-series" E2B/E4B's, "tiny-12b" the large family's.
-OFFLINE_MODELS = {OFFLINE_MODEL: LARGE, "tiny-e-series": E_SERIES, TINY_12B: LARGE}
+# format (12B, 26B-A4B, 31B, as the seed's 31B), "tiny-e-series" E2B/E4B's (with their KV sharing), "tiny-12b"
+# and "tiny-moe" the large family's.
+OFFLINE_MODELS = {OFFLINE_MODEL: LARGE, "tiny-e-series": E_SERIES, TINY_12B: LARGE, TINY_MOE: LARGE}
 # The image budgets Gemma 4's image processor accepts (max_soft_tokens); 280 is the released default.
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 QUANTIZATIONS = ("none", "4bit")  # bf16 (fp32 on a CPU), or bitsandbytes NF4 (QLoRA)
+SEED_LIMIT = 2**32  # numpy's seeds are 0 <= seed < 2**32; transformers' set_seed seeds numpy with it
 
 
 _FIELD_TYPES = {"model_id": (str,), "dataset": (str,), "output_dir": (str, os.PathLike), "lora_targets": (str, list),
                 "learning_rate": (int, float), "epochs": (int, float), "lora_dropout": (int, float),
                 "max_steps": (int,), "warmup_steps": (int,), "seed": (int,), "image_soft_tokens": (int,),
-                "max_length": (int,), "gradient_checkpointing": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
+                "max_length": (int,), "gradient_checkpointing": (bool,), "lora_experts": (bool,), "quantize_towers": (bool,), "optimizer": (str,),
                 "compile_layers": (bool,), "fast_clamps": (bool,), "plan_micro_batch": (bool,), "dataloader_workers": (int,),
                 "question": (str,), "system_prompt": (str,), "enable_thinking": (bool,),
                 "image_column": (str,), "label_column": (str,), "train_split": (str,), "eval_split": (str,),
@@ -61,6 +64,7 @@ class RunConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
+    lora_experts: bool = False  # the 26B-A4B: LoRA on its experts too (PEFT target_parameters; no lora_dropout)
     quantization: str = "none"  # "none" (bf16 on GPU, fp32 on CPU) or "4bit" (NF4, QLoRA)
     quantize_towers: bool = False  # with "4bit": the vision/audio towers in NF4 too (a little less memory)
     optimizer: str = "adamw_torch"  # or "adamw_8bit" (bitsandbytes: 8-bit AdamW states, GPU only)
@@ -111,8 +115,13 @@ class RunConfig:
             raise ConfigError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_experts and self.lora_dropout:
+            raise ConfigError(f"lora_experts takes no lora_dropout (PEFT's LoRA on parameters has none), got "
+                              f"{self.lora_dropout!r}: set lora_dropout to 0")
         if self.dataloader_workers is not None and self.dataloader_workers < 0:
             raise ConfigError(f"dataloader_workers must be >= 0 (or null: automatic), got {self.dataloader_workers!r}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be in [0, 2**32) (numpy's range), got {self.seed!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not self.learning_rate > 0:
@@ -178,9 +187,64 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def check_lengths(config: RunConfig, processor, class_names, model_path: str | None = None) -> int:
+    """``max_length``, the model's context and ``lora_r`` checked against the model before its weights load;
+    returns the longest training sequence, in tokens.
+
+    ``processor`` is set to the run's image budget (``helpers.modeling.load_processor`` does it), ``class_names``
+    are the answers the run trains on, ``model_path`` the checkpoint (default: ``resolve_model_id(model_id)``).
+    Refused, each naming the parameter to change: a ``max_length`` shorter than the longest training sequence
+    (``helpers.collator.longest_training_sequence``: text plus the image at its budget; the collator would stop
+    at the first batch that holds it), a sequence longer than the model's context
+    (``text_config.max_position_embeddings``), ``lora_experts`` on a model without experts, and a ``lora_r``
+    above the narrowest layer LoRA wraps (a rank above a layer's width adds weights, not capacity). What LoRA wraps is PEFT's choice for ``lora_targets``,
+    made on the model built without weights (``helpers.modeling.meta_model``, ``lora_layer_widths``)."""
+    from helpers.collator import image_sequence_length, longest_training_sequence
+    from helpers.modeling import lora_config, lora_layer_widths, meta_model, read_model_config
+
+    model_path = model_path or resolve_model_id(config.model_id)
+    longest = longest_training_sequence(processor, class_names, **config.prompt())
+    image = image_sequence_length(processor)
+    made_of = f"{longest - image} of text for the longest answer, {image} for the image at {image - 2} soft tokens"
+    if config.max_length is not None and config.max_length < longest:
+        raise ConfigError(f"max_length={config.max_length} is shorter than the longest training sequence of this "
+                          f"run, {longest} tokens ({made_of}): set max_length to at least {longest}, or null")
+    try:
+        model_config = read_model_config(model_path)
+    except (OSError, ValueError) as err:  # a hub id out of reach, a config.json transformers cannot read
+        raise ConfigError(f"model_id: could not read the config of {model_path!r} "
+                          f"({' '.join(str(err).split())})") from None
+    text_config = getattr(model_config, "text_config", model_config)
+    context = text_config.max_position_embeddings
+    if config.lora_experts and not getattr(text_config, "enable_moe_block", False):  # PEFT would only warn
+        raise ConfigError(f"lora_experts=True, but {model_path} has no experts (text_config.enable_moe_block is "
+                          "off; of the Gemma 4 sizes only the 26B-A4B has them): drop lora_experts")
+    if config.max_length is not None and config.max_length > context:
+        raise ConfigError(f"max_length={config.max_length} is longer than the model's context, {context} tokens "
+                          f"(text_config.max_position_embeddings of {model_path}): set max_length to at most "
+                          f"{context}, or null")
+    if longest > context:
+        raise ConfigError(f"the longest training sequence of this run, {longest} tokens ({made_of}), is longer "
+                          f"than the model's context, {context} tokens (text_config.max_position_embeddings of "
+                          f"{model_path}): lower image_soft_tokens, or shorten question / system_prompt")
+    model = meta_model(model_config)
+    try:
+        widths = lora_layer_widths(model, lora_config(1, target_modules=config.lora_targets,
+                                                      experts=config.lora_experts))
+    except ValueError as err:  # PEFT's: a name that matches nothing, or a layer it cannot wrap
+        asked = f"lora_targets={config.lora_targets!r}" + (", lora_experts=True" if config.lora_experts else "")
+        raise ConfigError(f"{asked}: {' '.join(str(err).split())}") from None
+    name, (width_in, width_out) = min(widths.items(), key=lambda item: min(item[1])) if widths else ("", (0, 0))
+    if widths and config.lora_r > min(width_in, width_out):
+        raise ConfigError(f"lora_r={config.lora_r} is larger than the narrowest layer LoRA wraps ({name}: "
+                          f"{width_in} -> {width_out}, with lora_targets={config.lora_targets!r}): set lora_r to at "
+                          f"most {min(width_in, width_out)}")
+    return longest
+
+
 def resolve_model_id(model_id: str) -> str:
-    """``"tiny"`` / ``"tiny-e-series"`` / ``"tiny-12b"`` -> that tiny offline checkpoint's folder (built once);
-    anything else is returned as is."""
+    """``"tiny"`` / ``"tiny-e-series"`` / ``"tiny-12b"`` / ``"tiny-moe"`` -> that tiny offline checkpoint's
+    folder (built once); anything else is returned as is."""
     if model_id == TINY_12B:
         from helpers.tiny import ensure_tiny_gemma4_12b
 
@@ -188,5 +252,5 @@ def resolve_model_id(model_id: str) -> str:
     if model_id in OFFLINE_MODELS:
         from helpers.tiny import ensure_tiny_gemma4
 
-        return str(ensure_tiny_gemma4(family=OFFLINE_MODELS[model_id]))
+        return str(ensure_tiny_gemma4(family=OFFLINE_MODELS[model_id], moe=model_id == TINY_MOE))
     return model_id

@@ -17,6 +17,8 @@ files, nothing else). Light (no torch, no transformers): the runner calls it bef
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -44,7 +47,8 @@ ADAPTER = "adapter"
 ADAPTER_STAGING = ADAPTER + ".tmp"
 PROMPT_FILE = "chat_prompt.json"  # beside an adapter or a merged model: the prompt it was trained with
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-N, as transformers' Trainer names them
-COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint or adapter folder once every other file is there
+COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint or adapter folder: the names and signatures of its files
+SIGNED_BYTES = 1 << 20  # file_signature hashes this much of each end of a file
 PLOTS = {"loss": "loss.png", "accuracy": "accuracy.png", "confusion": "confusion_matrix.png",
          "samples": "samples.png"}
 REPOSITORY = Path(__file__).resolve().parents[2]  # the clone (helpers/ is installed editable from it)
@@ -66,6 +70,7 @@ NOT_TRAINING_SETTINGS = ("output_dir", "eval_size", "shard_index", "shard_count"
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "pillow", "numpy")
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a holder that has not touched its lock for this long is gone
+GUARD_STALE_SECONDS = 5  # run.lock.guard is held for milliseconds; one this old was left by a killed process
 
 
 class RunFolderError(RuntimeError):
@@ -118,11 +123,57 @@ def check_output_dir(path) -> Path:
 # -- complete folders: checkpoints and the adapter ---------------------------------------------------------
 
 def is_complete(folder) -> bool:
+    """The folder carries the completion marker (``folder_problems`` checks that it is still whole)."""
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
+def file_signature(path: Path) -> str:
+    """A cheap fingerprint of a file: its size and a hash of its first and last MiB. It tells a file that is
+    missing, truncated or rewritten from the one the marker vouched for, without reading gigabytes of
+    optimizer state back (from a bucket, too); a flipped bit mid-file is not what it is for."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(SIGNED_BYTES))
+        if size > SIGNED_BYTES:
+            handle.seek(max(SIGNED_BYTES, size - SIGNED_BYTES))
+            digest.update(handle.read())
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
 def mark_complete(folder) -> None:
-    (Path(folder) / COMPLETE_MARKER).write_text("complete\n")
+    """Write the completion marker last: the name and signature of every file the folder holds."""
+    folder = Path(folder)
+    files = {path.relative_to(folder).as_posix(): file_signature(path)
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != COMPLETE_MARKER}
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def unmark(folder) -> None:
+    """Remove the completion marker before the folder is written again (a kill mid-write leaves it unmarked)."""
+    (Path(folder) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def folder_problems(folder) -> list[str]:
+    """What is wrong with a marked folder (empty when it is whole): each file its marker lists must be there
+    with the same signature. A marker without a file list (written by an older version of this package) is
+    trusted when a checkpoint's trainer_state.json, or an adapter's adapter_config.json, is there."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+    except FileNotFoundError:
+        return [f"no {COMPLETE_MARKER} marker"]
+    except (ValueError, TypeError, KeyError):
+        needed = [name for name in ("trainer_state.json", "adapter_config.json") if (folder / name).exists()]
+        return [] if needed else [f"{COMPLETE_MARKER} lists no files and the folder holds no training state"]
+    problems = []
+    for name, signature in files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif file_signature(path) != signature:
+            problems.append(f"{name} differs from the file the marker vouched for (truncated or rewritten)")
+    return problems
 
 
 def checkpoint_step(checkpoint) -> int:
@@ -136,12 +187,26 @@ def checkpoint_folders(run_dir) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def last_complete_checkpoint(run_dir) -> str | None:
-    """The newest ``checkpoint-N`` of ``run_dir`` that carries the completion marker, or None.
+def last_complete_checkpoint(run_dir, report=print) -> str | None:
+    """The newest ``checkpoint-N`` of ``run_dir`` that is marked complete and still whole, or None.
 
-    A folder that a kill left unmarked (half written, or written but not yet marked) is never resumed from."""
-    complete = [p for p in checkpoint_folders(run_dir) if is_complete(p)]
-    return str(complete[-1]) if complete else None
+    A folder that a kill left unmarked (half written, or written but not yet marked) is never resumed from. A
+    marked one whose files no longer match its marker (``folder_problems``) is passed over with a line to
+    ``report`` saying why, for the one before it; when every marked checkpoint is damaged, ``RunFolderError``:
+    resuming from none of them would silently restart the run."""
+    damaged = []
+    for checkpoint in reversed([p for p in checkpoint_folders(run_dir) if is_complete(p)]):
+        problems = folder_problems(checkpoint)
+        if not problems:
+            if damaged:
+                report(f"resuming from {checkpoint.name} instead")
+            return str(checkpoint)
+        damaged.append(checkpoint.name)
+        report(f"{checkpoint} is damaged ({'; '.join(problems)}): not resumed from")
+    if damaged:
+        raise RunFolderError(f"every complete checkpoint of {run_dir} is damaged ({', '.join(damaged)}): restore "
+                             "the files, or start over with --fresh (it deletes the checkpoints)")
+    return None
 
 
 def _copy_files(source: Path, target: Path) -> None:
@@ -188,11 +253,17 @@ def publish_adapter(run_dir, staging, prompt: dict) -> Path:
 
 
 def adapter_folder(run_dir) -> Path:
-    """The run's trained adapter; ``RunFolderError`` when there is none, or only part of one."""
+    """The run's trained adapter, whole; ``RunFolderError`` when there is none, only part of one, or its files
+    no longer match its completion marker (``folder_problems``)."""
     adapter = Path(run_dir) / ADAPTER
     if not (adapter / "adapter_config.json").exists():
         raise RunFolderError(f"{run_dir} has no trained adapter ({adapter}): train first (notebook 04, or "
                              "python -m helpers.runner with this output_dir)")
+    problems = folder_problems(adapter)
+    if problems:
+        raise RunFolderError(f"the adapter in {adapter} is not whole ({'; '.join(problems)}): rerun the training "
+                             "command (or notebook 04) with this output_dir; it publishes the adapter again from "
+                             "the last checkpoint without training more")
     return adapter
 
 
@@ -319,8 +390,13 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
         compared.append({**_flatten(config, ""), **_flatten(manifest.get("data", {}), "data"),
                          **_flatten(manifest.get("model", {}), "model")})
     before, now = compared
+    defaults = RunConfig().to_dict()
+    # A fact the folder's manifest does not hold was not recorded by the version of this package that wrote it:
+    # a data fact, or a setting at its default (which is what that version trained with), is no difference.
+    unrecorded = {key for key in set(now) - set(before)
+                  if key.startswith("data.") or (key in defaults and now[key] == defaults[key])}
     return [f"{key}: {before.get(key, '(absent)')!r} in the folder, {now.get(key, '(absent)')!r} now"
-            for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+            for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key) and key not in unrecorded]
 
 
 def has_run_output(run_dir) -> bool:
@@ -330,7 +406,13 @@ def has_run_output(run_dir) -> bool:
 
 def is_trained(run_dir) -> bool:
     """True when training finished here: the adapter is whole and the training record written after it."""
-    return is_complete(Path(run_dir) / ADAPTER) and (Path(run_dir) / TRAIN_RESULT).exists()
+    adapter = Path(run_dir) / ADAPTER
+    return is_complete(adapter) and not folder_problems(adapter) and (Path(run_dir) / TRAIN_RESULT).exists()
+
+
+def has_run_files(run_dir) -> bool:
+    """True when ``clear_run_files`` would remove anything."""
+    return bool(checkpoint_folders(run_dir)) or any((Path(run_dir) / name).exists() for name in RUN_FILES)
 
 
 def clear_run_files(run_dir) -> list[str]:
@@ -377,11 +459,17 @@ def start_run(run_dir, manifest: dict, trains: bool = True, fresh: bool = False)
     """Write the manifest or check the folder's own against it; returns what happened, in words.
 
     A run that ``trains`` in a folder holding another run's manifest, or checkpoints without any
-    manifest, is refused (``RunFolderError`` listing what differs). One that only evaluates checks a
-    manifest when there is one (the adapter must be the one its settings describe). ``fresh`` first
-    clears the run's files."""
+    manifest, is refused (``RunFolderError`` listing what differs); one that resumes names the checkpoint it
+    resumes from, and is refused when every complete checkpoint is damaged (``last_complete_checkpoint``). One
+    that only evaluates checks a manifest when there is one (the adapter must be the one its settings
+    describe). ``fresh`` first clears the run's files, and only for a run that trains: clearing for one that
+    does not would delete the adapter it is about to use."""
     run_dir = Path(run_dir)
     if fresh:
+        if not trains and has_run_files(run_dir):
+            raise RunFolderError(f"--fresh would delete the adapter, checkpoints and results in {run_dir}, and "
+                                 "none of the notebooks asked for trains a new adapter: drop --fresh to use the "
+                                 "one there, or run the training notebook too to replace it")
         removed = clear_run_files(run_dir)
         if trains:
             write_manifest(run_dir, manifest)
@@ -402,7 +490,11 @@ def start_run(run_dir, manifest: dict, trains: bool = True, fresh: bool = False)
         listed = "\n  ".join(differences)
         raise RunFolderError(f"{run_dir} holds a run made with other settings or data ({run_dir / MANIFEST}):\n"
                              f"  {listed}\n{how_to_restart}")
-    return "same settings and data as the folder's manifest: resuming"
+    if trains and not is_trained(run_dir):
+        resume_from = last_complete_checkpoint(run_dir)
+        return ("same settings and data as the folder's manifest: resuming from "
+                + (Path(resume_from).name if resume_from else "the start (no complete checkpoint yet)"))
+    return "same settings and data as the folder's manifest"
 
 
 # -- the lock ------------------------------------------------------------------------------------------------
@@ -430,31 +522,76 @@ def _read_lock(path: Path) -> dict:
         return {}
 
 
+@contextlib.contextmanager
+def _lock_guard(run_dir: Path):
+    """One process at a time looks at ``run.lock`` and takes it over when stale: without this, two processes
+    that both find the same stale lock both remove it, and the second removes the first one's new lock.
+
+    ``flock`` on the run folder itself where the file system has it (released by the kernel when its holder
+    dies); where it has none (a bucket mounted with gcsfuse), a ``run.lock.guard`` file created exclusively,
+    held for the milliseconds of a look and removed after, and taken over when older than ``GUARD_STALE_SECONDS``
+    (its holder died inside those milliseconds)."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        with _guard_file(run_dir / (LOCK + ".guard")):
+            yield
+        return
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def _guard_file(path: Path):
+    deadline = time.monotonic() + 10 * GUARD_STALE_SECONDS
+    while True:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime > GUARD_STALE_SECONDS:
+                    path.unlink(missing_ok=True)
+            if time.monotonic() > deadline:
+                raise RunFolderError(f"could not take {path}: remove it if no run is starting in this folder") from None
+            time.sleep(0.005)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def acquire_lock(run_dir) -> Path:
-    """Create ``run.lock`` naming this process, or raise ``RunFolderError`` naming the live holder."""
+    """Create ``run.lock`` naming this process, or raise ``RunFolderError`` naming the live holder. A stale lock
+    (its process gone, or its heartbeat stopped) is replaced; exactly one of several processes racing for it
+    wins (``_lock_guard``)."""
     path = Path(run_dir) / LOCK
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "command": " ".join(sys.argv)}
-    for _ in range(2):  # the second try follows the removal of a stale lock
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            try:
-                age = time.time() - path.stat().st_mtime
-            except FileNotFoundError:  # released meanwhile
-                continue
-            if holder and not _lock_is_stale(holder, age):
-                raise RunFolderError(
-                    f"{run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
-                    f"{holder.get('started')}: {holder.get('command')}). Wait for it to finish, stop it, or give "
-                    f"another --output-dir.") from None
+              "command": " ".join(sys.argv), "id": uuid.uuid4().hex}
+    with _lock_guard(Path(run_dir)):
+        holder = _read_lock(path) if path.exists() else None
+        if holder is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if holder and not _lock_is_stale(holder, time.time() - path.stat().st_mtime):
+                    raise RunFolderError(
+                        f"{run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
+                        f"{holder.get('started')}: {holder.get('command')}). Wait for it to finish, stop it, or "
+                        "give another --output-dir.")
             path.unlink(missing_ok=True)  # stale: its process is gone or its heartbeat stopped
-            continue
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as handle:
             json.dump(record, handle)
-        return path
-    raise RunFolderError(f"could not take the lock {path}: another process keeps taking it")
+    return path
+
+
+def release_lock(path: Path) -> None:
+    """Remove ``run.lock`` if this process still holds it (a lock taken over as stale is another's now)."""
+    with _lock_guard(path.parent):
+        if _read_lock(path).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -476,9 +613,7 @@ def holding_lock(run_dir):
     finally:
         stop.set()
         thread.join()
-        if _read_lock(path).get("pid") == os.getpid():
-            path.unlink(missing_ok=True)
-
+        release_lock(path)
 
 
 # -- a trained run, as prediction and export read it -----------------------------------------------------------

@@ -136,6 +136,31 @@ def lora_parameter_count(config, r: int, target: str = "all-linear") -> int:
     return sum(lora_parameters_by_tower(build_meta_model(config), r).values())
 
 
+def expert_shapes(config) -> tuple[int, int, int, int]:
+    """(layers with experts, experts, hidden width, expert width) of a text config; zeros without experts."""
+    text = config.get_text_config()
+    if not getattr(text, "enable_moe_block", False):
+        return 0, 0, 0, 0
+    return text.num_hidden_layers, text.num_experts, text.hidden_size, text.moe_intermediate_size
+
+
+def expert_lora_parameters(config, r: int) -> int:
+    """Trainable parameters of ``lora_experts`` at rank ``r``: PEFT gives each expert its own rank-``r`` pair on
+    ``gate_up_proj`` (hidden -> 2 x expert width) and ``down_proj`` (expert width -> hidden), so
+    ``r x experts x (2 hidden + 3 expert width)`` a layer."""
+    layers, experts, hidden, width = expert_shapes(config)
+    return layers * r * experts * (2 * hidden + 3 * width)
+
+
+def expert_delta_bytes(config, layers: int | None = None, dtype_bytes: int = 2) -> int:
+    """What ``lora_experts`` adds to the activations: PEFT folds each layer's LoRA into its expert weights
+    (``W + B A`` for every expert, one ``baddbmm``) in the forward, and autograd keeps that folded copy, the
+    size of the layer's experts, for the backward: every layer's without checkpointing (``layers`` None), one
+    at a time with it."""
+    all_layers, experts, hidden, width = expert_shapes(config)
+    return (all_layers if layers is None else layers) * experts * 3 * hidden * width * dtype_bytes
+
+
 @functools.cache
 def _preset_weight_bytes(size: str, quantization: str, skip_modules: tuple[str, ...] | None) -> int:
     """``weight_bytes`` of a preset, once per setting: each call builds a meta model (seconds for the large
@@ -176,8 +201,8 @@ FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own l
 LORA_STATE_BYTES = {"bf16": 8, "fp32": 16}  # parameter + gradient + AdamW's two moments
 EIGHT_BIT_STATE_SAVING = {"bf16": 2, "fp32": 6}  # bitsandbytes' 8-bit AdamW: two 1-byte moments per parameter
 # compile_layers fuses the float32 RMSNorm copies: E4B bf16 mb 32 measured 0.61 (the 12B's row fits it too), the 31B
-# in NF4 mb 8 0.69 (on an H200); E2B, not measured compiled, takes E4B's (the same E-series layers); the other
-# sizes not measured compiled take the larger
+# in NF4 mb 8 0.69 (on an H200); E2B, not measured compiled, takes E4B's (the same E-series layers); the 26B-A4B
+# takes the larger (its NF4 mb 8 compiled peak came out within 2% of that prediction: benchmarks/README.md)
 COMPILED_ACTIVATION_FACTOR = {"E2B": 0.61, "E4B": 0.61, "12B": 0.61, "31B": 0.69}
 COMPILED_ACTIVATION_FACTOR_UNMEASURED = 0.69
 TEXT_TOKENS = 29  # chat scaffolding + a short question + a class name (the benchmark's stream)
@@ -221,7 +246,7 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
          gradient_checkpointing: bool = False, *, image_tokens: int | None = None, text_tokens: int = TEXT_TOKENS,
          lora_dtype: str = "bf16", loss: str = "labelled", liger: bool = False,
          skip_modules: list[str] | None = None, quantize_towers: bool = False, optimizer: str = "adamw_torch",
-         compiled: bool = False) -> dict:
+         compiled: bool = False, lora_experts: bool = False) -> dict:
     """Predicted peak training memory (bytes) and its terms, for one GPU. Taught in notebook 01.
 
     ``soft_tokens`` is the image budget (70 ... 1120): the vision tower sees ``9 x soft_tokens`` patches
@@ -229,8 +254,8 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
     non-square images, e.g. 256 for 224 x 224 at 280). ``loss``: ``"labelled"`` (ours) or ``"full"`` (the
     model's own loss over the full vocabulary at every position, as the seed). ``lora_dtype``: the
     adapters' dtype (``"bf16"`` as TRL casts them for QLoRA; PEFT's default is ``"fp32"``).
-    ``quantize_towers``, ``optimizer`` (``"adamw_8bit"``) and ``compiled`` (``compile_layers``) are
-    ``RunConfig``'s options of the same names.
+    ``quantize_towers``, ``optimizer`` (``"adamw_8bit"``), ``compiled`` (``compile_layers``) and
+    ``lora_experts`` are ``RunConfig``'s options of the same names.
     """
     config = preset_config(size)
     image_tokens = soft_tokens if image_tokens is None else image_tokens
@@ -239,7 +264,8 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
         skip_modules = nf4_skip_modules(quantize_towers=True)
     weights = _preset_weight_bytes(size, quantization, None if skip_modules is None else tuple(skip_modules))
     state_bytes = LORA_STATE_BYTES[lora_dtype] - (EIGHT_BIT_STATE_SAVING[lora_dtype] if optimizer == "adamw_8bit" else 0)
-    lora = state_bytes * lora_r * _preset_lora_parameters_per_rank(size)
+    lora = state_bytes * lora_r * (_preset_lora_parameters_per_rank(size)
+                                   + (expert_lora_parameters(config, 1) if lora_experts else 0))
     units = activation_units(config, image_tokens, patches, text_tokens)
     per_unit = ACTIVATION_BYTES_PER_UNIT[size] * (LIGER_ACTIVATION_FACTOR if liger else 1.0) * (
         COMPILED_ACTIVATION_FACTOR.get(size, COMPILED_ACTIVATION_FACTOR_UNMEASURED) if compiled else 1.0)
@@ -250,6 +276,8 @@ def plan(size: str, quantization: str = "4bit", lora_r: int = 16, micro_batch: i
             micro_batch * one_layer * per_unit)
     else:
         activations = micro_batch * units * per_unit
+    if lora_experts:  # the folded expert weights, whatever the micro-batch
+        activations += expert_delta_bytes(config, 1 if gradient_checkpointing else None)
     logits = 0
     if loss == "full":
         logits = FULL_LOGITS_BYTES * micro_batch * (image_tokens + text_tokens) * text.vocab_size
@@ -331,8 +359,10 @@ def run_batch(model_config, config, gpu_bytes: int, lora_dtype: str = "bf16", co
                             soft_tokens=config.image_soft_tokens or 280, lora_dtype=lora_dtype,
                             gradient_checkpointing=config.gradient_checkpointing,
                             quantize_towers=config.quantization == "4bit" and config.quantize_towers,
-                            optimizer=config.optimizer, compiled=compiled, liger=liger)
+                            optimizer=config.optimizer, compiled=compiled, liger=liger,
+                            lora_experts=config.lora_experts)
     how = (f"helpers.teaching.memory.plan for {size}, quantization {config.quantization}, LoRA r{config.lora_r} {lora_dtype}"
+           f"{' with the experts' if config.lora_experts else ''}"
            f"{', compiled' if compiled else ''}{', Liger' if liger else ''}"
            f"{', checkpointing' if config.gradient_checkpointing else ''}: the "
            f"largest that fits {gpu_bytes / GB:.0f} GB with a {PLANNER_MARGIN:.0%} margin; {batch} samples a step "

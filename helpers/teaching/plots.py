@@ -2,6 +2,10 @@
 
 Each function returns the matplotlib figure and, given ``path``, also saves it as a PNG.
 Taught in notebooks 04 and 05.
+
+Every text that carries a class name, a prediction or a caller's title is drawn as written (``LITERAL``):
+matplotlib would otherwise read text between two ``$`` as math, so a class called ``$5 note`` or ``x^$``
+would be mangled or stop the figure from saving.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_
     matplotlib.use("Agg")  # headless (papermill, CI) unless a notebook front end chose its own
 import matplotlib.pyplot as plt
 import numpy as np
+
+LITERAL = {"parse_math": False}  # matplotlib Text property: no mathtext, the string as it is
 
 
 def _save(fig, path):
@@ -30,7 +36,8 @@ def plot_loss(loss_history, path=None, title="Training loss"):
         steps, losses = zip(*loss_history)
         ax.plot(steps, losses, marker=".", lw=1)
         ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="loss (labelled tokens)", title=title)
+    ax.set(xlabel="optimizer step", ylabel="loss (labelled tokens)")
+    ax.set_title(title, **LITERAL)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -41,9 +48,10 @@ def plot_confusion(matrix, class_names, path=None, title="Confusion matrix (fine
     size = max(4.5, 0.28 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7 if n > 12 else 9)
-    ax.set_yticks(range(n), class_names, fontsize=7 if n > 12 else 9)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7 if n > 12 else 9, **LITERAL)
+    ax.set_yticks(range(n), class_names, fontsize=7 if n > 12 else 9, **LITERAL)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(title, **LITERAL)
     if n <= 15:
         for (i, j), count in np.ndenumerate(matrix):
             if count:
@@ -62,12 +70,12 @@ def plot_sample_grid(examples, class_names, predictions=None, path=None, columns
         true = class_names[example["label"]]
         ax.imshow(example["image"])
         if predictions is None:
-            ax.set_title(f"true: {true}", fontsize=8)
+            ax.set_title(f"true: {true}", fontsize=8, **LITERAL)
         else:
             ax.set_title(f"true: {true}\npred: {predictions[k]}", fontsize=8,
-                         color="black" if predictions[k] == true else "crimson")
+                         color="black" if predictions[k] == true else "crimson", **LITERAL)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, **LITERAL)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -82,7 +90,8 @@ def plot_accuracy_bars(metrics: dict, path=None, title="Held-out accuracy"):
         values = [metrics[s][method]["accuracy"] or 0 for s in systems]
         bars = ax.bar(np.arange(len(systems)) + (k - 0.5) * width, values, width, label=method)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(systems)), systems)
-    ax.set(ylim=(0, 1.05), ylabel="accuracy", title=title)
+    ax.set_xticks(range(len(systems)), systems, **LITERAL)
+    ax.set(ylim=(0, 1.05), ylabel="accuracy")
+    ax.set_title(title, **LITERAL)
     ax.legend()
     return _save(fig, path)
