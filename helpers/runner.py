@@ -27,8 +27,7 @@ import papermill
 from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
-from helpers.data import DataError, describe_source
-from helpers.run.command_line import parameters_from_command_line
+from helpers.run.command_line import check_data, parameters_from_command_line
 from helpers.run.config import ConfigError, RunConfig
 from helpers.run.folder import (
     REPOSITORY,
@@ -72,15 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fresh", action="store_true",
                         help="start the run folder over: delete its checkpoints, adapter and results first")
     return parser
-
-
-def check_data(config: RunConfig):
-    """The data, read without decoding images and checked (``helpers.data.describe_source``), before any
-    model loads; a ``DataError`` becomes a ``ConfigError`` naming the file, split, column or class."""
-    try:
-        return describe_source(config.dataset, **config.data_options())
-    except DataError as err:
-        raise ConfigError(f"dataset: {err}") from None
 
 
 def planned_rows(source, config: RunConfig) -> str:

@@ -119,8 +119,8 @@ COMPILED_RECOMPILE_LIMIT = 64
 
 def should_compile_layers(config) -> bool:
     """``compile_layers`` as asked; ``None`` means on for one GPU without checkpointing, in bf16 and in 4-bit:
-    measured faster there for every size tried (benchmarks/README.md, "Fastest settings per size" and "4-bit,
-    compiled and eager"; E2B not measured in 4-bit). Checkpointing and several processes are not measured
+    measured faster there for every size tried (benchmarks/README.md, "How fast does each size train?"; E2B not
+    measured in 4-bit). Checkpointing and several processes are not measured
     compiled, so they stay eager."""
     if config.compile_layers is not None:
         return config.compile_layers

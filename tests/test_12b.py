@@ -6,8 +6,6 @@ and real-shape builder; the runner trains and evaluates it, and fine-tuning beat
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from helpers.data import DIGIT_NAMES, load_examples
 from helpers.modeling import apply_lora, load_model
 from helpers.teaching.memory import lora_parameters_by_tower, plan, quantized_linear_names
 from helpers.teaching.presets import is_encoder_free
+from tests.miniature_runs import fine_tune, gain
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -117,12 +116,6 @@ MARGIN_12B = 0.2
 
 
 def test_the_runner_fine_tunes_the_12b_miniature_past_its_baseline(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "helpers.runner", "--output-dir", str(tmp_path), *RUNNER_12B],
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = fine_tune(tmp_path, RUNNER_12B)
     assert metrics["model_id"] == "tiny-12b" and metrics["optimizer_steps"] == 43
-    summary = metrics["summary"]
-    gain = summary["finetuned_accuracy"] - summary["baseline_accuracy"]
-    print(f"fine-tuned minus baseline: {gain:.3f}")
-    assert gain >= MARGIN_12B, f"fine-tuning gained {gain:.3f}; measured {MEASURED_GAIN_12B} with these settings"
+    assert gain(metrics) >= MARGIN_12B, f"fine-tuning gained {gain(metrics):.3f}; measured {MEASURED_GAIN_12B}"

@@ -14,8 +14,8 @@ from PIL import Image
 from test_data import class_folders, write_photo
 
 from helpers.data import DataError, describe_source, load_examples
+from helpers.run.command_line import check_data
 from helpers.run.config import ConfigError, RunConfig
-from helpers.runner import check_data
 from helpers.validation import skip_report, skipped_summary
 
 

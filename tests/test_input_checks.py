@@ -9,7 +9,7 @@ from helpers.collator import VisionChatCollator, image_sequence_length, longest_
 from helpers.data import DIGIT_NAMES
 from helpers.launch import main as launch_main
 from helpers.run.command_line import check_run_against_model, parameters_from_command_line
-from helpers.run.config import ConfigError, RunConfig, check_lengths
+from helpers.run.config import ConfigError, RunConfig, check_against_model
 from helpers.runner import main as runner_main
 
 
@@ -40,7 +40,7 @@ def test_the_longest_sequence_is_what_the_collator_builds_at_most(tiny_processor
 
 
 def test_the_defaults_pass(tiny_processor, tiny_path):
-    assert check_lengths(RunConfig(), tiny_processor, DIGIT_NAMES, str(tiny_path)) == 90
+    assert check_against_model(RunConfig(), tiny_processor, DIGIT_NAMES, str(tiny_path)) == 90
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -56,7 +56,7 @@ def test_the_defaults_pass(tiny_processor, tiny_path):
 ])
 def test_lengths_and_rank_that_cannot_work_are_refused(tiny_processor, tiny_path, settings, message):
     with pytest.raises(ConfigError, match=message) as raised:
-        check_lengths(RunConfig(**settings), tiny_processor, DIGIT_NAMES, str(tiny_path))
+        check_against_model(RunConfig(**settings), tiny_processor, DIGIT_NAMES, str(tiny_path))
     assert "\n" not in str(raised.value)
 
 
@@ -64,17 +64,17 @@ def test_the_rank_limit_follows_the_targets(tiny_processor, tiny_path):
     """Only the text model's MLP targeted (a PEFT regex): its narrowest layer is 64 wide (the tiny model's width;
     the vision tower and the attention, 32 wide, are not wrapped), so rank 64 passes and 65 does not."""
     mlp = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
-    check_lengths(RunConfig(lora_r=64, lora_targets=mlp), tiny_processor, DIGIT_NAMES, str(tiny_path))
+    check_against_model(RunConfig(lora_r=64, lora_targets=mlp), tiny_processor, DIGIT_NAMES, str(tiny_path))
     with pytest.raises(ConfigError, match="set lora_r to at most 64"):
-        check_lengths(RunConfig(lora_r=65, lora_targets=mlp), tiny_processor, DIGIT_NAMES, str(tiny_path))
+        check_against_model(RunConfig(lora_r=65, lora_targets=mlp), tiny_processor, DIGIT_NAMES, str(tiny_path))
 
 
 def test_a_longer_question_needs_a_longer_max_length(tiny_processor, tiny_path):
     question = "Which digit, from zero to nine, is written in this small grey image?"
-    longest = check_lengths(RunConfig(question=question), tiny_processor, DIGIT_NAMES, str(tiny_path))
+    longest = check_against_model(RunConfig(question=question), tiny_processor, DIGIT_NAMES, str(tiny_path))
     assert longest > 90
     with pytest.raises(ConfigError, match=f"at least {longest}"):
-        check_lengths(RunConfig(question=question, max_length=90), tiny_processor, DIGIT_NAMES, str(tiny_path))
+        check_against_model(RunConfig(question=question, max_length=90), tiny_processor, DIGIT_NAMES, str(tiny_path))
 
 
 def test_the_command_line_checks_before_any_model_loads(tmp_path, monkeypatch):

@@ -5,8 +5,6 @@ Training-equals-serving for this miniature is in tests/test_training_equals_serv
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,9 +12,10 @@ from transformers import AutoModelForMultimodalLM
 
 from helpers.data import DIGIT_NAMES
 from helpers.modeling import apply_lora, load_processor, lora_config
-from helpers.run.config import ConfigError, RunConfig, check_lengths
+from helpers.run.config import ConfigError, RunConfig, check_against_model
 from helpers.teaching.memory import LORA_STATE_BYTES, expert_delta_bytes, expert_lora_parameters, plan
 from helpers.teaching.presets import preset_config
+from tests.miniature_runs import fine_tune, gain
 
 
 def on_experts(model) -> int:
@@ -39,7 +38,7 @@ def test_lora_experts_is_refused_with_dropout_and_on_a_model_without_experts(tin
         RunConfig(lora_experts=True, lora_dropout=0.05)
     processor = load_processor(str(tiny_path), None)
     with pytest.raises(ConfigError, match="lora_experts=True, but .* has no experts"):
-        check_lengths(RunConfig(lora_experts=True), processor, DIGIT_NAMES, str(tiny_path))
+        check_against_model(RunConfig(lora_experts=True), processor, DIGIT_NAMES, str(tiny_path))
 
 
 def test_the_planner_counts_the_expert_adapters_and_their_folded_copies():
@@ -65,9 +64,7 @@ MARGIN_MOE = 0.3
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("moe") / "run"
-    proc = subprocess.run([sys.executable, "-m", "helpers.runner", "--output-dir", str(run), *RUNNER_MOE],
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fine_tune(run, RUNNER_MOE)
     return run
 
 
@@ -82,10 +79,8 @@ def moe_merged(moe_run):
 def test_the_runner_fine_tunes_the_moe_miniature_with_expert_lora_and_the_merge_agrees(moe_run, moe_merged):
     from helpers.run.folder import EXPORT_RECORD, read_run
 
-    summary = json.loads((moe_run / "metrics.json").read_text())["summary"]
-    gain = summary["finetuned_accuracy"] - summary["baseline_accuracy"]
-    print(f"fine-tuned minus baseline: {gain:.3f}")
-    assert gain >= MARGIN_MOE, f"fine-tuning gained {gain:.3f}; measured {MEASURED_GAIN_MOE} with these settings"
+    metrics = json.loads((moe_run / "metrics.json").read_text())
+    assert gain(metrics) >= MARGIN_MOE, f"fine-tuning gained {gain(metrics):.3f}; measured {MEASURED_GAIN_MOE}"
     adapter = json.loads((moe_run / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
 

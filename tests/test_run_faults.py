@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers.run import folder as run_folder
+from helpers.run.command_line import check_data
 from helpers.run.config import RunConfig
 from helpers.run.folder import (
     ADAPTER,
@@ -24,7 +25,6 @@ from helpers.run.folder import (
     run_manifest,
     start_run,
 )
-from helpers.runner import check_data
 
 _spec = importlib.util.spec_from_file_location("kill_resume", Path(__file__).parents[1] / "benchmarks" / "kill_resume.py")
 kr = importlib.util.module_from_spec(_spec)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from helpers.run import folder as run_folder
+from helpers.run.command_line import check_data
 from helpers.run.config import RunConfig
 from helpers.run.folder import (
     LOCK,
@@ -27,7 +28,7 @@ from helpers.run.folder import (
     start_run,
     write_class_names,
 )
-from helpers.runner import check_data, main
+from helpers.runner import main
 
 
 def manifest_of(**params) -> dict:

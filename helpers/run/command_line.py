@@ -2,7 +2,7 @@
 
 Tokens never travel as parameters (papermill writes parameters into the executed notebook). Local paths are made
 absolute, the output folder is proven writable, a local model folder is checked to be Gemma 4, and ``max_length``,
-``lora_r`` and the prompt's length are checked against the model's processor and config (``check_lengths``), all
+``lora_r`` and the prompt's length are checked against the model's processor and config (``check_against_model``), all
 before any weights load.
 """
 
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from helpers.data import DIGITS, DataError, describe_source
-from helpers.run.config import OFFLINE_MODELS, ConfigError, RunConfig, check_lengths, resolve_model_id
+from helpers.run.config import OFFLINE_MODELS, ConfigError, RunConfig, check_against_model, resolve_model_id
 from helpers.run.folder import RunFolderError, check_output_dir
 
 SECRET_WORDS = ("token", "secret", "password", "api_key")
@@ -72,8 +72,17 @@ def parameters_from_command_line(pairs, output_dir=None, model_id=None, train_si
     return params
 
 
+def check_data(config: RunConfig):
+    """The data, read without decoding images and checked (``helpers.data.describe_source``), before any
+    model loads; a ``DataError`` becomes a ``ConfigError`` naming the file, split, column or class."""
+    try:
+        return describe_source(config.dataset, **config.data_options())
+    except DataError as err:
+        raise ConfigError(f"dataset: {err}") from None
+
+
 def check_run_against_model(config: RunConfig) -> int:
-    """``check_lengths`` with what it needs, none of it model weights: the model's processor and config (an
+    """``check_against_model`` with what it needs, none of it model weights: the model's processor and config (an
     offline tiny model is built first) and the data's class names (``helpers.data.describe_source``, which
     decodes no image). Returns the longest training sequence, in tokens.
 
@@ -81,17 +90,14 @@ def check_run_against_model(config: RunConfig) -> int:
     for all): the others would build the tiny checkpoint into the same folder at the same time."""
     from helpers.modeling import load_processor
 
-    try:
-        class_names = describe_source(config.dataset, **config.data_options()).class_names
-    except DataError as err:
-        raise ConfigError(f"dataset: {err}") from None
+    class_names = check_data(config).class_names
     model_path = resolve_model_id(config.model_id)
     try:
         processor = load_processor(model_path, config.image_soft_tokens)
     except (OSError, ValueError) as err:  # a hub id not in the cache and not reachable, a folder without one
         raise ConfigError(f"model_id: could not load the processor of {config.model_id!r} "
                           f"({' '.join(str(err).split())})") from None
-    return check_lengths(config, processor, class_names, model_path)
+    return check_against_model(config, processor, class_names, model_path)
 
 
 def check_device(config: RunConfig) -> None:

@@ -187,7 +187,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def check_lengths(config: RunConfig, processor, class_names, model_path: str | None = None) -> int:
+def check_against_model(config: RunConfig, processor, class_names, model_path: str | None = None) -> int:
     """``max_length``, the model's context and ``lora_r`` checked against the model before its weights load;
     returns the longest training sequence, in tokens.
 

@@ -468,7 +468,7 @@ def start_run(run_dir, manifest: dict, trains: bool = True, fresh: bool = False)
     if fresh:
         if not trains and has_run_files(run_dir):
             raise RunFolderError(f"--fresh would delete the adapter, checkpoints and results in {run_dir}, and "
-                                 "none of the notebooks asked for trains a new adapter: drop --fresh to use the "
+                                 "no notebook asked for trains a new adapter: drop --fresh to use the "
                                  "one there, or run the training notebook too to replace it")
         removed = clear_run_files(run_dir)
         if trains:
