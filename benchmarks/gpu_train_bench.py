@@ -14,6 +14,10 @@ Variants (see ``variants_for``):
   full-vocabulary logits at every position; AdamW (fused), lr 5e-5, weight decay 0.01, linear schedule, 10%
   warm-up, bf16 autocast. Its trainer and LoRA are written out here (``reference_trainer``, ``seed_lora``):
   they reproduce the seed, not this repository.
+- ``default``: what a user of the size gets from docs/one-gpu.md's command (LoRA r64 α64, 16 samples a step,
+  bf16 LoRA for E2B/E4B and QLoRA for the rest) with every speed switch at ``RunConfig``'s default: layers
+  compiled where ``helpers.speed.should_compile_layers`` says, the planner's micro-batch, ``switch_on``'s
+  data-loader workers.
 - ``ours-*`` and ``stream-*``: the shipped code, nothing copied, put together as ``helpers.launch`` trains one
   process (``train_ours``): ``helpers.modeling.apply_lora``; ``helpers.training.training_arguments`` for the
   variant's ``RunConfig`` (``ours_config``: its micro-batch, accumulation, rank, quantization, optimizer,
@@ -79,10 +83,12 @@ PHOTO_SIZES = [(500, 375), (375, 500), (640, 480), (480, 640), (1024, 768), (800
 PEAK_DATASHEET = 989e12
 PEAK_MEASURED = 790e12
 GLOBAL_BATCH = 16
+# The weights docs/one-gpu.md gives each size: bf16 LoRA for the E-series, QLoRA for the rest.
+DEFAULT_WEIGHTS = {"E2B": "bf16", "E4B": "bf16", "12B": "nf4", "26B-A4B": "nf4", "31B": "nf4"}
 
 # Micro-batch candidates for "the largest that fits", tried in order; first that trains wins.
 BEST_MB = {
-    ("E2B", "bf16"): (32, 16, 8), ("E4B", "bf16"): (32, 16, 8), ("E4B", "nf4"): (32, 16, 8),
+    ("E2B", "bf16"): (32, 16, 8), ("E2B", "nf4"): (32, 16, 8), ("E4B", "bf16"): (32, 16, 8), ("E4B", "nf4"): (32, 16, 8),
     ("12B", "bf16"): (16, 8, 4), ("12B", "nf4"): (32, 16, 8),
     ("26B-A4B", "bf16"): (16, 8, 4), ("26B-A4B", "nf4"): (16, 8, 4),
     ("31B", "bf16"): (8, 4, 2), ("31B", "nf4"): (16, 8, 4),
@@ -184,6 +190,13 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
         ]
     if size in ("E2B", "E4B", "12B", "26B-A4B"):  # compile_layers on the 4-bit model, beside ours-q
         out.append(ours("ours-q-compile", "nf4", BEST_MB[(size, "nf4")], steps=5, compile=True))
+    if size == "31B":  # CUDA graphs again, with each micro-batch's forward marked as a new step
+        out.append(ours("ours-q-compile-cudagraphs-marked", "nf4", (16,), ga=1, steps=7, compile=True,
+                        inductor={"triton.cudagraphs": True}, mark_steps=True))
+    # What a user gets: docs/one-gpu.md's command for the size (rank 64, 16 samples a step, the size's weights)
+    # with every speed switch left at RunConfig's default (compiled layers, planned micro-batch, workers).
+    out.insert(0, ours("default", DEFAULT_WEIGHTS[size], (16,), ga=1, steps=6, compile=None, workers=None,
+                       lora_dtype="fp32" if DEFAULT_WEIGHTS[size] == "bf16" else "bf16"))
     if quick:
         for v in out:
             v["steps"] = min(v["steps"], 3 if v.get("stream") else 2)
@@ -301,7 +314,7 @@ def ours_config(v: dict, mb: int, ga: int, out_dir: str):
         learning_rate=5e-5, warmup_steps=0, lora_r=v["r"], lora_alpha=v["r"], lora_dropout=v["dropout"],
         quantization="none" if v["quant"] == "bf16" else "4bit", quantize_towers=v["quant"] == "nf4-towers",
         optimizer="adamw_8bit" if v.get("optim") == "adamw_bnb_8bit" else "adamw_torch",
-        compile_layers=bool(v.get("compile")), gradient_checkpointing=bool(v["ckpt"]),
+        compile_layers=v.get("compile", False), gradient_checkpointing=bool(v["ckpt"]),
         save_steps=10**6, output_dir=out_dir, dataloader_workers=v.get("workers", 0),
         lora_experts=bool(v.get("experts")),
     )
@@ -512,10 +525,15 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
     trainer = build_trainer(model, args, examples, collator, callbacks)
     trainer.get_batch_samples = timed_data_fetch(trainer.get_batch_samples, waits)
     compiled = compiled_layer_count(model)
+    # CUDA graphs need each replay's outputs dead before the next one: a new step at every micro-batch's forward
+    marker = model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin()) if (
+        v.get("mark_steps")) else None
     try:
         trainer.train()
     finally:
         speed.switch_off(model)  # the next variant, or reuse of this model, starts eager
+        if marker is not None:
+            marker.remove()
     return TrainResult.of(trainer), config, compiled
 
 
@@ -744,9 +762,9 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                 from helpers.speed import dataloader_worker_count
 
                 result.update(workers=dataloader_worker_count(config), compiled_layers=compiled,
-                              steps_done=trained.global_step, mb_asked=mb, ga_asked=ga)
+                              compile=compiled > 0, steps_done=trained.global_step, mb_asked=mb, ga_asked=ga)
                 mb, ga = trained.micro_batch, trained.gradient_accumulation  # as trained (switch_on's plan)
-                if v.get("compile"):  # graphs and recompiles so far in this process (lengths vary on real data)
+                if compiled:  # graphs and recompiles so far in this process (lengths vary on real data)
                     from torch._dynamo.utils import counters
 
                     result["dynamo"] = {name: dict(counters[name]) for name in ("stats", "recompiles")
@@ -772,7 +790,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
 
                 result["planned_peak"] = plan(size, "none" if v["quant"] == "bf16" else "4bit", v["r"], mb,
                                               gradient_checkpointing=bool(v["ckpt"]), lora_dtype=v["lora_dtype"],
-                                              quantize_towers=v["quant"] == "nf4-towers", compiled=bool(v.get("compile")),
+                                              quantize_towers=v["quant"] == "nf4-towers", compiled=result["compile"],
                                               liger=bool(v.get("liger")), lora_experts=bool(v.get("experts")))["total"]
             if v.get("profile") and not cpu and args.profile:
                 try:

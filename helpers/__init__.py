@@ -6,3 +6,9 @@ validation.py, modeling.py, training.py, scoring.py, evaluation.py), the offline
 machinery), exports/ (after training) and teaching/ (what the lessons use to teach; its memory planner also
 plans the training micro-batch).
 """
+
+import logging
+
+# bitsandbytes, imported by PEFT, warns on CPUs with AVX512-BF16 that an optional kernel from the Hub is missing
+# and falls back to its own code; the warning is about its CPU inference path, which nothing here relies on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -4,8 +4,8 @@ evaluation should not see is undone here. Notebook 04 and the launcher call ``sw
 
 - **fast clamps** (``fast_clamps``, on by default): ``Gemma4ClippableLinear``'s clamps (E2B/E4B's vision and
   audio towers) with a backward of one multiply; the same values and gradients as transformers' forward.
-- **compiled layers** (``compile_layers``; ``None``: on for bf16 LoRA on one GPU): ``torch.compile`` per decoder
-  and vision-encoder layer, during training only.
+- **compiled layers** (``compile_layers``; ``None``: on for one GPU without checkpointing, bf16 and 4-bit):
+  ``torch.compile`` per decoder and vision-encoder layer, during training only.
 - **the planned micro-batch** (``plan_micro_batch``, on by default; it acts on a GPU, for a published size): the
   largest micro-batch that ``helpers.teaching.memory.plan`` fits, gradient accumulation raised to keep the step's
   batch.

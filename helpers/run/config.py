@@ -68,7 +68,7 @@ class RunConfig:
     quantization: str = "none"  # "none" (bf16 on GPU, fp32 on CPU) or "4bit" (NF4, QLoRA)
     quantize_towers: bool = False  # with "4bit": the vision/audio towers in NF4 too (a little less memory)
     optimizer: str = "adamw_torch"  # or "adamw_8bit" (bitsandbytes: 8-bit AdamW states, GPU only)
-    compile_layers: bool | None = None  # torch.compile each layer; None: on for bf16 LoRA on a GPU
+    compile_layers: bool | None = None  # torch.compile each layer; None: on for one GPU without checkpointing
     fast_clamps: bool = True  # Gemma4ClippableLinear's clamps with a cheaper forward, same numbers (helpers.speed)
     plan_micro_batch: bool = True  # on a GPU, the largest micro-batch the memory plan fits (helpers.speed)
     dataloader_workers: int | None = None  # processes running the collator (image processor); None: up to 4 on a GPU, 0 on a CPU
