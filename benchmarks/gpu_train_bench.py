@@ -788,7 +788,8 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
             if v["name"] != "ref" and v["trainer"] != "trl" and not args.shrink:  # the planner, asked as trained
                 from helpers.teaching.memory import plan
 
-                result["planned_peak"] = plan(size, "none" if v["quant"] == "bf16" else "4bit", v["r"], mb,
+                # image_tokens=256: the synthetic stream's 224x224 images (benchmarks/README.md's memory table)
+                result["planned_peak"] = plan(size, "none" if v["quant"] == "bf16" else "4bit", v["r"], mb, image_tokens=256,
                                               gradient_checkpointing=bool(v["ckpt"]), lora_dtype=v["lora_dtype"],
                                               quantize_towers=v["quant"] == "nf4-towers", compiled=result["compile"],
                                               liger=bool(v.get("liger")), lora_experts=bool(v.get("experts")))["total"]

@@ -119,9 +119,8 @@ COMPILED_RECOMPILE_LIMIT = 64
 
 def should_compile_layers(config) -> bool:
     """``compile_layers`` as asked; ``None`` means on for one GPU without checkpointing, in bf16 and in 4-bit:
-    measured faster there for every size tried (benchmarks/README.md, "How fast does each size train?"; E2B not
-    measured in 4-bit). Checkpointing and several processes are not measured
-    compiled, so they stay eager."""
+    measured faster there for every size (benchmarks/README.md, "How fast does each size train?"). Checkpointing and
+    several processes are not measured compiled, so they stay eager."""
     if config.compile_layers is not None:
         return config.compile_layers
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1

@@ -180,14 +180,14 @@ def _preset_lora_parameters_per_rank(size: str) -> int:
 # peak = weights + LoRA state + activations + logits, each term below. The weights and the LoRA counts are
 # exact (module by module, above). The activation term is a model: "activation units" per sample,
 #   U = text layers x text tokens x (hidden + intermediate) + vision layers x patches x (hidden + intermediate)
-# (the MoE's routed width is top-k x expert width), times bytes per unit measured on an H200
+# (the MoE's routed width is top-k x expert width), times bytes per unit measured on an H200 (E2B on an H100)
 # (benchmarks/README.md, "How much memory"; transformers 5.23, peft 0.21.2, bitsandbytes 0.50.2, SDPA, bf16 autocast).
 # They are large because Gemma 4's RMSNorm computes in float32 and autograd keeps those float32 copies, and
 # because the vision tower runs on all 9 x budget patches (2,520 at the default 280), padding included.
 # The 12B has no vision tower: its image path is one patch embedder over budget merged patches (280), each
 # 6,912 values wide projected to 3,840 (``vision_widths``).
 ACTIVATION_BYTES_PER_UNIT = {  # no checkpointing, fitted on the runs named in benchmarks/README.md
-    "E2B": 19.0,  # not measured: E4B's value (same clipped vision tower family)
+    "E2B": 21.4,  # E2B QLoRA eager mb 8 on an H100; its compiled rows agree with E4B's compiled factor
     "E4B": 19.0,  # with the fast clamps (helpers.speed, the default); transformers' own clamps: 20.5
     "12B": 14.8,  # between 14.0 (NF4, mb 32) and 15.6 (bf16, mb 16), as fitted on an H200: all within 6%
     "26B-A4B": 18.2,
@@ -201,7 +201,7 @@ FULL_LOGITS_BYTES = 20  # per position x vocabulary entry with the model's own l
 LORA_STATE_BYTES = {"bf16": 8, "fp32": 16}  # parameter + gradient + AdamW's two moments
 EIGHT_BIT_STATE_SAVING = {"bf16": 2, "fp32": 6}  # bitsandbytes' 8-bit AdamW: two 1-byte moments per parameter
 # compile_layers fuses the float32 RMSNorm copies: E4B bf16 mb 32 measured 0.61 (the 12B's row fits it too), the 31B
-# in NF4 mb 8 0.69 (on an H200); E2B, not measured compiled, takes E4B's (the same E-series layers); the 26B-A4B
+# in NF4 mb 8 0.69 (on an H200); E2B takes E4B's (the same E-series layers; its compiled rows on an H100 agree); the 26B-A4B
 # takes the larger (its NF4 mb 8 compiled peak came out within 2% of that prediction: benchmarks/README.md)
 COMPILED_ACTIVATION_FACTOR = {"E2B": 0.61, "E4B": 0.61, "12B": 0.61, "31B": 0.69}
 COMPILED_ACTIVATION_FACTOR_UNMEASURED = 0.69
