@@ -96,6 +96,13 @@ def generate_fn(model, new_tokens: int):
     return generate
 
 
+def score_fn(model, tokenizer, names, method: str = "tree"):
+    """``helpers.scoring.score_class_names`` over one batch, by ``method``, its scores on the CPU."""
+    def score(b):
+        return score_class_names(model, tokenizer, b, names, method=method).cpu()
+    return score
+
+
 def prefill_fn(model):
     """The prompt pass exactly as ``score_class_names`` makes it (positions from the mask, cache, last logits)."""
     from helpers.scoring import MODEL_INPUTS, _positions
@@ -177,8 +184,7 @@ def main(argv=None):
         scores = {}
         for method in ("tree", "copies"):  # copies holds 37 copies of the cache: on an 80 GB card the 31B's do not fit
             try:
-                seconds[f"score_{method}"], outs = timed(
-                    batches, lambda b, m=method, model=model: score_class_names(model, tokenizer, b, names, method=m).cpu())
+                seconds[f"score_{method}"], outs = timed(batches, score_fn(model, tokenizer, names, method))
                 scores[method] = torch.cat(outs)
             except torch.OutOfMemoryError:
                 row[f"score_{method}"] = "out of memory"
@@ -203,7 +209,7 @@ def main(argv=None):
                     for i in range(args.batches)]
             m = args.score_batch
             wide_s = {"generate8": timed(wide, generate_fn(model, 8))[0],
-                      "score_tree": timed(wide, lambda b, model=model: score_class_names(model, tokenizer, b, names).cpu())[0]}
+                      "score_tree": timed(wide, score_fn(model, tokenizer, names))[0]}
             del wide
             row["score_batch"] = m
             row["at_score_batch_img_s"] = {k: round(m / v, 3) for k, v in wide_s.items()}
@@ -216,7 +222,7 @@ def main(argv=None):
             row["tree_vs_copies_max_score"] = float(scores["copies"].abs().max())
         if size in args.profile.split(",") and device == "cuda":
             runs = {"prefill": prefill_fn(model), "generate8": generate_fn(model, 8),
-                    "score_tree": lambda b, model=model: score_class_names(model, tokenizer, b, names).cpu()}
+                    "score_tree": score_fn(model, tokenizer, names)}
             row["profile"] = {name: profiled(model, run_one, batches[1], out / f"profile_eval_{size}_{name}")
                               for name, run_one in runs.items()}
             print(json.dumps({"size": size, "profile": row["profile"]}), flush=True)

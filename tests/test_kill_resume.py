@@ -25,33 +25,40 @@ _spec.loader.exec_module(kr)
 MAX_STEPS, SAVE_STEPS = 6, 2  # 24 examples of 6: 4 steps an epoch, so the run ends mid-epoch
 
 
+def kill_when(command: list[str], env: dict, log: Path, condition, what: str) -> None:
+    """Start the run, wait until ``condition()`` holds while it still runs, then SIGKILL it with its kernel."""
+    run = kr.start(command, env, log)
+    reached = kr.wait_for(run, condition, timeout=600, poll=0.002)
+    assert reached and run.poll() is None, f"the run never reached {what}:\n{log.read_text()[-3000:]}"
+    kr.kill_tree(run)
+
+
+def rerun(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """The same command again, uninterrupted; it must succeed."""
+    final = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
+    return final
+
+
 def test_killed_twice_then_rerun_resumes_from_the_last_complete_checkpoint(tmp_path):
     out, hook, log = tmp_path / "run", tmp_path / "hook", tmp_path / "runner.log"
     hook.mkdir()
     command = kr.runner_command(out, train_size=24, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=6)
 
     # Kill 1: during training, just after the first checkpoint is marked.
-    first = kr.start(command, kr.run_env(hook), log)
-    reached = kr.wait_for(first, lambda: 2 in kr.complete_checkpoints(out), timeout=600, poll=0.002)
-    assert reached and first.poll() is None, f"run 1 ended before checkpoint-2:\n{log.read_text()[-3000:]}"
-    kr.kill_tree(first)
+    kill_when(command, kr.run_env(hook), log, lambda: 2 in kr.complete_checkpoints(out), "checkpoint-2")
     after_first = kr.snapshot(out)
     assert after_first["complete"][:1] == [2] and not after_first["adapter"] and not after_first["train_result"]
 
     # Kill 2: checkpoint-4 fully written in place, its completion marker not yet (the hook holds that write).
     marker = tmp_path / "held"
-    second = kr.start(command, kr.run_env(hook, hold_marker=marker, hold_step=4), log)
-    reached = kr.wait_for(second, marker.exists, timeout=600)
-    assert reached and second.poll() is None, f"run 2 never reached checkpoint-4's marker:\n{log.read_text()[-3000:]}"
-    kr.kill_tree(second)
+    kill_when(command, kr.run_env(hook, hold_marker=marker, hold_step=4), log, marker.exists, "checkpoint-4's marker")
     after_second = kr.snapshot(out)
     assert after_second["complete"] == [2], after_second  # checkpoint-4 is not marked...
     assert "checkpoint-4/trainer_state.json" in after_second["unmarked"]  # ...though all of it is written
 
     # The same command, uninterrupted: resumes from checkpoint-2 and finishes with exactly MAX_STEPS steps.
-    final = subprocess.run(command, env=kr.run_env(hook), cwd=REPO, capture_output=True, text=True, timeout=900,
-                           check=False)
-    assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
+    rerun(command, kr.run_env(hook))
     assert kr.verify(out, MAX_STEPS, expected_resume=2) == []
     assert (out / "04_training.ipynb").exists()
 
@@ -63,17 +70,12 @@ def test_a_checkpoint_damaged_after_a_kill_is_passed_over_and_the_steps_after_it
     out, hook, log = tmp_path / "run", tmp_path / "hook", tmp_path / "runner.log"
     hook.mkdir()
     command = kr.runner_command(out, train_size=24, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=6)
-    first = kr.start(command, kr.run_env(hook), log)
-    reached = kr.wait_for(first, lambda: 4 in kr.complete_checkpoints(out), timeout=600, poll=0.002)
-    assert reached and first.poll() is None, f"run 1 ended before checkpoint-4:\n{log.read_text()[-3000:]}"
-    kr.kill_tree(first)
+    kill_when(command, kr.run_env(hook), log, lambda: 4 in kr.complete_checkpoints(out), "checkpoint-4")
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     first_losses = {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
     kr.damage_checkpoint(out / "checkpoint-4", "optimizer")
 
-    final = subprocess.run(command, env=kr.run_env(hook), cwd=REPO, capture_output=True, text=True, timeout=900,
-                           check=False)
-    assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
+    final = rerun(command, kr.run_env(hook))
     assert f"{out / 'checkpoint-4'} is damaged (optimizer.pt is missing" in final.stdout
     assert "resuming from checkpoint-2 instead" in final.stdout
     assert kr.verify(out, MAX_STEPS, expected_resume=2) == []
@@ -94,17 +96,12 @@ def test_on_a_bucket_mount_killed_mid_copy_of_the_adapter_then_rerun_publishes_i
     command = kr.runner_command(out, train_size=24, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, batch_size=6)
 
     marker = tmp_path / "held"
-    first = kr.start(command, kr.run_env(hook, gcsfuse_root=bucket, hold_copy=marker), log)
-    reached = kr.wait_for(first, marker.exists, timeout=600)
-    assert reached and first.poll() is None, f"run 1 never reached the adapter's copy:\n{log.read_text()[-3000:]}"
-    kr.kill_tree(first)
+    kill_when(command, kr.run_env(hook, gcsfuse_root=bucket, hold_copy=marker), log, marker.exists, "the adapter's copy")
     after = kr.snapshot(out)
     assert after["complete"] == [4, 6] and not after["adapter"] and not after["train_result"], after
     assert len([p for p in (out / "adapter").rglob("*") if p.is_file()]) == 1  # half copied, not marked
 
-    final = subprocess.run(command, env=kr.run_env(hook, gcsfuse_root=bucket), cwd=REPO, capture_output=True,
-                           text=True, timeout=900, check=False)
-    assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
+    rerun(command, kr.run_env(hook, gcsfuse_root=bucket))
     assert kr.verify(out, MAX_STEPS, expected_resume=MAX_STEPS) == []
 
 
