@@ -16,6 +16,9 @@ template adds the empty thought block), the 37 Oxford-IIIT Pet breeds as the lab
 - ``--score-batch M`` (16): scoring and ``generate-8`` again at batch M, the batch notebook 05 and the launcher
   score at for docs/one-gpu.md's commands; ``shipped × seed`` is scoring's images/s at M over ``generate-8``'s at
   ``--batch`` (the seed evaluates at 8).
+- ``--compiled``: the prompt pass and scoring again with ``helpers.speed.compile_layers(model, dynamic=True)``
+  (every decoder and vision layer compiled, one graph for every prompt length); the first batch, which compiles,
+  is reported apart (``compile_score_tree_s``, ``compile_prefill_s``).
 - ``--fp32-check SIZE``: the same prompts on a float32 build of SIZE, tree against copies (the bf16/NF4 rows
   differ by rounding; in float32 the two methods must agree).
 
@@ -115,6 +118,34 @@ def prefill_fn(model):
     return prefill
 
 
+def compiled_scoring(model, tokenizer, names, batches, generate8_s: float, n: int, eager_scores) -> dict:
+    """The prompt pass and tree scoring with every layer compiled (``helpers.speed.compile_layers``, dynamic
+    shapes), timed like the eager ones; the layers run eager again afterwards. ``compile_*_s``: the first call of
+    each, which compiles; the scores are compared with the eager ones (``eager_scores``)."""
+    from helpers.speed import compile_layers, uncompile_layers
+
+    compile_layers(model, dynamic=True)
+    try:
+        row, seconds, outputs = {}, {}, {}
+        for name, run_one in (("score_tree", score_fn(model, tokenizer, names)), ("prefill", prefill_fn(model))):
+            sync()
+            t0 = time.perf_counter()
+            run_one(batches[0])  # compiles (the prompt pass with a cache is another graph than scoring's)
+            sync()
+            row[f"compile_{name}_s"] = round(time.perf_counter() - t0, 1)
+            seconds[name], outputs[name] = timed(batches, run_one)
+            print(json.dumps({"compiled": name, "compile_s": row[f"compile_{name}_s"], "s": seconds[name]}), flush=True)
+    finally:
+        uncompile_layers(model)
+    row["seconds_per_batch"] = {k: round(v, 4) for k, v in seconds.items()}
+    row["score_tree_img_s"] = round(n / seconds["score_tree"], 3)
+    row["ratio_vs_generate8"] = round(generate8_s / seconds["score_tree"], 2)  # against the eager generate-8
+    scores = torch.cat(outputs["score_tree"])
+    row["same_argmax_as_eager"] = bool(torch.equal(scores.argmax(-1), eager_scores.argmax(-1)))
+    row["max_abs_diff_vs_eager"] = float((scores - eager_scores).abs().max())
+    return row
+
+
 def profiled(model, run_one, batch, out_path: Path) -> dict:
     """One call of ``run_one(batch)`` under torch.profiler: where the GPU idled and the kernels' time by kind, from
     the trace (``gpu_gaps.idle_gaps``; the model's parts annotated). The trace is kept beside the results, gzipped."""
@@ -153,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--gen128", action="store_true", help="also time generate forced to 128 tokens")
     parser.add_argument("--fp32-check", default="", help="a size: compare tree and copies on a float32 build of it")
     parser.add_argument("--profile", default="", help="sizes whose prompt pass, scoring and generate-8 are profiled")
+    parser.add_argument("--compiled", action="store_true", help="also time the prompt pass and scoring compiled")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +252,10 @@ def main(argv=None):
             row["tree_equals_copies_argmax"] = bool(torch.equal(scores["tree"].argmax(-1), scores["copies"].argmax(-1)))
             row["tree_vs_copies_max_abs_diff"] = float((scores["tree"] - scores["copies"]).abs().max())
             row["tree_vs_copies_max_score"] = float(scores["copies"].abs().max())
+        if args.compiled:
+            row["compiled"] = compiled_scoring(model, tokenizer, names, batches, seconds["generate8"], n,
+                                               scores["tree"])
+            print(json.dumps({"size": size, "compiled": row["compiled"]}), flush=True)
         if size in args.profile.split(",") and device == "cuda":
             runs = {"prefill": prefill_fn(model), "generate8": generate_fn(model, 8),
                     "score_tree": score_fn(model, tokenizer, names)}

@@ -191,8 +191,13 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
     if size in ("E2B", "E4B", "12B", "26B-A4B"):  # compile_layers on the 4-bit model, beside ours-q
         out.append(ours("ours-q-compile", "nf4", BEST_MB[(size, "nf4")], steps=5, compile=True))
     if size == "31B":  # CUDA graphs again, with each micro-batch's forward marked as a new step
-        out.append(ours("ours-q-compile-cudagraphs-marked", "nf4", (16,), ga=1, steps=7, compile=True,
-                        inductor={"triton.cudagraphs": True}, mark_steps=True))
+        graphs = {"inductor": {"triton.cudagraphs": True}, "mark_steps": True, "compile": True, "steps": 7}
+        out += [
+            ours("ours-q-compile-cudagraphs-marked", "nf4", (16,), ga=1, **graphs),
+            # marked, and each LoRA gradient copied out of the graphs' memory before it is accumulated: a
+            # parameter's first .grad of a step is a graph output, which the next micro-batch's replay overwrites
+            ours("ours-q-compile-cudagraphs-marked-clonegrads", "nf4", (16,), ga=1, clone_grads=True, **graphs),
+        ]
     # What a user gets: docs/one-gpu.md's command for the size (rank 64, 16 samples a step, the size's weights)
     # with every speed switch left at RunConfig's default (compiled layers, planned micro-batch, workers).
     out.insert(0, ours("default", DEFAULT_WEIGHTS[size], (16,), ga=1, steps=6, compile=None, workers=None,
@@ -526,14 +531,16 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
     trainer.get_batch_samples = timed_data_fetch(trainer.get_batch_samples, waits)
     compiled = compiled_layer_count(model)
     # CUDA graphs need each replay's outputs dead before the next one: a new step at every micro-batch's forward
-    marker = model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin()) if (
-        v.get("mark_steps")) else None
+    hooks = [model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())] if (
+        v.get("mark_steps")) else []
+    if v.get("clone_grads"):  # .grad then lives outside the graphs' memory pool (gradient accumulation reads it)
+        hooks += [p.register_hook(torch.Tensor.clone) for p in model.parameters() if p.requires_grad]
     try:
         trainer.train()
     finally:
         speed.switch_off(model)  # the next variant, or reuse of this model, starts eager
-        if marker is not None:
-            marker.remove()
+        for hook in hooks:
+            hook.remove()
     return TrainResult.of(trainer), config, compiled
 
 
