@@ -1,16 +1,16 @@
-"""CUDA graphs under regional compilation, in seconds: does a stack of separately compiled blocks train?
+"""CUDA graphs under regional (per-layer) compilation: does a stack of separately compiled blocks train?
 
 ``helpers.speed.compile_layers`` compiles each decoder layer on its own. Inductor's CUDA graphs (``mode=
-"reduce-overhead"``) failed under it on the 31B with ``accessing tensor output of CUDAGraphs that has been
-overwritten by a subsequent run``. This probe trains a toy stack of the same shape of problem (frozen linear + a
-LoRA pair per block, each block compiled alone, two micro-batches a step) in a few seconds, so that each way of
-running the graphs can be tried without building a 31B:
+"reduce-overhead"``) fail under it on the 31B with ``accessing tensor output of CUDAGraphs that has been
+overwritten by a subsequent run``. This probe trains a toy stack with the same structure (a frozen linear and a
+LoRA pair per block, each block compiled alone, two micro-batches a step); it runs in a few seconds, so that each
+way of running the graphs can be tried without building a 31B:
 
 - ``eager``, ``compiled``: no graphs; the losses the other modes must reproduce (up to bf16 rounding).
 - ``graphs``: CUDA graphs, nothing else.
 - ``graphs-marked``: ``torch.compiler.cudagraph_mark_step_begin()`` before each micro-batch's forward.
-- ``graphs-marked-one-micro-batch``: the same with one micro-batch a step (no gradient accumulation;
-  its losses are other batches').
+- ``graphs-marked-one-micro-batch``: the same with one micro-batch a step (no gradient accumulation; its
+  inputs differ from the two-micro-batch modes', so its losses are not comparable to theirs).
 - ``graphs-marked-clone-grads``: marked, and each trainable gradient copied (a tensor hook) before autograd
   accumulates it: the first micro-batch's ``.grad`` is otherwise a graph output that the next replay overwrites.
 
@@ -36,7 +36,7 @@ class Block(nn.Module):
         super().__init__()
         self.frozen = nn.Linear(width, width, bias=False).requires_grad_(False)
         self.down, self.up = nn.Linear(width, rank, bias=False), nn.Linear(rank, width, bias=False)
-        nn.init.normal_(self.up.weight, std=0.02)
+        nn.init.normal_(self.up.weight, std=0.02)  # LoRA starts B at zero; non-zero here so ``down`` gets gradients
 
     def forward(self, x):
         h = nn.functional.rms_norm(x, (x.shape[-1],))
@@ -44,7 +44,9 @@ class Block(nn.Module):
 
 
 def train(mode: str, steps: int = 4, width: int = 512, depth: int = 6) -> tuple[list[float], float]:
-    """Losses of ``steps`` optimizer steps in ``mode``, and seconds per step after the first."""
+    """Losses of ``steps`` (at least 2) optimizer steps in ``mode``, and seconds per step after the first."""
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (the first one compiles and is not timed), got {steps}")
     torch.manual_seed(0)
     blocks = nn.ModuleList(Block(width) for _ in range(depth)).cuda().bfloat16()
     if mode != "eager":
@@ -69,11 +71,12 @@ def train(mode: str, steps: int = 4, width: int = 512, depth: int = 6) -> tuple[
                 x = block(x)
             loss = x.float().pow(2).mean()
             loss.backward()
-            losses.append(round(loss.item(), 5))
+            losses.append(loss.detach())  # read after the loop: .item() here would wait for the GPU every time
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    return losses, (time.perf_counter() - started) / (steps - 1)
+    seconds = (time.perf_counter() - started) / (steps - 1)
+    return [round(loss.item(), 5) for loss in losses], seconds
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ template adds the empty thought block), the 37 Oxford-IIIT Pet breeds as the lab
   score at for docs/one-gpu.md's commands; ``shipped × seed`` is scoring's images/s at M over ``generate-8``'s at
   ``--batch`` (the seed evaluates at 8).
 - ``--compiled``: the prompt pass and scoring again with ``helpers.speed.compile_layers(model, dynamic=True)``
-  (every decoder and vision layer compiled, one graph for every prompt length); the first batch, which compiles,
-  is reported apart (``compile_score_tree_s``, ``compile_prefill_s``).
+  (every decoder and vision layer compiled, for all prompt lengths); the first batch of each, which compiles, is
+  reported apart (``compile_score_tree_s``, ``compile_prefill_s``). With ``--fp32-check``, compiled and eager
+  scoring are also compared in float32.
 - ``--fp32-check SIZE``: the same prompts on a float32 build of SIZE, tree against copies (the bf16/NF4 rows
   differ by rounding; in float32 the two methods must agree).
 
@@ -118,10 +119,11 @@ def prefill_fn(model):
     return prefill
 
 
-def compiled_scoring(model, tokenizer, names, batches, generate8_s: float, n: int, eager_scores) -> dict:
-    """The prompt pass and tree scoring with every layer compiled (``helpers.speed.compile_layers``, dynamic
-    shapes), timed like the eager ones; the layers run eager again afterwards. ``compile_*_s``: the first call of
-    each, which compiles; the scores are compared with the eager ones (``eager_scores``)."""
+def compiled_scoring(model, tokenizer, names, batches, generate8_s: float, batch_size: int, eager_scores) -> dict:
+    """The prompt pass and tree scoring with every layer compiled (``helpers.speed.compile_layers`` with
+    ``dynamic=True``: one graph for all prompt lengths; the prompt pass's KV cache adds graphs of its own), timed
+    like the eager ones; the layers run eager again afterwards. ``compile_*_s``: the first call of each, which
+    compiles; the scores are compared with the eager ones (``eager_scores``)."""
     from helpers.speed import compile_layers, uncompile_layers
 
     compile_layers(model, dynamic=True)
@@ -138,7 +140,7 @@ def compiled_scoring(model, tokenizer, names, batches, generate8_s: float, n: in
     finally:
         uncompile_layers(model)
     row["seconds_per_batch"] = {k: round(v, 4) for k, v in seconds.items()}
-    row["score_tree_img_s"] = round(n / seconds["score_tree"], 3)
+    row["score_tree_img_s"] = round(batch_size / seconds["score_tree"], 3)
     row["ratio_vs_generate8"] = round(generate8_s / seconds["score_tree"], 2)  # against the eager generate-8
     scores = torch.cat(outputs["score_tree"])
     row["same_argmax_as_eager"] = bool(torch.equal(scores.argmax(-1), eager_scores.argmax(-1)))
@@ -184,7 +186,8 @@ def main(argv=None):
     parser.add_argument("--gen128", action="store_true", help="also time generate forced to 128 tokens")
     parser.add_argument("--fp32-check", default="", help="a size: compare tree and copies on a float32 build of it")
     parser.add_argument("--profile", default="", help="sizes whose prompt pass, scoring and generate-8 are profiled")
-    parser.add_argument("--compiled", action="store_true", help="also time the prompt pass and scoring compiled")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the prompt pass and scoring compiled (with --fp32-check: compare them in float32)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +284,14 @@ def main(argv=None):
         check = {"fp32_check": size, "batch": args.batch, "same_argmax": bool(torch.equal(tree.argmax(-1), copies.argmax(-1))),
                  "max_abs_diff": float((tree - copies).abs().max()), "max_abs_score": float(copies.abs().max()),
                  "top2_gap_min": float(copies.topk(2, dim=-1).values.diff(dim=-1).abs().min())}
+        if args.compiled:  # compiled against eager in float32: what differs beyond rounding is a compiler's doing
+            from helpers.speed import compile_layers, uncompile_layers
+
+            compile_layers(model, dynamic=True)
+            compiled = score_class_names(model, tokenizer, batch, names, method="tree")
+            uncompile_layers(model)
+            check["compiled_same_argmax"] = bool(torch.equal(tree.argmax(-1), compiled.argmax(-1)))
+            check["compiled_max_abs_diff"] = float((tree - compiled).abs().max())
         results.append(check)
         print(json.dumps(check), flush=True)
         (out / "eval_results.json").write_text(json.dumps(results, indent=1))

@@ -191,12 +191,12 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
     if size in ("E2B", "E4B", "12B", "26B-A4B"):  # compile_layers on the 4-bit model, beside ours-q
         out.append(ours("ours-q-compile", "nf4", BEST_MB[(size, "nf4")], steps=5, compile=True))
     if size == "31B":  # CUDA graphs again, with each micro-batch's forward marked as a new step
-        graphs = {"inductor": {"triton.cudagraphs": True}, "mark_steps": True, "compile": True, "steps": 7}
+        marked_graphs = {"inductor": {"triton.cudagraphs": True}, "mark_steps": True, "compile": True, "steps": 7}
         out += [
-            ours("ours-q-compile-cudagraphs-marked", "nf4", (16,), ga=1, **graphs),
+            ours("ours-q-compile-cudagraphs-marked", "nf4", (16,), ga=1, **marked_graphs),
             # marked, and each LoRA gradient copied out of the graphs' memory before it is accumulated: a
             # parameter's first .grad of a step is a graph output, which the next micro-batch's replay overwrites
-            ours("ours-q-compile-cudagraphs-marked-clonegrads", "nf4", (16,), ga=1, clone_grads=True, **graphs),
+            ours("ours-q-compile-cudagraphs-marked-clonegrads", "nf4", (16,), ga=1, clone_grads=True, **marked_graphs),
         ]
     # What a user gets: docs/one-gpu.md's command for the size (rank 64, 16 samples a step, the size's weights)
     # with every speed switch left at RunConfig's default (compiled layers, planned micro-batch, workers).
