@@ -80,6 +80,8 @@ def train(mode: str, steps: int = 4, width: int = 512, depth: int = 6) -> tuple[
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.cudagraph_probe needs a CUDA GPU: CUDA graphs exist only there")
     for mode in MODES:
         torch._dynamo.reset()
         try:
