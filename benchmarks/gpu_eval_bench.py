@@ -288,8 +288,10 @@ def main(argv=None):
             from helpers.speed import compile_layers, uncompile_layers
 
             compile_layers(model, dynamic=True)
-            compiled = score_class_names(model, tokenizer, batch, names, method="tree")
-            uncompile_layers(model)
+            try:
+                compiled = score_class_names(model, tokenizer, batch, names, method="tree")
+            finally:
+                uncompile_layers(model)
             check["compiled_same_argmax"] = bool(torch.equal(tree.argmax(-1), compiled.argmax(-1)))
             check["compiled_max_abs_diff"] = float((tree - compiled).abs().max())
         results.append(check)
