@@ -16,10 +16,11 @@ template adds the empty thought block), the 37 Oxford-IIIT Pet breeds as the lab
 - ``--score-batch M`` (16): scoring and ``generate-8`` again at batch M, the batch notebook 05 and the launcher
   score at for docs/one-gpu.md's commands; ``shipped × seed`` is scoring's images/s at M over ``generate-8``'s at
   ``--batch`` (the seed evaluates at 8).
-- ``--compiled``: the prompt pass and scoring again with ``helpers.speed.compile_layers(model, dynamic=True)``
-  (every decoder and vision layer compiled, for all prompt lengths); the first batch of each, which compiles, is
-  reported apart (``compile_score_tree_s``, ``compile_prefill_s``). With ``--fp32-check``, compiled and eager
-  scoring are also compared in float32.
+- ``--compiled``: tree scoring again with ``helpers.speed.compile_layers(model, dynamic=True)`` (every decoder
+  and vision layer compiled, for all prompt lengths); the first batch, which compiles, is reported apart
+  (``compile_score_tree_s``). Tree scoring runs without a KV cache, as evaluation runs it; ``--compiled-prefill``
+  also times the prompt pass with a cache compiled (``compile_prefill_s``: its cache's guards add a graph per
+  layer, minutes on the 31B). With ``--fp32-check``, compiled and eager scoring are also compared in float32.
 - ``--fp32-check SIZE``: the same prompts on a float32 build of SIZE, tree against copies (the bf16/NF4 rows
   differ by rounding; in float32 the two methods must agree).
 
@@ -119,17 +120,19 @@ def prefill_fn(model):
     return prefill
 
 
-def compiled_scoring(model, tokenizer, names, batches, generate8_s: float, batch_size: int, eager_scores) -> dict:
-    """The prompt pass and tree scoring with every layer compiled (``helpers.speed.compile_layers`` with
-    ``dynamic=True``: one graph for all prompt lengths; the prompt pass's KV cache adds graphs of its own), timed
-    like the eager ones; the layers run eager again afterwards. ``compile_*_s``: the first call of each, which
-    compiles; the scores are compared with the eager ones (``eager_scores``)."""
+def compiled_scoring(model, tokenizer, names, batches, generate8_s: float, batch_size: int, eager_scores,
+                     prefill: bool = False) -> dict:
+    """Tree scoring (and with ``prefill`` the prompt pass with a cache) with every layer compiled
+    (``helpers.speed.compile_layers`` with ``dynamic=True``: one graph for all prompt lengths; a KV cache adds
+    graphs of its own), timed like the eager ones; the layers run eager again afterwards. ``compile_*_s``: the
+    first call of each, which compiles; the scores are compared with the eager ones (``eager_scores``)."""
     from helpers.speed import compile_layers, uncompile_layers
 
+    passes = [("score_tree", score_fn(model, tokenizer, names))] + ([("prefill", prefill_fn(model))] if prefill else [])
     compile_layers(model, dynamic=True)
     try:
         row, seconds, outputs = {}, {}, {}
-        for name, run_one in (("score_tree", score_fn(model, tokenizer, names)), ("prefill", prefill_fn(model))):
+        for name, run_one in passes:
             sync()
             t0 = time.perf_counter()
             run_one(batches[0])  # compiles (the prompt pass with a cache is another graph than scoring's)
@@ -187,7 +190,9 @@ def main(argv=None):
     parser.add_argument("--fp32-check", default="", help="a size: compare tree and copies on a float32 build of it")
     parser.add_argument("--profile", default="", help="sizes whose prompt pass, scoring and generate-8 are profiled")
     parser.add_argument("--compiled", action="store_true",
-                        help="also time the prompt pass and scoring compiled (with --fp32-check: compare them in float32)")
+                        help="also time tree scoring compiled (with --fp32-check: compare it in float32)")
+    parser.add_argument("--compiled-prefill", action="store_true",
+                        help="with --compiled, also time the prompt pass with a KV cache compiled")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,8 +261,13 @@ def main(argv=None):
             row["tree_vs_copies_max_abs_diff"] = float((scores["tree"] - scores["copies"]).abs().max())
             row["tree_vs_copies_max_score"] = float(scores["copies"].abs().max())
         if args.compiled:
-            row["compiled"] = compiled_scoring(model, tokenizer, names, batches, seconds["generate8"], n,
-                                               scores["tree"])
+            compiled = compiled_scoring(model, tokenizer, names, batches, seconds["generate8"], n, scores["tree"],
+                                        prefill=args.compiled_prefill)
+            saved_per_image = (seconds["score_tree"] - compiled["seconds_per_batch"]["score_tree"]) / n
+            # images scored before compiling pays for itself (its first call's time, against eager scoring)
+            compiled["break_even_images"] = (round(compiled["compile_score_tree_s"] / saved_per_image)
+                                             if saved_per_image > 0 else None)
+            row["compiled"] = compiled
             print(json.dumps({"size": size, "compiled": row["compiled"]}), flush=True)
         if size in args.profile.split(",") and device == "cuda":
             runs = {"prefill": prefill_fn(model), "generate8": generate_fn(model, 8),
