@@ -510,12 +510,13 @@ def compiled_layer_count(model) -> int:
     return sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
-def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, waits):
+def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, waits, planned: dict):
     """The variant trained as ``helpers.launch.train_on_this_rank`` trains one process, from the shipped pieces:
     ``training_arguments`` for its ``RunConfig``, ``speed.switch_on`` (on a GPU it plans the micro-batch for
     ``mb x ga`` samples a step), the adapters image training never runs frozen, ``helpers.training.build_trainer``
     (``answer_only_loss`` and the two callbacks), ``trainer.train()``, ``speed.switch_off``. ``callbacks``: the
-    benchmark's timer and profiler; ``waits`` gets each step's data fetch time. No adapter is saved.
+    benchmark's timer and profiler; ``waits`` gets each step's data fetch time; ``planned`` gets the micro-batch
+    and accumulation ``switch_on`` chose (a failed variant's row keeps them). No adapter is saved.
     Returns (``TrainResult``, the config, how many layers ran compiled)."""
     from helpers import speed
     from helpers.launch import freeze_unused_adapters
@@ -526,6 +527,7 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
     args, switched = speed.switch_on(model, training_arguments(config, run_dir), config,
                                      liger=liger_kernel_count(model) > 0)
     print(switched, flush=True)
+    planned.update(mb=args.per_device_train_batch_size, ga=args.gradient_accumulation_steps)  # kept if training fails
     freeze_unused_adapters(model)
     trainer = build_trainer(model, args, examples, collator, callbacks)
     trainer.get_batch_samples = timed_data_fetch(trainer.get_batch_samples, waits)
@@ -722,7 +724,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
         kept.clear()
     for mb in v["mb"]:
         ga = v["ga"] if v["ga"] else max(1, GLOBAL_BATCH // mb)
-        model = None
+        model, planned = None, {}
         cleanup()
         try:
             if kept:
@@ -763,7 +765,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                     v.get("profile_step") and not cpu and args.profile) else None
                 with inductor_settings(v.get("inductor")):
                     trained, config, compiled = train_ours(model, v, examples, collator, mb, ga, run_dir,
-                                                           [timer] + ([profiler] if profiler else []), waits)
+                                                           [timer] + ([profiler] if profiler else []), waits, planned)
                 if profiler is not None:
                     result["profile"] = profiler.summary
                 from helpers.speed import dataloader_worker_count
@@ -807,12 +809,14 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                     result["profile_error"] = repr(err)[:200]
             break
         except torch.OutOfMemoryError as err:
-            result.update(mb=mb, status="OOM", error=str(err)[:160])
+            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, status="OOM",
+                          error=str(err)[:160])
             print(f"  {size} {v['name']} mb={mb}: out of memory, trying a smaller micro-batch", flush=True)
             if model is not None:
                 model.zero_grad(set_to_none=True)
         except Exception as err:  # noqa: BLE001
-            result.update(mb=mb, status="error", error=repr(err)[:300])
+            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, status="error",
+                          error=repr(err)[:300])
             traceback.print_exc()
             kept.clear()
             break
