@@ -191,7 +191,8 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
     if size in ("E2B", "E4B", "12B", "26B-A4B"):  # compile_layers on the 4-bit model, beside ours-q
         out.append(ours("ours-q-compile", "nf4", BEST_MB[(size, "nf4")], steps=5, compile=True))
     if size == "31B":  # CUDA graphs again, with each micro-batch's forward marked as a new step
-        marked_graphs = {"inductor": {"triton.cudagraphs": True}, "mark_steps": True, "compile": True, "steps": 7}
+        marked_graphs = {"inductor": {"triton.cudagraphs": True}, "mark_steps": True, "compile": True, "steps": 7,
+                         "workers": None}  # the defaults' data-loader workers, as the default variant beside them
         out += [
             ours("ours-q-compile-cudagraphs-marked", "nf4", (16,), ga=1, **marked_graphs),
             # marked, and each LoRA gradient copied out of the graphs' memory before it is accumulated: a
@@ -809,13 +810,14 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                     result["profile_error"] = repr(err)[:200]
             break
         except torch.OutOfMemoryError as err:
-            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, status="OOM",
+            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, ga_asked=ga, status="OOM",
                           error=str(err)[:160])
-            print(f"  {size} {v['name']} mb={mb}: out of memory, trying a smaller micro-batch", flush=True)
+            print(f"  {size} {v['name']} micro-batch {planned.get('mb', mb)} (asked {mb}): out of memory, trying a "
+                  "smaller one", flush=True)
             if model is not None:
                 model.zero_grad(set_to_none=True)
         except Exception as err:  # noqa: BLE001
-            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, status="error",
+            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, ga_asked=ga, status="error",
                           error=repr(err)[:300])
             traceback.print_exc()
             kept.clear()
