@@ -1,6 +1,7 @@
 """The speed switches, in one place: each changes a forward or the batch, is printed when applied, and what
 evaluation should not see is undone here. Notebook 04 and the launcher call ``switch_on`` before building the
-``Trainer`` and ``switch_off`` after training; what each buys is measured in ``benchmarks/README.md``.
+``Trainer`` and ``switch_off`` after training; what each buys is measured in ``benchmarks/README.md``, and what
+was measured and left off (CUDA graphs, Liger under compilation, compiled evaluation) is listed in docs/one-gpu.md.
 
 - **fast clamps** (``fast_clamps``, on by default): ``Gemma4ClippableLinear``'s clamps (E2B/E4B's vision and
   audio towers) with a backward of one multiply; the same values and gradients as transformers' forward.
