@@ -709,6 +709,12 @@ def median_after_warmup(values: list, skip: int = 1):
     return statistics.median(kept) if kept else None
 
 
+def failed_sizes(planned: dict, mb: int, ga: int) -> dict:
+    """A failed variant's micro-batch and accumulation: as ``switch_on`` planned them if it got that far, and as
+    asked."""
+    return {"mb": planned.get("mb", mb), "ga": planned.get("ga", ga), "mb_asked": mb, "ga_asked": ga}
+
+
 def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, streams: dict, config=None) -> dict:
     """One variant: ``ref`` through the seed's trainer, every ``ours-*`` / ``stream-*`` through ``train_ours``.
 
@@ -810,15 +816,13 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                     result["profile_error"] = repr(err)[:200]
             break
         except torch.OutOfMemoryError as err:
-            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, ga_asked=ga, status="OOM",
-                          error=str(err)[:160])
-            print(f"  {size} {v['name']} micro-batch {planned.get('mb', mb)} (asked {mb}): out of memory, trying a "
-                  "smaller one", flush=True)
+            result.update(failed_sizes(planned, mb, ga), status="OOM", error=str(err)[:160])
+            print(f"  {size} {v['name']} micro-batch {result['mb']} (asked {mb}): out of memory, trying a smaller one",
+                  flush=True)
             if model is not None:
                 model.zero_grad(set_to_none=True)
         except Exception as err:  # noqa: BLE001
-            result.update(mb=planned.get("mb", mb), ga=planned.get("ga", ga), mb_asked=mb, ga_asked=ga, status="error",
-                          error=repr(err)[:300])
+            result.update(failed_sizes(planned, mb, ga), status="error", error=repr(err)[:300])
             traceback.print_exc()
             kept.clear()
             break
