@@ -102,4 +102,7 @@ MEASURED = [
                                    "compiled": True}, 61_371_608_064),
     ("E4B default (H100)", "E4B", {"quantization": "none", "lora_r": 64, "micro_batch": 16, "lora_dtype": "fp32",
                                    "compiled": True}, 76_280_521_216),
+    # train_31b_clonegrads_h200.json, one NVIDIA H200: the 31B's defaults at the micro-batch the planner chose there
+    ("31B default (H200)", "31B", {"quantization": "4bit", "lora_r": 64, "micro_batch": 8, "compiled": True},
+     97_085_305_856),
 ]

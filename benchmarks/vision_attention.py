@@ -129,7 +129,7 @@ def main(argv=None):
             row = {"kernel": name, "error": repr(err)[:200]}
         results.append(row)
         print(json.dumps(row), flush=True)
-    if device == "cuda":  # the same answer from the masked SDPA, flex and the valid-only flash (a check)
+    if device == "cuda":  # a check: flex's answer on the valid patches against the masked SDPA's
         ref = sdpa_masked()(q, k, v)[:, :, : args.valid]
         if "flex-mask" in rows:
             got = rows["flex-mask"][0](q, k, v)[:, :, : args.valid]
