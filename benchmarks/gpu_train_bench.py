@@ -17,7 +17,8 @@ Variants (see ``variants_for``):
 - ``default``: what a user of the size gets from docs/one-gpu.md's command (LoRA r64 α64, 16 samples a step,
   bf16 LoRA for E2B/E4B and QLoRA for the rest) with every speed switch at ``RunConfig``'s default: layers
   compiled where ``helpers.speed.should_compile_layers`` says, the planner's micro-batch, ``switch_on``'s
-  data-loader workers.
+  data-loader workers. ``default-nf4-in-graph`` (the 4-bit sizes): the same, with bitsandbytes' NF4 weights
+  dequantized by torch ops that inductor fuses into the compiled layers (``benchmarks/nf4_in_graph.py``).
 - ``ours-*`` and ``stream-*``: the shipped code, nothing copied, put together as ``helpers.launch`` trains one
   process (``train_ours``): ``helpers.modeling.apply_lora``; ``helpers.training.training_arguments`` for the
   variant's ``RunConfig`` (``ours_config``: its micro-batch, accumulation, rank, quantization, optimizer,
@@ -201,8 +202,11 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
         ]
     # What a user gets: docs/one-gpu.md's command for the size (rank 64, 16 samples a step, the size's weights)
     # with every speed switch left at RunConfig's default (compiled layers, planned micro-batch, workers).
-    out.insert(0, ours("default", DEFAULT_WEIGHTS[size], (16,), ga=1, steps=6, compile=None, workers=None,
-                       lora_dtype="fp32" if DEFAULT_WEIGHTS[size] == "bf16" else "bf16"))
+    default = ours("default", DEFAULT_WEIGHTS[size], (16,), ga=1, steps=6, compile=None, workers=None,
+                   lora_dtype="fp32" if DEFAULT_WEIGHTS[size] == "bf16" else "bf16")
+    out.insert(0, default)
+    if DEFAULT_WEIGHTS[size] == "nf4":  # the defaults with the NF4 weights dequantized inside the compiled layers
+        out.insert(1, dict(default, name="default-nf4-in-graph", nf4_in_graph=True))
     if quick:
         for v in out:
             v["steps"] = min(v["steps"], 3 if v.get("stream") else 2)
@@ -275,12 +279,26 @@ def build(size: str, quant: str, shrink: bool, device, config=None):
         model = build_model(config, "4bit", quantization_config=nf4_config(quantize_towers=True), device=device)
     else:
         model = build_model(config, "4bit", device=device)
+    if device == "cpu" and quant != "bf16":  # see keep_cpu_weights_as_quantized
+        keep_cpu_weights_as_quantized(model)
     from helpers.teaching.clippable import set_clip_bounds
 
     # Released E2B/E4B carry finite learned bounds; random init leaves ±inf. Finite (and wide, so they
     # do not change the numbers) keeps every clamp's cost in the measurement, stock or fast.
     set_clip_bounds(model, 1e4, 1e4)
     return model
+
+
+def keep_cpu_weights_as_quantized(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its own kernel at the first
+    forward in eval mode without gradients (here ``forward_flops``); training then runs on the repacked bytes, and
+    ``benchmarks/nf4_in_graph.py`` would misread them. The smoke runs keep the layout weights were quantized in,
+    as on a GPU."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def seed_lora(model, v: dict):
@@ -538,12 +556,18 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
         v.get("mark_steps")) else []
     if v.get("clone_grads"):  # .grad then lives outside the graphs' memory pool (gradient accumulation reads it)
         hooks += [p.register_hook(torch.Tensor.clone) for p in model.parameters() if p.requires_grad]
+    if v.get("nf4_in_graph"):
+        from benchmarks.nf4_in_graph import dequantize_in_graph, dequantize_in_kernels
+
+        print(f"NF4 dequantized in the graph: {dequantize_in_graph(model)} layers", flush=True)
     try:
         trainer.train()
     finally:
         speed.switch_off(model)  # the next variant, or reuse of this model, starts eager
         for hook in hooks:
             hook.remove()
+        if v.get("nf4_in_graph"):
+            dequantize_in_kernels(model)
     return TrainResult.of(trainer), config, compiled
 
 
@@ -725,7 +749,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
     result = {"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"], "loss": v["loss"],
               "dropout": v["dropout"], "liger": bool(v.get("liger")), "stream": v.get("stream", "synthetic"),
               "workers": v.get("workers", 0), "compile": bool(v.get("compile")), "inductor": v.get("inductor"),
-              "experts": bool(v.get("experts"))}
+              "experts": bool(v.get("experts")), "nf4_in_graph": bool(v.get("nf4_in_graph"))}
     key = model_key(size, v)
     if kept and kept.get("key") != key or not v.get("reuse"):
         kept.clear()
@@ -742,6 +766,10 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                               config=copy.deepcopy(config) if config is not None else None)
                 result["build_s"] = round(time.perf_counter() - t_build, 1)
                 result["weights_bytes"] = torch.cuda.memory_allocated() if not cpu else None
+                if v.get("nf4_in_graph"):  # bitsandbytes' bytes, dequantized by torch ops (benchmarks/nf4_in_graph.py)
+                    from benchmarks.nf4_in_graph import largest_difference
+
+                    result["nf4_max_difference"] = largest_difference(model)
                 if v.get("liger"):  # this model only: the text decoder's norms and MLPs
                     from benchmarks.liger import use_liger_kernels
 

@@ -164,3 +164,30 @@ def test_e4b_training_forward_gives_the_served_logits_on_the_real_shape(checkpoi
     difference = float((trained - served).abs().max())
     print(f"E4B, checkpointing {checkpointing}: max |training - serving| logit {difference:.3g}")
     assert difference <= 1e-3 * max(1.0, float(served.abs().max()))
+
+
+def test_nf4_in_graph_gives_bitsandbytes_numbers_on_gpu():
+    """benchmarks/nf4_in_graph.py on CUDA: the shrunk 31B's NF4 weights dequantize to bitsandbytes' own numbers, and
+    at a training batch (more than 1,536 rows, where bitsandbytes also dequantizes and calls cuBLAS) a patched
+    layer's output and input gradient equal bitsandbytes', eager and compiled."""
+    import bitsandbytes as bnb
+
+    from benchmarks.nf4_in_graph import dequantize_in_graph, dequantize_in_kernels, largest_difference
+    from benchmarks.realshape import build_model, shrunk_config
+
+    model = build_model(shrunk_config("31B"), "4bit")
+    assert largest_difference(model) == 0.0
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    x = torch.randn(2048, layer.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def outputs(module):
+        x.grad = None
+        y = module(x)
+        y.float().square().sum().backward()
+        return y.detach(), x.grad.clone()
+
+    expected = outputs(layer)
+    dequantize_in_graph(layer)
+    for got in (outputs(layer), outputs(torch.compile(layer, fullgraph=True))):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    dequantize_in_kernels(layer)

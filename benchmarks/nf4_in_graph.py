@@ -1,0 +1,117 @@
+"""bitsandbytes' NF4 weights dequantized by plain torch ops, which inductor fuses into a compiled layer.
+
+Why: the compiled 31B QLoRA step is bound by the host (``benchmarks/README.md``), and about 1.1 ms of a
+decoder layer's host time is bitsandbytes' 4-bit matmul. At a training batch (more than 1,536 rows) that op
+dequantizes the weight with a CUDA kernel and multiplies with cuBLAS, but it reaches both through Python
+(``bitsandbytes/backends/cuda/ops.py``, called via ctypes), which ``torch.compile`` cannot trace into.
+Here the same bytes are dequantized by indexing, shifts and multiplies, so that the compiled layer's wrapper
+launches one generated kernel per weight instead.
+
+Nothing is re-quantized: the model keeps bitsandbytes' packed weights and ``QuantState`` (two 4-bit codes a
+byte, the high nibble first; one absmax per 64 weights, itself stored in 8 bits with one float per 256
+absmax and an offset when ``compress_statistics`` is on, as the project's ``nf4_config`` sets). Each
+``Linear4bit``'s forward is swapped on the instance (``dequantize_in_graph``) and put back
+(``dequantize_in_kernels``), as ``benchmarks/liger.py`` does for Liger's kernels.
+
+A training-benchmark variant (``gpu_train_bench``, ``default-nf4-in-graph``) measures it against the defaults;
+the shipped recipe does not use it. Like bitsandbytes' own matmul, the backward dequantizes again rather than
+keep a 16-bit copy of the weight for it. It is meant for compiled layers: run eagerly, each op materializes a
+weight-sized intermediate (the indices, the float32 values) that bitsandbytes' kernel never holds.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def nested_absmax(state) -> torch.Tensor:
+    """The per-block scales of one 4-bit weight, in float32: read as stored, or decoded from their 8-bit
+    codes (``state.state2``: one float scale per 256 codes) plus ``state.offset``."""
+    if not state.nested:
+        return state.absmax.float()
+    codes = state.absmax.int()
+    outer = torch.arange(codes.numel(), device=codes.device) // state.state2.blocksize
+    return state.state2.code[codes] * state.state2.absmax[outer] + state.offset
+
+
+def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """The ``state.shape`` weight that bitsandbytes' ``dequantize_4bit(packed, state)`` returns, in ``dtype``,
+    from torch ops only: each byte holds two 4-bit indices into ``state.code`` (high nibble first), and
+    each block of ``state.blocksize`` weights is scaled by its absmax, in float32 as bitsandbytes does."""
+    codes = packed.reshape(-1).view(torch.uint8)
+    indices = torch.stack((codes >> 4, codes & 0xF), dim=-1).reshape(-1).int()
+    blocks = state.code[indices].view(-1, state.blocksize) * nested_absmax(state).view(-1, 1)
+    return blocks.reshape(state.shape).to(dtype)
+
+
+class LinearNF4InGraph(torch.autograd.Function):
+    """``x @ W.T`` for a bitsandbytes 4-bit ``W``, dequantized by ``dequantize_nf4`` in the forward and again in
+    the backward: what is kept for the backward is the packed weight (a parameter, so no extra memory), never
+    the 16-bit copy. The weight is frozen (QLoRA), so it gets no gradient; a bias that trains gets one."""
+
+    @staticmethod
+    def forward(ctx, x, packed, state, bias):
+        ctx.save_for_backward(packed)
+        ctx.state = state
+        return torch.nn.functional.linear(x, dequantize_nf4(packed, state, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (packed,) = ctx.saved_tensors
+        grad_bias = grad_out.flatten(0, -2).float().sum(0).to(grad_out.dtype) if ctx.needs_input_grad[3] else None
+        return grad_out @ dequantize_nf4(packed, ctx.state, grad_out.dtype), None, None, grad_bias
+
+
+def traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``bitsandbytes.nn.Linear4bit.forward`` for training: the input and bias in the compute dtype, the 4-bit
+    matmul through ``LinearNF4InGraph``, the output in the input's dtype."""
+    dtype = x.dtype
+    x = x.to(self.compute_dtype or dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return LinearNF4InGraph.apply(x, self.weight, self.weight.quant_state, bias).to(dtype)
+
+
+def four_bit_linears(model) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def dequantize_in_graph(model) -> int:
+    """Every bitsandbytes ``Linear4bit`` of ``model`` (NF4) runs ``traced_forward``, in place; returns how many.
+    Undone by ``dequantize_in_kernels``."""
+    linears = four_bit_linears(model)
+    for module in linears:
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(f"{module}: bitsandbytes has repacked this weight for its AVX512-BF16 CPU kernel (at an "
+                             "inference forward on a CPU); dequantize_nf4 reads the layout it was quantized in")
+        if state.quant_type != "nf4" or state.shape.numel() % state.blocksize:
+            raise ValueError(f"{module}: dequantize_nf4 reads NF4 weights whose size is a multiple of the "
+                             f"block ({state.quant_type}, {tuple(state.shape)}, block {state.blocksize})")
+        module.forward = types.MethodType(traced_forward, module)
+    return len(linears)
+
+
+def dequantize_in_kernels(model) -> int:
+    """Undo ``dequantize_in_graph``: bitsandbytes' own forward again; returns how many modules."""
+    linears = [m for m in four_bit_linears(model) if "forward" in m.__dict__]
+    for module in linears:
+        del module.forward
+    return len(linears)
+
+
+def largest_difference(model) -> float:
+    """The largest |``dequantize_nf4`` - bitsandbytes' ``dequantize_4bit``| over ``model``'s 4-bit weights, on
+    their device: the training benchmark prints it beside the variant's speed (0.0 means the same numbers)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    worst = 0.0
+    for module in four_bit_linears(model):
+        weight = module.weight
+        ours = dequantize_nf4(weight, weight.quant_state, torch.bfloat16)
+        theirs = dequantize_4bit(weight, weight.quant_state).to(torch.bfloat16)
+        worst = max(worst, float((ours.float() - theirs.float()).abs().max()))
+    return worst

@@ -1,0 +1,132 @@
+"""benchmarks/nf4_in_graph.py: bitsandbytes' NF4 bytes dequantized by torch ops give bitsandbytes' numbers, eager and
+compiled, keep no 16-bit weight for the backward, and are undone exactly (CPU; the GPU run is the training bench's
+``default-nf4-in-graph`` variant, which prints the same comparison on the device)."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit
+
+from benchmarks.nf4_in_graph import (
+    dequantize_in_graph,
+    dequantize_in_kernels,
+    dequantize_nf4,
+    largest_difference,
+)
+
+
+def four_bit_linear(out_features, in_features, nested, bias=False, seed=0):
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.bfloat16,
+                              compress_statistics=nested, quant_type="nf4")
+    weight = torch.randn(out_features, in_features) * 0.02
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=nested,
+                                     quant_type="nf4")._quantize("cpu")
+    layer.support_avx512bf16_for_cpu = False  # bitsandbytes' CPU repacking is refused (test below)
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(out_features) * 0.1)
+    return layer
+
+
+# 128 x 192: 384 blocks of 64, one and a half of the 256 that each float scale of the nested absmax covers
+@pytest.mark.parametrize("shape,nested", [((128, 192), True), ((320, 256), True), ((128, 192), False)])
+def test_dequantize_nf4_reads_bitsandbytes_bytes(shape, nested):
+    layer = four_bit_linear(*shape, nested)
+    state = layer.weight.quant_state
+    assert state.nested is nested
+    assert torch.equal(dequantize_nf4(layer.weight, state, torch.float32), dequantize_4bit(layer.weight, state).float())
+    assert largest_difference(layer) == 0.0
+
+
+def test_patched_layer_gives_bitsandbytes_output_and_gradients_eager_and_compiled(monkeypatch):
+    layer = four_bit_linear(96, 128, nested=True, bias=True)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+
+    def outputs(module):
+        x.grad, layer.bias.grad = None, None
+        y = module(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        return y.detach(), x.grad.clone(), layer.bias.grad.clone()
+
+    expected = outputs(layer)
+    assert dequantize_in_graph(layer) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bitsandbytes' matmul ran")
+
+    monkeypatch.setattr(bnb, "matmul_4bit", refuse)
+    for y, grad_x, grad_bias in (outputs(layer), outputs(torch.compile(layer, fullgraph=True))):  # no graph break
+        assert torch.equal(y, expected[0]) and torch.equal(grad_x, expected[1])
+        # the bias's gradient: summed over 15 rows in float32 here, in bf16 by bitsandbytes (one bf16 step apart)
+        torch.testing.assert_close(grad_bias, expected[2], atol=0.07, rtol=0.01)
+    monkeypatch.undo()
+    assert dequantize_in_kernels(layer) == 1 and "forward" not in layer.__dict__
+    assert all(torch.equal(a, b) for a, b in zip(outputs(layer), expected))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_keeps_the_packed_weight_not_a_16_bit_copy(compiled):
+    layer = four_bit_linear(384, 256, nested=True)
+    dequantize_in_graph(layer)
+    run = torch.compile(layer) if compiled else layer
+    x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
+    run(x)  # compiles outside the hooks
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        run(x)
+    assert saved and all(t.numel() < 384 * 256 for t in saved), [tuple(t.shape) for t in saved]
+    assert any(t.data_ptr() == layer.weight.data_ptr() for t in saved)  # the packed parameter itself
+
+
+def test_repacked_cpu_weights_are_refused():
+    layer = four_bit_linear(64, 64, nested=True)
+    layer.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="AVX512-BF16"):
+        dequantize_in_graph(layer)
+
+
+def test_shrunk_31b_compiled_layers_train_as_with_bitsandbytes_matmul():
+    """The training bench's model (shrunk 31B in NF4, the bench's LoRA, ``helpers.speed.compile_layers``): loss and
+    every LoRA gradient equal bitsandbytes' compiled step, with no graph break; after an eval forward (the bench's
+    FLOP count) the weights keep the layout they were quantized in."""
+    from torch._dynamo.utils import counters
+
+    from benchmarks.gpu_train_bench import build, ours_lora, variants_for
+    from benchmarks.realshape import answer_loss, shrunk_config, synthetic_batch
+    from helpers.speed import compile_layers, uncompile_layers
+
+    config = shrunk_config("31B")
+    model = ours_lora(build("31B", "nf4", True, "cpu"), next(v for v in variants_for("31B") if v["name"] == "default"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)  # nonzero, so that gradients reach every layer's input
+    batch = synthetic_batch(config, 2, device="cpu")
+    model.eval()
+    with torch.no_grad():
+        answer_loss(model, batch)
+    assert largest_difference(model) == 0.0
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = answer_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    compile_layers(model)
+    try:
+        loss, grads = step()
+        torch._dynamo.reset()
+        counters.clear()
+        assert dequantize_in_graph(model) > 0
+        ours_loss, ours_grads = step()
+        assert sum(counters["graph_break"].values()) == 0
+    finally:
+        uncompile_layers(model)
+        dequantize_in_kernels(model)
+        torch._dynamo.reset()
+    assert torch.equal(ours_loss, loss)
+    assert grads.keys() == ours_grads.keys() and len(grads) > 0
+    assert all(torch.equal(ours_grads[n], grads[n]) for n in grads)
