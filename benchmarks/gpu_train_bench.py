@@ -574,7 +574,7 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
 KERNEL_KINDS = [  # (kind, substrings of CUDA kernel names), first match wins
     ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitk", "sm90_", "sm80_")),
-    ("4-bit dequantize", ("dequantize", "kdequant")),
+    ("4-bit dequantize", ("dequantize", "kdequant", "rshift")),  # rshift: inductor's (benchmarks/nf4_in_graph.py)
     ("optimizer", ("multi_tensor", "adam")),
     ("inductor-fused (triton)", ("triton_",)),  # before liger: inductor's names say "gelu" too
     ("liger", ("_rms_norm", "geglu", "_gelu")),

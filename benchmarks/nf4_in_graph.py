@@ -5,7 +5,8 @@ decoder layer's host time is bitsandbytes' 4-bit matmul. At a training batch (mo
 dequantizes the weight with a CUDA kernel and multiplies with cuBLAS, but it reaches both through Python
 (``bitsandbytes/backends/cuda/ops.py``, called via ctypes), which ``torch.compile`` cannot trace into.
 Here the same bytes are dequantized by indexing, shifts and multiplies, so that the compiled layer's wrapper
-launches one generated kernel per weight instead.
+launches one generated kernel per weight instead (its name holds ``rshift``; the bench's profile counts it as
+"4-bit dequantize").
 
 Nothing is re-quantized: the model keeps bitsandbytes' packed weights and ``QuantState`` (two 4-bit codes a
 byte, the high nibble first; one absmax per 64 weights, itself stored in 8 bits with one float per 256
@@ -16,7 +17,7 @@ absmax and an offset when ``compress_statistics`` is on, as the project's ``nf4_
 A training-benchmark variant (``gpu_train_bench``, ``default-nf4-in-graph``) measures it against the defaults;
 the shipped recipe does not use it. Like bitsandbytes' own matmul, the backward dequantizes again rather than
 keep a 16-bit copy of the weight for it. It is meant for compiled layers: run eagerly, each op materializes a
-weight-sized intermediate (the indices, the float32 values) that bitsandbytes' kernel never holds.
+weight-sized intermediate (the positions, the indices, the float32 values) that bitsandbytes' kernel never holds.
 """
 
 from __future__ import annotations
@@ -26,24 +27,24 @@ import types
 import torch
 
 
-def nested_absmax(state) -> torch.Tensor:
-    """The per-block scales of one 4-bit weight, in float32: read as stored, or decoded from their 8-bit
-    codes (``state.state2``: one float scale per 256 codes) plus ``state.offset``."""
+def nested_absmax(state, block: torch.Tensor) -> torch.Tensor:
+    """The float32 scale of each block number in ``block``: read as stored, or decoded from its 8-bit code
+    (``state.state2``: one float scale per 256 codes) plus ``state.offset``."""
     if not state.nested:
-        return state.absmax.float()
-    codes = state.absmax.int()
-    outer = torch.arange(codes.numel(), device=codes.device) // state.state2.blocksize
-    return state.state2.code[codes] * state.state2.absmax[outer] + state.offset
+        return state.absmax[block].float()
+    return state.state2.code[state.absmax[block].int()] * state.state2.absmax[block // state.state2.blocksize] + state.offset
 
 
 def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     """The ``state.shape`` weight that bitsandbytes' ``dequantize_4bit(packed, state)`` returns, in ``dtype``,
-    from torch ops only: each byte holds two 4-bit indices into ``state.code`` (high nibble first), and
-    each block of ``state.blocksize`` weights is scaled by its absmax, in float32 as bitsandbytes does."""
-    codes = packed.reshape(-1).view(torch.uint8)
-    indices = torch.stack((codes >> 4, codes & 0xF), dim=-1).reshape(-1).int()
-    blocks = state.code[indices].view(-1, state.blocksize) * nested_absmax(state).view(-1, 1)
-    return blocks.reshape(state.shape).to(dtype)
+    from torch ops only: weight ``i`` is the high (even ``i``) or low (odd ``i``) 4 bits of byte ``i // 2``, an
+    index into ``state.code``, scaled by the absmax of block ``i // state.blocksize``, in float32 as bitsandbytes
+    does. Written per weight, with no intermediate tensor of its own, so that inductor makes it one kernel."""
+    i = torch.arange(state.shape.numel(), device=packed.device)
+    byte = packed.reshape(-1).view(torch.uint8)[i // 2].int()
+    index = (byte >> (4 - 4 * (i % 2))) & 0xF
+    weight = state.code[index] * nested_absmax(state, i // state.blocksize)
+    return weight.reshape(state.shape).to(dtype)
 
 
 class LinearNF4InGraph(torch.autograd.Function):

@@ -38,6 +38,20 @@ def test_dequantize_nf4_reads_bitsandbytes_bytes(shape, nested):
     assert largest_difference(layer) == 0.0
 
 
+def test_compiled_dequantization_is_one_kernel():
+    """What the layer's wrapper launches per weight: one generated kernel, reading the bytes and writing the
+    16-bit weight (no unpacked intermediate, no extern op)."""
+    from torch._inductor import metrics
+
+    layer = four_bit_linear(128, 192, nested=True)
+    state = layer.weight.quant_state
+    torch._dynamo.reset()
+    metrics.reset()
+    weight = torch.compile(lambda packed: dequantize_nf4(packed, state, torch.bfloat16), fullgraph=True)(layer.weight)
+    assert metrics.generated_kernel_count == 1
+    assert torch.equal(weight, dequantize_4bit(layer.weight, state).to(torch.bfloat16))
+
+
 def test_patched_layer_gives_bitsandbytes_output_and_gradients_eager_and_compiled(monkeypatch):
     layer = four_bit_linear(96, 128, nested=True, bias=True)
     layer.bias.requires_grad_(True)
