@@ -18,7 +18,8 @@ Variants (see ``variants_for``):
   bf16 LoRA for E2B/E4B and QLoRA for the rest) with every speed switch at ``RunConfig``'s default: layers
   compiled where ``helpers.speed.should_compile_layers`` says, the planner's micro-batch, ``switch_on``'s
   data-loader workers. ``default-nf4-in-graph`` (the 4-bit sizes): the same, with bitsandbytes' NF4 weights
-  dequantized by torch ops that inductor fuses into the compiled layers (``benchmarks/nf4_in_graph.py``).
+  dequantized by torch ops that inductor fuses into the compiled layers (``benchmarks/nf4_in_graph.py``);
+  ``ours-q-compile-nf4-in-graph`` (31B) is ``ours-q-compile`` so, profiled alike with ``--profile``.
 - ``ours-*`` and ``stream-*``: the shipped code, nothing copied, put together as ``helpers.launch`` trains one
   process (``train_ours``): ``helpers.modeling.apply_lora``; ``helpers.training.training_arguments`` for the
   variant's ``RunConfig`` (``ours_config``: its micro-batch, accumulation, rank, quantization, optimizer,
@@ -136,6 +137,9 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             ours("ours-q-planned", "nf4", (16,), ga=1, steps=6),
             ours("ours-q-liger-helper", "nf4", (16,), ga=1, steps=6, liger=True),
             ours("ours-q-compile", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5),
+            # the same with NF4 dequantized inside the compiled layers (benchmarks/nf4_in_graph.py), profiled alike
+            ours("ours-q-compile-nf4-in-graph", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
+                 nf4_in_graph=True),
             dict(ref, steps=3),  # two timed steps (each 16 micro-batches of 1)
             ours("ours-q-compile-liger", "nf4", (16,), ga=1, steps=7, compile=True, liger=True),
             ours("ours-q-mb1-r64", "nf4", (1,), ga=16, ckpt=1, steps=1),
@@ -556,17 +560,19 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
         v.get("mark_steps")) else []
     if v.get("clone_grads"):  # .grad then lives outside the graphs' memory pool (gradient accumulation reads it)
         hooks += [p.register_hook(torch.Tensor.clone) for p in model.parameters() if p.requires_grad]
-    if v.get("nf4_in_graph"):
-        from benchmarks.nf4_in_graph import dequantize_in_graph, dequantize_in_kernels
-
-        print(f"NF4 dequantized in the graph: {dequantize_in_graph(model)} layers", flush=True)
     try:
+        if v.get("nf4_in_graph"):
+            from benchmarks.nf4_in_graph import dequantize_in_graph
+
+            print(f"NF4 dequantized in the graph: {dequantize_in_graph(model)} layers", flush=True)
         trainer.train()
     finally:
         speed.switch_off(model)  # the next variant, or reuse of this model, starts eager
         for hook in hooks:
             hook.remove()
         if v.get("nf4_in_graph"):
+            from benchmarks.nf4_in_graph import dequantize_in_kernels
+
             dequantize_in_kernels(model)
     return TrainResult.of(trainer), config, compiled
 
@@ -770,6 +776,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                     from benchmarks.nf4_in_graph import largest_difference
 
                     result["nf4_max_difference"] = largest_difference(model)
+                    cleanup()  # its eager temporaries (~5 GB on the 31B) are not this variant's training peak
                 if v.get("liger"):  # this model only: the text decoder's norms and MLPs
                     from benchmarks.liger import use_liger_kernels
 
@@ -880,7 +887,8 @@ def millions(x):
 
 
 def print_table(results: list[dict]) -> str:
-    header = ("size     variant           q    r  mb×ga  ckpt  samp/s  ×ref   alloc GiB  resv GiB  plan GiB  trainable M  "
+    width = max([len("variant")] + [len(r["variant"]) for r in results])
+    header = (f"size     {'variant':<{width}} q    r  mb×ga  ckpt  samp/s  ×ref   alloc GiB  resv GiB  plan GiB  trainable M  "
               "MFU%989  MFU%790  status")
     lines = [header]
     ref = {r["size"]: r.get("samples_per_s") for r in results if r["variant"] == "ref"}
@@ -888,7 +896,7 @@ def print_table(results: list[dict]) -> str:
         sps = r.get("samples_per_s")
         ratio = f"{sps / ref[r['size']]:.2f}" if sps and ref.get(r["size"]) else "-"
         lines.append(
-            f"{r['size']:<8} {r['variant']:<17} {r['quant']:<4} {r['r']:>2} {str(r.get('mb'))+'×'+str(r.get('ga')):>6} "
+            f"{r['size']:<8} {r['variant']:<{width}} {r['quant']:<4} {r['r']:>2} {str(r.get('mb'))+'×'+str(r.get('ga')):>6} "
             f"{r['ckpt']:>4}  {sps if sps else '-':>6}  {ratio:>4}   {gib(r.get('peak_alloc')):>8}  "
             f"{gib(r.get('peak_reserved')):>8}  {gib(r.get('planned_peak')):>8}  "
             f"{millions(r.get('trainable')):>11}  "
@@ -987,10 +995,10 @@ def main(argv=None):
             r = run_variant(size, v, rows, args, flops_cache, out_dir, kept, streams, config)
             r["wall_s"] = round(time.perf_counter() - t, 1)
             results.append(r)
-            print(json.dumps({k: r.get(k) for k in ("size", "variant", "mb", "ga", "status", "samples_per_s",
-                                                     "wall_samples_per_s", "data_wait_s", "workers", "peak_alloc",
-                                                     "planned_peak", "trainable", "mfu_989", "wall_s", "error")}),
-                  flush=True)
+            shown = ("size", "variant", "mb", "ga", "status", "samples_per_s", "wall_samples_per_s", "data_wait_s",
+                     "workers", "peak_alloc", "planned_peak", "trainable", "mfu_989", "wall_s", "error")
+            shown += ("nf4_max_difference",) if "nf4_max_difference" in r else ()
+            print(json.dumps({k: r.get(k) for k in shown}), flush=True)
             (out_dir / "train_results.json").write_text(json.dumps({"env": env, "results": results,
                                                                      "fwd_flops_per_sample": flops_cache}, indent=1))
         kept.clear()

@@ -1,12 +1,14 @@
 """bitsandbytes' NF4 weights dequantized by plain torch ops, which inductor fuses into a compiled layer.
 
-Why: the compiled 31B QLoRA step is bound by the host (``benchmarks/README.md``), and about 1.1 ms of a
-decoder layer's host time is bitsandbytes' 4-bit matmul. At a training batch (more than 1,536 rows) that op
-dequantizes the weight with a CUDA kernel and multiplies with cuBLAS, but it reaches both through Python
-(``bitsandbytes/backends/cuda/ops.py``, called via ctypes), which ``torch.compile`` cannot trace into.
-Here the same bytes are dequantized by indexing, shifts and multiplies, so that the compiled layer's wrapper
-launches one generated kernel per weight instead (its name holds ``rshift``; the bench's profile counts it as
-"4-bit dequantize").
+Why: the compiled 31B QLoRA step idles while the CPU launches the language model's work
+(``benchmarks/README.md``, "Where does a compiled step's time go?"), and bitsandbytes' 4-bit matmul is a large
+part of that CPU time per decoder layer (the profile in ``benchmarks/results/RECORD.md``). At a training batch
+(more than 1,536 rows) that op dequantizes the weight with a CUDA kernel and multiplies with cuBLAS, but it
+reaches both through Python (``bitsandbytes/backends/cuda/ops.py``, called via ctypes), which ``torch.compile``
+cannot trace into. Here the same bytes are dequantized by indexing, shifts and multiplies, which inductor
+compiles into the layer: on a CPU one generated kernel per weight (``tests/test_nf4_in_graph.py``); on a GPU
+not yet looked at (a Triton kernel's name would hold ``rshift``, which the bench's profile counts as "4-bit
+dequantize").
 
 Nothing is re-quantized: the model keeps bitsandbytes' packed weights and ``QuantState`` (two 4-bit codes a
 byte, the high nibble first; one absmax per 64 weights, itself stored in 8 bits with one float per 256
@@ -50,7 +52,9 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Ten
 class LinearNF4InGraph(torch.autograd.Function):
     """``x @ W.T`` for a bitsandbytes 4-bit ``W``, dequantized by ``dequantize_nf4`` in the forward and again in
     the backward: what is kept for the backward is the packed weight (a parameter, so no extra memory), never
-    the 16-bit copy. The weight is frozen (QLoRA), so it gets no gradient; a bias that trains gets one."""
+    the 16-bit copy. The weight is frozen (QLoRA), so it gets no gradient; a bias that trains gets one. Dtypes as
+    bitsandbytes' ``MatMul4Bit``: the forward dequantizes to the input's dtype, the backward to the weight's
+    stored dtype and then casts to the gradient's."""
 
     @staticmethod
     def forward(ctx, x, packed, state, bias):
@@ -61,13 +65,17 @@ class LinearNF4InGraph(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (packed,) = ctx.saved_tensors
-        grad_bias = grad_out.flatten(0, -2).float().sum(0).to(grad_out.dtype) if ctx.needs_input_grad[3] else None
-        return grad_out @ dequantize_nf4(packed, ctx.state, grad_out.dtype), None, None, grad_bias
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_bias = rows.float().sum(0).to(grad_out.dtype) if ctx.needs_input_grad[3] else None
+        weight = dequantize_nf4(packed, ctx.state, ctx.state.dtype).to(grad_out.dtype)
+        return grad_out @ weight, None, None, grad_bias
 
 
 def traced_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``bitsandbytes.nn.Linear4bit.forward`` for training: the input and bias in the compute dtype, the 4-bit
-    matmul through ``LinearNF4InGraph``, the output in the input's dtype."""
+    """``bitsandbytes.nn.Linear4bit.forward`` for training: the input and bias in the compute dtype (the input's
+    own when none is set, where bitsandbytes would pick one at the first call), the 4-bit matmul through
+    ``LinearNF4InGraph``, the output in the input's dtype. bitsandbytes' CPU repacking and its quant-state repair
+    for sharded (FSDP) weights are left out: this is for one GPU."""
     dtype = x.dtype
     x = x.to(self.compute_dtype or dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -89,9 +97,8 @@ def dequantize_in_graph(model) -> int:
         if getattr(state, "packing_format_for_cpu", False):
             raise ValueError(f"{module}: bitsandbytes has repacked this weight for its AVX512-BF16 CPU kernel (at an "
                              "inference forward on a CPU); dequantize_nf4 reads the layout it was quantized in")
-        if state.quant_type != "nf4" or state.shape.numel() % state.blocksize:
-            raise ValueError(f"{module}: dequantize_nf4 reads NF4 weights whose size is a multiple of the "
-                             f"block ({state.quant_type}, {tuple(state.shape)}, block {state.blocksize})")
+        if state.quant_type != "nf4":
+            raise ValueError(f"{module}: dequantize_nf4 reads NF4 weights, not {state.quant_type}")
         module.forward = types.MethodType(traced_forward, module)
     return len(linears)
 
@@ -106,7 +113,7 @@ def dequantize_in_kernels(model) -> int:
 
 def largest_difference(model) -> float:
     """The largest |``dequantize_nf4`` - bitsandbytes' ``dequantize_4bit``| over ``model``'s 4-bit weights, on
-    their device: the training benchmark prints it beside the variant's speed (0.0 means the same numbers)."""
+    their device and eagerly: the training benchmark prints it with the variant's row (0.0: the same numbers)."""
     from bitsandbytes.functional import dequantize_4bit
 
     worst = 0.0

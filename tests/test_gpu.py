@@ -169,7 +169,8 @@ def test_e4b_training_forward_gives_the_served_logits_on_the_real_shape(checkpoi
 def test_nf4_in_graph_gives_bitsandbytes_numbers_on_gpu():
     """benchmarks/nf4_in_graph.py on CUDA: the shrunk 31B's NF4 weights dequantize to bitsandbytes' own numbers, and
     at a training batch (more than 1,536 rows, where bitsandbytes also dequantizes and calls cuBLAS) a patched
-    layer's output and input gradient equal bitsandbytes', eager and compiled."""
+    layer's output and input gradient equal bitsandbytes' eagerly. Compiled, within bf16's rounding: Triton may
+    fuse the nested scale's multiply and add into one FMA, which bitsandbytes runs as two kernels."""
     import bitsandbytes as bnb
 
     from benchmarks.nf4_in_graph import dequantize_in_graph, dequantize_in_kernels, largest_difference
@@ -188,6 +189,9 @@ def test_nf4_in_graph_gives_bitsandbytes_numbers_on_gpu():
 
     expected = outputs(layer)
     dequantize_in_graph(layer)
-    for got in (outputs(layer), outputs(torch.compile(layer, fullgraph=True))):
-        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(layer), expected))
+    compiled = outputs(torch.compile(layer, fullgraph=True))
+    for got, want in zip(compiled, expected):
+        print(f"compiled against bitsandbytes: max |difference| {float((got - want).abs().max()):.3g}")
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3 * float(want.abs().max()))
     dequantize_in_kernels(layer)

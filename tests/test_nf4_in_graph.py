@@ -1,6 +1,6 @@
 """benchmarks/nf4_in_graph.py: bitsandbytes' NF4 bytes dequantized by torch ops give bitsandbytes' numbers, eager and
-compiled, keep no 16-bit weight for the backward, and are undone exactly (CPU; the GPU run is the training bench's
-``default-nf4-in-graph`` variant, which prints the same comparison on the device)."""
+compiled, keep no 16-bit weight for the backward, and are undone exactly (CPU; on a GPU, ``tests/test_gpu.py`` and the
+training bench's ``*-nf4-in-graph`` variants, whose rows give the same comparison on the device)."""
 
 import bitsandbytes as bnb
 import pytest
@@ -15,11 +15,12 @@ from benchmarks.nf4_in_graph import (
 )
 
 
-def four_bit_linear(out_features, in_features, nested, bias=False, seed=0):
+def four_bit_linear(out_features, in_features, nested, bias=False, seed=0, compute_dtype=torch.bfloat16):
+    """A bitsandbytes NF4 layer quantized on the CPU from a bf16 weight (the stored dtype, as the models')."""
     torch.manual_seed(seed)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.bfloat16,
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
                               compress_statistics=nested, quant_type="nf4")
-    weight = torch.randn(out_features, in_features) * 0.02
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=nested,
                                      quant_type="nf4")._quantize("cpu")
     layer.support_avx512bf16_for_cpu = False  # bitsandbytes' CPU repacking is refused (test below)
@@ -28,13 +29,16 @@ def four_bit_linear(out_features, in_features, nested, bias=False, seed=0):
     return layer
 
 
-# 128 x 192: 384 blocks of 64, one and a half of the 256 that each float scale of the nested absmax covers
-@pytest.mark.parametrize("shape,nested", [((128, 192), True), ((320, 256), True), ((128, 192), False)])
+# 128 x 192: 384 blocks of 64, one and a half of the 256 that each float scale of the nested absmax covers;
+# 100 x 30: 3,000 weights, whose last block is partial
+@pytest.mark.parametrize("shape,nested", [((128, 192), True), ((320, 256), True), ((128, 192), False),
+                                          ((100, 30), True)])
 def test_dequantize_nf4_reads_bitsandbytes_bytes(shape, nested):
     layer = four_bit_linear(*shape, nested)
     state = layer.weight.quant_state
     assert state.nested is nested
-    assert torch.equal(dequantize_nf4(layer.weight, state, torch.float32), dequantize_4bit(layer.weight, state).float())
+    assert state.dtype == torch.bfloat16
+    assert torch.equal(dequantize_nf4(layer.weight, state, state.dtype), dequantize_4bit(layer.weight, state))
     assert largest_difference(layer) == 0.0
 
 
@@ -52,10 +56,13 @@ def test_compiled_dequantization_is_one_kernel():
     assert torch.equal(weight, dequantize_4bit(layer.weight, state).to(torch.bfloat16))
 
 
-def test_patched_layer_gives_bitsandbytes_output_and_gradients_eager_and_compiled(monkeypatch):
-    layer = four_bit_linear(96, 128, nested=True, bias=True)
+# bf16 compute, as the project's models; float32 compute, where bitsandbytes' backward dequantizes to the stored bf16
+# before casting (its forward does not)
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32], ids=["bf16 compute", "fp32 compute"])
+def test_patched_layer_gives_bitsandbytes_output_and_gradients_eager_and_compiled(monkeypatch, compute_dtype):
+    layer = four_bit_linear(96, 128, nested=True, bias=True, compute_dtype=compute_dtype)
     layer.bias.requires_grad_(True)
-    x = torch.randn(3, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(3, 5, 128, dtype=compute_dtype, requires_grad=True)
 
     def outputs(module):
         x.grad, layer.bias.grad = None, None
@@ -70,8 +77,15 @@ def test_patched_layer_gives_bitsandbytes_output_and_gradients_eager_and_compile
         raise AssertionError("bitsandbytes' matmul ran")
 
     monkeypatch.setattr(bnb, "matmul_4bit", refuse)
-    for y, grad_x, grad_bias in (outputs(layer), outputs(torch.compile(layer, fullgraph=True))):  # no graph break
-        assert torch.equal(y, expected[0]) and torch.equal(grad_x, expected[1])
+    for compiled in (False, True):
+        y, grad_x, grad_bias = outputs(torch.compile(layer, fullgraph=True) if compiled else layer)  # no graph break
+        assert torch.equal(y, expected[0])
+        if compiled and compute_dtype == torch.float32:
+            # inductor drops the backward's round trip through the stored bf16 (it keeps such casts only with
+            # torch._inductor.config.emulate_precision_casts), so the weight there is float32: bf16's rounding apart
+            torch.testing.assert_close(grad_x, expected[1], rtol=1.6e-2, atol=1e-2 * float(expected[1].abs().max()))
+        else:
+            assert torch.equal(grad_x, expected[1])
         # the bias's gradient: summed over 15 rows in float32 here, in bf16 by bitsandbytes (one bf16 step apart)
         torch.testing.assert_close(grad_bias, expected[2], atol=0.07, rtol=0.01)
     monkeypatch.undo()
