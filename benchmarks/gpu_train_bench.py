@@ -776,7 +776,7 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
                     from benchmarks.nf4_in_graph import largest_difference
 
                     result["nf4_max_difference"] = largest_difference(model)
-                    cleanup()  # its eager temporaries (~5 GB on the 31B) are not this variant's training peak
+                    cleanup()  # its eager temporaries (int64 positions per weight) are not this variant's training peak
                 if v.get("liger"):  # this model only: the text decoder's norms and MLPs
                     from benchmarks.liger import use_liger_kernels
 
