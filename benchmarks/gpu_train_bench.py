@@ -561,11 +561,14 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
     if v.get("clone_grads"):  # .grad then lives outside the graphs' memory pool (gradient accumulation reads it)
         hooks += [p.register_hook(torch.Tensor.clone) for p in model.parameters() if p.requires_grad]
     try:
+        settings = contextlib.nullcontext()
         if v.get("nf4_in_graph"):
-            from benchmarks.nf4_in_graph import dequantize_in_graph
+            from benchmarks.nf4_in_graph import dequantize_in_graph, keep_packed_for_backward
 
             print(f"NF4 dequantized in the graph: {dequantize_in_graph(model)} layers", flush=True)
-        trainer.train()
+            settings = keep_packed_for_backward()
+        with settings:  # the layers compile at the first step, inside trainer.train()
+            trainer.train()
     finally:
         speed.switch_off(model)  # the next variant, or reuse of this model, starts eager
         for hook in hooks:

@@ -7,7 +7,7 @@ part of that CPU time per decoder layer (the profile in ``benchmarks/results/REC
 reaches both through Python (``bitsandbytes/backends/cuda/ops.py``, called via ctypes), which ``torch.compile``
 cannot trace into. Here the same bytes are dequantized by indexing, shifts and multiplies, which inductor
 compiles into the layer: on a CPU one generated kernel per weight (``tests/test_nf4_in_graph.py``); on a GPU
-not yet looked at (a Triton kernel's name would hold ``rshift``, which the bench's profile counts as "4-bit
+not profiled (a Triton kernel's name would hold ``rshift``, which the bench's profile counts as "4-bit
 dequantize").
 
 Nothing is re-quantized: the model keeps bitsandbytes' packed weights and ``QuantState`` (two 4-bit codes a
@@ -16,10 +16,12 @@ absmax and an offset when ``compress_statistics`` is on, as the project's ``nf4_
 ``Linear4bit``'s forward is swapped on the instance (``dequantize_in_graph``) and put back
 (``dequantize_in_kernels``), as ``benchmarks/liger.py`` does for Liger's kernels.
 
-A training-benchmark variant (``gpu_train_bench``, ``default-nf4-in-graph``) measures it against the defaults;
-the shipped recipe does not use it. Like bitsandbytes' own matmul, the backward dequantizes again rather than
-keep a 16-bit copy of the weight for it. It is meant for compiled layers: run eagerly, each op materializes a
-weight-sized intermediate (the positions, the indices, the float32 values) that bitsandbytes' kernel never holds.
+The training bench's ``*-nf4-in-graph`` variants measure it against the defaults. On one H100 the 31B trained
+no faster with it (``benchmarks/README.md``, "What was tried and is not used"), so the shipped recipe does not
+use it. Like bitsandbytes' own matmul, the backward dequantizes again rather than keep a 16-bit copy of the
+weight for it, provided the patched layers compile under ``keep_packed_for_backward``. It is meant for compiled
+layers: run eagerly, each op materializes a weight-sized intermediate (the positions, the indices, the float32
+values) that bitsandbytes' kernel never holds.
 """
 
 from __future__ import annotations
@@ -80,6 +82,16 @@ def traced_forward(self, x: torch.Tensor) -> torch.Tensor:
     x = x.to(self.compute_dtype or dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
     return LinearNF4InGraph.apply(x, self.weight, self.weight.quant_state, bias).to(dtype)
+
+
+def keep_packed_for_backward():
+    """The settings to compile and train the patched layers under: AOTAutograd's common-subexpression elimination
+    off. With it on, the backward's dequantization is merged with the forward's, and on a GPU the partitioner then
+    keeps each layer's bf16 weight for the backward (one 21,504 x 5,376 weight: 220 MB held, against the packed
+    bytes), which runs the 31B out of memory. Without it, the backward dequantizes again, as bitsandbytes does."""
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(cse=False)
 
 
 def four_bit_linears(model) -> list:

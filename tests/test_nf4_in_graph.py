@@ -11,6 +11,7 @@ from benchmarks.nf4_in_graph import (
     dequantize_in_graph,
     dequantize_in_kernels,
     dequantize_nf4,
+    keep_packed_for_backward,
     largest_difference,
 )
 
@@ -97,12 +98,14 @@ def test_patched_layer_gives_bitsandbytes_output_and_gradients_eager_and_compile
 def test_backward_keeps_the_packed_weight_not_a_16_bit_copy(compiled):
     layer = four_bit_linear(384, 256, nested=True)
     dequantize_in_graph(layer)
+    torch._dynamo.reset()
     run = torch.compile(layer) if compiled else layer
     x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
-    run(x)  # compiles outside the hooks
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        run(x)
+    with keep_packed_for_backward():  # on a GPU, without it the compiled backward kept the bf16 weight
+        run(x)  # compiles outside the hooks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            run(x)
     assert saved and all(t.numel() < 384 * 256 for t in saved), [tuple(t.shape) for t in saved]
     assert any(t.data_ptr() == layer.weight.data_ptr() for t in saved)  # the packed parameter itself
 
