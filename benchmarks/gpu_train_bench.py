@@ -298,11 +298,10 @@ def keep_cpu_weights_as_quantized(model) -> None:
     forward in eval mode without gradients (here ``forward_flops``); training then runs on the repacked bytes, and
     ``benchmarks/nf4_in_graph.py`` would misread them. The smoke runs keep the layout weights were quantized in,
     as on a GPU."""
-    import bitsandbytes as bnb
+    from benchmarks.nf4_in_graph import four_bit_linears
 
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    for module in four_bit_linears(model):
+        module.support_avx512bf16_for_cpu = False
 
 
 def seed_lora(model, v: dict):
@@ -560,13 +559,14 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
         v.get("mark_steps")) else []
     if v.get("clone_grads"):  # .grad then lives outside the graphs' memory pool (gradient accumulation reads it)
         hooks += [p.register_hook(torch.Tensor.clone) for p in model.parameters() if p.requires_grad]
-    try:
-        settings = contextlib.nullcontext()
-        if v.get("nf4_in_graph"):
-            from benchmarks.nf4_in_graph import dequantize_in_graph, keep_packed_for_backward
+    settings = contextlib.nullcontext()
+    if v.get("nf4_in_graph"):
+        from benchmarks import nf4_in_graph
 
-            print(f"NF4 dequantized in the graph: {dequantize_in_graph(model)} layers", flush=True)
-            settings = keep_packed_for_backward()
+        settings = nf4_in_graph.keep_packed_for_backward()
+    try:
+        if v.get("nf4_in_graph"):
+            print(f"NF4 dequantized in the graph: {nf4_in_graph.dequantize_in_graph(model)} layers", flush=True)
         with settings:  # the layers compile at the first step, inside trainer.train()
             trainer.train()
     finally:
@@ -574,9 +574,7 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
         for hook in hooks:
             hook.remove()
         if v.get("nf4_in_graph"):
-            from benchmarks.nf4_in_graph import dequantize_in_kernels
-
-            dequantize_in_kernels(model)
+            nf4_in_graph.dequantize_in_kernels(model)
     return TrainResult.of(trainer), config, compiled
 
 

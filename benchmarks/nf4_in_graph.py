@@ -95,6 +95,7 @@ def keep_packed_for_backward():
 
 
 def four_bit_linears(model) -> list:
+    """The bitsandbytes ``Linear4bit`` modules of ``model``."""
     import bitsandbytes as bnb
 
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
