@@ -20,6 +20,9 @@ Variants (see ``variants_for``):
   data-loader workers. ``default-nf4-in-graph`` (the 4-bit sizes): the same, with bitsandbytes' NF4 weights
   dequantized by torch ops that inductor fuses into the compiled layers (``benchmarks/nf4_in_graph.py``);
   ``ours-q-compile-nf4-in-graph`` (31B) is ``ours-q-compile`` so, profiled alike with ``--profile``.
+  ``default-sync-free-images`` (every size but the 12B, whose model is another class): the defaults with the images
+  merged into the text without waiting for the GPU (``benchmarks/sync_free_images.py``);
+  ``ours-q-compile-sync-free-images`` (31B) is ``ours-q-compile`` so, profiled alike.
 - ``ours-*`` and ``stream-*``: the shipped code, nothing copied, put together as ``helpers.launch`` trains one
   process (``train_ours``): ``helpers.modeling.apply_lora``; ``helpers.training.training_arguments`` for the
   variant's ``RunConfig`` (``ours_config``: its micro-batch, accumulation, rank, quantization, optimizer,
@@ -140,6 +143,9 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
             # the same with NF4 dequantized inside the compiled layers (benchmarks/nf4_in_graph.py), profiled alike
             ours("ours-q-compile-nf4-in-graph", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
                  nf4_in_graph=True),
+            # the same with the images merged without a wait for the GPU (benchmarks/sync_free_images.py)
+            ours("ours-q-compile-sync-free-images", "nf4", (16,), ga=1, steps=7, compile=True, profile_step=5,
+                 sync_free_images=True),
             dict(ref, steps=3),  # two timed steps (each 16 micro-batches of 1)
             ours("ours-q-compile-liger", "nf4", (16,), ga=1, steps=7, compile=True, liger=True),
             ours("ours-q-mb1-r64", "nf4", (1,), ga=16, ckpt=1, steps=1),
@@ -211,6 +217,8 @@ def variants_for(size: str, quick: bool = False) -> list[dict]:
     out.insert(0, default)
     if DEFAULT_WEIGHTS[size] == "nf4":  # the defaults with the NF4 weights dequantized inside the compiled layers
         out.insert(1, dict(default, name="default-nf4-in-graph", nf4_in_graph=True))
+    if size != "12B":  # the defaults with the images merged into the text without a wait (a Gemma4Model's hook)
+        out.insert(1, dict(default, name="default-sync-free-images", sync_free_images=True))
     if quick:
         for v in out:
             v["steps"] = min(v["steps"], 3 if v.get("stream") else 2)
@@ -559,6 +567,10 @@ def train_ours(model, v, examples, collator, mb, ga, run_dir: str, callbacks, wa
         v.get("mark_steps")) else []
     if v.get("clone_grads"):  # .grad then lives outside the graphs' memory pool (gradient accumulation reads it)
         hooks += [p.register_hook(torch.Tensor.clone) for p in model.parameters() if p.requires_grad]
+    if v.get("sync_free_images"):  # a forward pre-hook on the Gemma4Model (benchmarks/sync_free_images.py)
+        from benchmarks.sync_free_images import merge_images_without_sync
+
+        hooks.append(merge_images_without_sync(model))
     settings = contextlib.nullcontext()
     if v.get("nf4_in_graph"):
         from benchmarks import nf4_in_graph
@@ -756,7 +768,8 @@ def run_variant(size, v, rows, args, flops_cache, out_dir: Path, kept: dict, str
     result = {"size": size, "variant": v["name"], "quant": v["quant"], "r": v["r"], "ckpt": v["ckpt"], "loss": v["loss"],
               "dropout": v["dropout"], "liger": bool(v.get("liger")), "stream": v.get("stream", "synthetic"),
               "workers": v.get("workers", 0), "compile": bool(v.get("compile")), "inductor": v.get("inductor"),
-              "experts": bool(v.get("experts")), "nf4_in_graph": bool(v.get("nf4_in_graph"))}
+              "experts": bool(v.get("experts")), "nf4_in_graph": bool(v.get("nf4_in_graph")),
+              "sync_free_images": bool(v.get("sync_free_images"))}
     key = model_key(size, v)
     if kept and kept.get("key") != key or not v.get("reuse"):
         kept.clear()

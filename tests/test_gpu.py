@@ -201,3 +201,48 @@ def test_nf4_in_graph_gives_bitsandbytes_numbers_on_gpu():
         print(f"compiled against bitsandbytes: max |difference| {float((got - want).abs().max()):.3g}")
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3 * float(want.abs().max()))
     dequantize_in_kernels(layer)
+
+
+def test_sync_free_images_do_not_wait_for_the_gpu():
+    """benchmarks/sync_free_images.py on CUDA, the shrunk 31B: transformers' image features wait for the GPU (torch's
+    sync debug mode warns), the fixed-shape merge does not, and the model's logits are the same either way."""
+    import warnings
+
+    from benchmarks.realshape import build_model, shrunk_config, synthetic_batch
+    from benchmarks.sync_free_images import (
+        core_model,
+        merge_images_without_sync,
+        merged_embeddings,
+        padded_image_rows,
+    )
+
+    config = shrunk_config("31B")
+    model = build_model(config, device="cuda")
+    core = core_model(model)
+    batch = synthetic_batch(config, 4, device="cuda")
+    batch.pop("labels")
+
+    def syncs(run) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    with torch.no_grad():
+        def merged():
+            rows, real = padded_image_rows(core, batch["pixel_values"], batch["image_position_ids"])
+            merged_embeddings(core, batch["input_ids"], rows, real)
+
+        transformers_syncs = syncs(lambda: core.get_image_features(batch["pixel_values"], batch["image_position_ids"]))
+        ours = syncs(merged)
+        print(f"waits for the GPU: transformers' image features {transformers_syncs}, the fixed-shape merge {ours}")
+        assert transformers_syncs >= 2 and ours == 0
+        want = model(**batch).logits
+        handle = merge_images_without_sync(model)
+        got = model(**batch).logits
+        handle.remove()
+    assert torch.equal(got, want)

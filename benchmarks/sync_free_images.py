@@ -1,0 +1,85 @@
+"""Images merged into the text without waiting for the GPU: a candidate for the 31B's compiled step.
+
+transformers' Gemma 4 forward (``transformers/models/gemma4/modeling_gemma4.py``) waits for the GPU between the vision
+tower and the language model: the vision model drops its padding rows by a boolean index (the result's length is
+data), ``get_image_features`` reads the split sizes with ``.tolist()``, and the image-token check counts
+``inputs_embeds[image_mask]`` and formats a count tensor into its message. Each empties the GPU's queue, so the language
+model's first layers are launched while the GPU idles.
+
+Here the same numbers come from fixed shapes. The vision tower runs as transformers runs it, but its pooled rows keep
+their padding; the k-th image token of the text takes the k-th real row, found by a stable sort of the padding mask
+and a running count of image tokens (no length depends on data). The merged embeddings go to the model as
+``inputs_embeds``, so transformers' own image branch does nothing. The count check becomes ``torch._assert_async``.
+
+``merge_images_without_sync(model)`` installs it as a forward pre-hook on the model's ``Gemma4Model`` (the 31B and
+26B-A4B's kind, and the E-series'; the 12B's is another class) and returns the hook's handle. The training bench's
+``*-sync-free-images`` variants measure it; ``tests/test_sync_free_images.py`` checks it against transformers' path.
+"""
+
+import torch
+
+
+def core_model(model):
+    """The ``Gemma4Model`` inside ``model`` (PEFT-wrapped or not), which merges images into the text."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4Model
+
+    found = [m for m in model.modules() if type(m) is Gemma4Model]
+    if len(found) != 1:
+        raise ValueError(f"expected one Gemma4Model in {type(model).__name__}, found {len(found)}")
+    return found[0]
+
+
+def padded_image_rows(core, pixel_values: torch.Tensor, image_position_ids: torch.Tensor):
+    """The soft tokens of every image, padding rows kept: ``(images, soft tokens, hidden)``, and which rows are
+    real, ``(images, soft tokens)``. ``Gemma4VisionModel.forward`` and ``Gemma4Model.get_image_features`` up to the
+    boolean index that drops the padding."""
+    tower = core.vision_tower
+    output_length = pixel_values.shape[-2] // tower.config.pooling_kernel_size**2
+    padding = (image_position_ids == -1).all(dim=-1)
+    patches = tower.patch_embedder(pixel_values, image_position_ids, padding)
+    encoded = tower.encoder(inputs_embeds=patches, attention_mask=~padding, pixel_position_ids=image_position_ids)
+    rows, real = tower.pooler(hidden_states=encoded.last_hidden_state, pixel_position_ids=image_position_ids,
+                              padding_positions=padding, output_length=output_length)
+    if tower.config.standardize:  # in float32, as the vision model does, then the working dtype
+        rows = (rows - tower.std_bias.float()) * tower.std_scale.float()
+    return core.embed_vision(inputs_embeds=rows.to(patches.dtype)), real
+
+
+def text_ids(core, input_ids: torch.Tensor) -> torch.Tensor:
+    """The ids with every image, video and audio token as padding, as transformers embeds the text."""
+    config = core.config
+    multimodal = ((input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+                  | (input_ids == config.audio_token_id))
+    return torch.where(multimodal, config.get_text_config().pad_token_id, input_ids)
+
+
+def merged_embeddings(core, input_ids: torch.Tensor, rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The text's embeddings with the k-th image token replaced by the k-th real image row (images in order, rows
+    in order within each), as ``masked_scatter`` does with the padding dropped."""
+    image_tokens = input_ids == core.config.image_token_id
+    embeddings = core.get_input_embeddings()(text_ids(core, input_ids))
+    real = real.flatten()
+    torch._assert_async(image_tokens.sum() == real.sum())  # transformers' count check, without a wait
+    real_rows_first = torch.argsort((~real).to(torch.uint8), stable=True)
+    kth_image_token = (image_tokens.flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)
+    image_rows = rows.flatten(0, 1)[real_rows_first[kth_image_token]].to(embeddings.dtype)
+    return torch.where(image_tokens.unsqueeze(-1), image_rows, embeddings)
+
+
+def merge_before_forward(core, args, kwargs):
+    """The pre-hook: images and text ids in, merged ``inputs_embeds`` out (and, for the E-series, the per-layer
+    inputs, which transformers looks up from the ids with image tokens as padding)."""
+    pixel_values, input_ids = kwargs.get("pixel_values"), kwargs.get("input_ids")
+    if args or pixel_values is None or input_ids is None or kwargs.get("past_key_values") is not None:
+        return None  # generation, text only, or a positional call: transformers' own path
+    rows, real = padded_image_rows(core, pixel_values, kwargs["image_position_ids"])
+    kwargs = dict(kwargs, pixel_values=None, image_position_ids=None, input_ids=None,
+                  inputs_embeds=merged_embeddings(core, input_ids, rows, real))
+    if core.config.get_text_config().hidden_size_per_layer_input and kwargs.get("per_layer_inputs") is None:
+        kwargs["per_layer_inputs"] = core.language_model.get_per_layer_inputs(text_ids(core, input_ids))
+    return (), kwargs
+
+
+def merge_images_without_sync(model) -> torch.utils.hooks.RemovableHandle:
+    """Installs ``merge_before_forward`` on ``model``'s ``Gemma4Model``; ``.remove()`` the handle to undo it."""
+    return core_model(model).register_forward_pre_hook(merge_before_forward, with_kwargs=True)
