@@ -1,19 +1,22 @@
-"""Images merged into the text without waiting for the GPU: a candidate for the 31B's compiled step.
+"""Images merged into the text without the CPU waiting for the GPU: a speed candidate for training on images.
 
-transformers' Gemma 4 forward (``transformers/models/gemma4/modeling_gemma4.py``) waits for the GPU between the vision
-tower and the language model: the vision model drops its padding rows by a boolean index (the result's length is
-data), ``get_image_features`` reads the split sizes with ``.tolist()``, and the image-token check counts
-``inputs_embeds[image_mask]`` and formats a count tensor into its message. Each empties the GPU's queue, so the language
-model's first layers are launched while the GPU idles.
+transformers' Gemma 4 forward (``transformers/models/gemma4/modeling_gemma4.py``) makes the CPU wait for the GPU
+between the vision tower and the language model: the vision model drops its padding rows by a boolean index (how many
+rows remain depends on the data, so the CPU must read it), ``get_image_features`` reads the split sizes with
+``.tolist()``, and the image-token check counts ``inputs_embeds[image_mask]`` and formats a count tensor into its
+message. While the CPU waits, the GPU's queue runs dry, and the language model's first layers are then launched
+while the GPU idles.
 
-Here the same numbers come from fixed shapes. The vision tower runs as transformers runs it, but its pooled rows keep
-their padding; the k-th image token of the text takes the k-th real row, found by a stable sort of the padding mask
-and a running count of image tokens (no length depends on data). The merged embeddings go to the model as
-``inputs_embeds``, so transformers' own image branch does nothing. The count check becomes ``torch._assert_async``.
+This module computes the same embeddings with shapes that do not depend on the data. The vision tower runs as
+transformers runs it, but its pooled rows keep their padding; the k-th image token of the text takes the k-th real
+row, found by a stable sort of the padding mask and a running count of image tokens. The merged embeddings go to the
+model as ``inputs_embeds``, so transformers' own image branch has nothing to do. Its count check becomes
+``torch._assert_async``: on a GPU a wrong count fails as a device-side assert, which ends the process.
 
-``merge_images_without_sync(model)`` installs it as a forward pre-hook on the model's ``Gemma4Model`` (the 31B and
-26B-A4B's kind, and the E-series'; the 12B's is another class) and returns the hook's handle. The training bench's
-``*-sync-free-images`` variants measure it; ``tests/test_sync_free_images.py`` checks it against transformers' path.
+``merge_images_without_sync(model)`` installs it as a forward pre-hook on the model's ``Gemma4Model`` (the class of
+every size but the 12B) and returns the hook's handle. Batches with video or audio, generation, and positional calls
+take transformers' path. The training bench's ``*-sync-free-images`` variants measure it;
+``tests/test_sync_free_images.py`` checks it against transformers' path.
 """
 
 import torch
@@ -31,8 +34,8 @@ def core_model(model):
 
 def padded_image_rows(core, pixel_values: torch.Tensor, image_position_ids: torch.Tensor):
     """The soft tokens of every image, padding rows kept: ``(images, soft tokens, hidden)``, and which rows are
-    real, ``(images, soft tokens)``. ``Gemma4VisionModel.forward`` and ``Gemma4Model.get_image_features`` up to the
-    boolean index that drops the padding."""
+    real, ``(images, soft tokens)``. ``Gemma4VisionModel.forward`` and ``Gemma4Model.get_image_features`` without
+    the boolean index that drops the padding and without the split by image."""
     tower = core.vision_tower
     output_length = pixel_values.shape[-2] // tower.config.pooling_kernel_size**2
     padding = (image_position_ids == -1).all(dim=-1)
@@ -45,7 +48,7 @@ def padded_image_rows(core, pixel_values: torch.Tensor, image_position_ids: torc
     return core.embed_vision(inputs_embeds=rows.to(patches.dtype)), real
 
 
-def text_ids(core, input_ids: torch.Tensor) -> torch.Tensor:
+def ids_without_placeholders(core, input_ids: torch.Tensor) -> torch.Tensor:
     """The ids with every image, video and audio token as padding, as transformers embeds the text."""
     config = core.config
     multimodal = ((input_ids == config.image_token_id) | (input_ids == config.video_token_id)
@@ -57,10 +60,12 @@ def merged_embeddings(core, input_ids: torch.Tensor, rows: torch.Tensor, real: t
     """The text's embeddings with the k-th image token replaced by the k-th real image row (images in order, rows
     in order within each), as ``masked_scatter`` does with the padding dropped."""
     image_tokens = input_ids == core.config.image_token_id
-    embeddings = core.get_input_embeddings()(text_ids(core, input_ids))
+    embeddings = core.get_input_embeddings()(ids_without_placeholders(core, input_ids))
     real = real.flatten()
     torch._assert_async(image_tokens.sum() == real.sum())  # transformers' count check, without a wait
-    real_rows_first = torch.argsort((~real).to(torch.uint8), stable=True)
+    real_rows_first = torch.argsort((~real).to(torch.uint8), stable=True)  # real rows, in order, then padding
+    # every position gathers a row (a fixed shape); text positions before the first image token would ask for row
+    # -1, so clamp them, and torch.where keeps the text's own embedding at every text position
     kth_image_token = (image_tokens.flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)
     image_rows = rows.flatten(0, 1)[real_rows_first[kth_image_token]].to(embeddings.dtype)
     return torch.where(image_tokens.unsqueeze(-1), image_rows, embeddings)
@@ -70,13 +75,14 @@ def merge_before_forward(core, args, kwargs):
     """The pre-hook: images and text ids in, merged ``inputs_embeds`` out (and, for the E-series, the per-layer
     inputs, which transformers looks up from the ids with image tokens as padding)."""
     pixel_values, input_ids = kwargs.get("pixel_values"), kwargs.get("input_ids")
-    if args or pixel_values is None or input_ids is None or kwargs.get("past_key_values") is not None:
-        return None  # generation, text only, or a positional call: transformers' own path
+    others = ("past_key_values", "pixel_values_videos", "input_features", "mm_encoder_outputs")
+    if args or pixel_values is None or input_ids is None or any(kwargs.get(k) is not None for k in others):
+        return None  # text only, generation, video, audio, given features, a positional call: transformers' path
     rows, real = padded_image_rows(core, pixel_values, kwargs["image_position_ids"])
     kwargs = dict(kwargs, pixel_values=None, image_position_ids=None, input_ids=None,
                   inputs_embeds=merged_embeddings(core, input_ids, rows, real))
     if core.config.get_text_config().hidden_size_per_layer_input and kwargs.get("per_layer_inputs") is None:
-        kwargs["per_layer_inputs"] = core.language_model.get_per_layer_inputs(text_ids(core, input_ids))
+        kwargs["per_layer_inputs"] = core.language_model.get_per_layer_inputs(ids_without_placeholders(core, input_ids))
     return (), kwargs
 
 

@@ -245,4 +245,6 @@ def test_sync_free_images_do_not_wait_for_the_gpu():
         handle = merge_images_without_sync(model)
         got = model(**batch).logits
         handle.remove()
-    assert torch.equal(got, want)
+    # embed_vision's matmul runs over the padding rows too, which may change cuBLAS's kernel for the real ones
+    print(f"logits, largest |difference| from transformers' merge: {float((got - want).abs().max()):.3g}")
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2 * float(want.abs().max()))
