@@ -203,18 +203,14 @@ def test_nf4_in_graph_gives_bitsandbytes_numbers_on_gpu():
     dequantize_in_kernels(layer)
 
 
-def test_sync_free_images_do_not_wait_for_the_gpu():
-    """benchmarks/sync_free_images.py on CUDA, the shrunk 31B: transformers' image features wait for the GPU (torch's
-    sync debug mode warns), the fixed-shape merge does not, and the model's logits are the same either way."""
+def test_sync_free_images_do_not_wait_between_the_towers():
+    """benchmarks/sync_free_images.py on CUDA, the shrunk 31B: between the vision tower's last layer and the language
+    model's first, transformers' forward waits for the GPU (torch's sync debug mode warns) and the hook's does not;
+    the model's logits are the same either way."""
     import warnings
 
     from benchmarks.realshape import build_model, shrunk_config, synthetic_batch
-    from benchmarks.sync_free_images import (
-        core_model,
-        merge_images_without_sync,
-        merged_embeddings,
-        padded_image_rows,
-    )
+    from benchmarks.sync_free_images import core_model, merge_images_without_sync
 
     config = shrunk_config("31B")
     model = build_model(config, device="cuda")
@@ -222,29 +218,29 @@ def test_sync_free_images_do_not_wait_for_the_gpu():
     batch = synthetic_batch(config, 4, device="cuda")
     batch.pop("labels")
 
-    def syncs(run) -> int:
+    def logits_and_waits_between_towers():
+        marks = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            hooks = [core.vision_tower.encoder.layers[-1].register_forward_hook(lambda *_: marks.append(len(caught))),
+                     core.language_model.layers[0].register_forward_pre_hook(lambda *_: marks.append(len(caught)))]
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                run()
+                logits = model(**batch).logits
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught)
+                for hook in hooks:
+                    hook.remove()
+        vision_done, text_starts = marks
+        return logits, sum("synchroniz" in str(w.message) for w in caught[vision_done:text_starts])
 
     with torch.no_grad():
-        def merged():
-            rows, real = padded_image_rows(core, batch["pixel_values"], batch["image_position_ids"])
-            merged_embeddings(core, batch["input_ids"], rows, real)
-
-        transformers_syncs = syncs(lambda: core.get_image_features(batch["pixel_values"], batch["image_position_ids"]))
-        ours = syncs(merged)
-        print(f"waits for the GPU: transformers' image features {transformers_syncs}, the fixed-shape merge {ours}")
-        assert transformers_syncs >= 2 and ours == 0
-        want = model(**batch).logits
+        want, transformers_waits = logits_and_waits_between_towers()
         handle = merge_images_without_sync(model)
-        got = model(**batch).logits
+        got, hook_waits = logits_and_waits_between_towers()
         handle.remove()
+    print(f"waits for the GPU between the towers: transformers {transformers_waits}, the hook {hook_waits}")
+    assert transformers_waits >= 2 and hook_waits == 0
     # embed_vision's matmul runs over the padding rows too, which may change cuBLAS's kernel for the real ones
     print(f"logits, largest |difference| from transformers' merge: {float((got - want).abs().max()):.3g}")
     torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2 * float(want.abs().max()))
