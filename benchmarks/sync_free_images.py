@@ -26,13 +26,16 @@ import torch
 
 
 def core_model(model):
-    """The ``Gemma4Model`` inside ``model`` (PEFT-wrapped or not), which merges images into the text."""
+    """The ``Gemma4Model`` inside ``model`` (``helpers.modeling.unwrap_gemma4``: PEFT-wrapped or not), which merges
+    images into the text."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4Model
 
-    found = [m for m in model.modules() if type(m) is Gemma4Model]
-    if len(found) != 1:
-        raise ValueError(f"expected one Gemma4Model in {type(model).__name__}, found {len(found)}")
-    return found[0]
+    from helpers.modeling import unwrap_gemma4
+
+    core = getattr(unwrap_gemma4(model), "model", None)
+    if type(core) is not Gemma4Model:
+        raise ValueError(f"{type(model).__name__} holds a {type(core).__name__}, not a Gemma4Model")
+    return core
 
 
 def padded_image_rows(core, pixel_values: torch.Tensor, image_position_ids: torch.Tensor):
