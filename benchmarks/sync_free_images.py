@@ -14,11 +14,11 @@ row, found by a stable sort of the padding mask and a running count of image tok
 model as ``inputs_embeds``, so transformers' own image branch has nothing to do. Its count check becomes
 ``torch._assert_async``: on a GPU a wrong count fails as a device-side assert, which ends the process. The text's
 masks are built first, before the vision tower, so their wait comes where the forward starts (the vision tower's own
-mask waits there too) and none is left between the towers.
+mask waits there too), not between the towers; ``tests/test_gpu.py`` counts the waits there.
 
 ``merge_images_without_sync(model)`` installs it as a forward pre-hook on the model's ``Gemma4Model`` (the class of
 every size but the 12B) and returns the hook's handle. Batches with video or audio, generation, and positional calls
-take transformers' path. The training bench's ``*-sync-free-images`` variants measure it;
+take transformers' path. The training bench's ``*-sync-free-images`` variants time it;
 ``tests/test_sync_free_images.py`` checks it against transformers' path.
 """
 
