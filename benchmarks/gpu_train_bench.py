@@ -948,6 +948,8 @@ def main(argv=None):
     parser.add_argument("--shrink", action="store_true", help="shrunk configs (CPU smoke test)")
     parser.add_argument("--quick", action="store_true", help="tiny step counts and micro-batches")
     parser.add_argument("--deadline-s", type=float, default=540.0, help="skip variants once this is passed")
+    parser.add_argument("--given-order", action="store_true",
+                        help="run the variants in --variants' order (default: the bench's, most important first)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--flops-sizes", default="", help="also count forward FLOPs of these sizes")
@@ -981,16 +983,22 @@ def main(argv=None):
     env["compile_dynamic"] = args.compile_dynamic
     print(json.dumps(env), flush=True)
     results, flops_cache = [], {}
-    keep = set(filter(None, args.variants.split(",")))
+    keep = list(filter(None, args.variants.split(",")))
+
+    def first_match(size, v) -> int | None:
+        """The position in ``--variants`` of the first name or pattern that selects ``v``; None if none does."""
+        names = (v["name"], f"{size}:{v['name']}")
+        return next((i for i, k in enumerate(keep)
+                     if k in names or k.endswith("*") and any(n.startswith(k[:-1]) for n in names)), None)
 
     def selected(size, v):
-        names = (v["name"], f"{size}:{v['name']}")
-        return not keep or any(n in keep for n in names) or any(
-            k.endswith("*") and n.startswith(k[:-1]) for k in keep for n in names)
+        return not keep or first_match(size, v) is not None
 
     for size in args.sizes.split(","):
         config = shrunk_config(size) if args.shrink else preset_config(size)
         variants = [v for v in variants_for(size, args.quick) if selected(size, v)]
+        if args.given_order and keep:  # sorted is stable: a pattern's variants keep the bench's order among them
+            variants.sort(key=lambda v: first_match(size, v))
         for v in variants if args.no_compile else []:
             v["compile"] = False
         streams = {}
