@@ -87,8 +87,8 @@ def traced_forward(self, x: torch.Tensor) -> torch.Tensor:
 def keep_packed_for_backward():
     """The settings to compile and train the patched layers under: AOTAutograd's common-subexpression elimination
     off. With it on, the backward's dequantization is merged with the forward's, and on a GPU the partitioner then
-    keeps each layer's bf16 weight for the backward (one 21,504 x 5,376 weight: 220 MB held, against the packed
-    bytes), which runs the 31B out of memory. Without it, the backward dequantizes again, as bitsandbytes does."""
+    keeps each layer's bf16 weight for the backward (a 21,504 x 5,376 weight is 231 MB in bf16 against 58 MB
+    packed), which runs the 31B out of memory. Without it, the backward dequantizes again, as bitsandbytes does."""
     import torch._functorch.config
 
     return torch._functorch.config.patch(cse=False)
